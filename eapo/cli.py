@@ -1,0 +1,124 @@
+"""``eapo``: one command, a subcommand per role. Every role reads ``--config FILE.yaml``; any setting
+can be overridden by an ``EAPO_…`` environment variable (nested with ``__``, e.g.
+``EAPO_LEARNER__STEPS=40``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from eapo.config import EAPOConfig, load_config
+from eapo.logs import setup_logging
+
+log = logging.getLogger("eapo")
+
+
+def _redis_url(cfg: EAPOConfig) -> str:
+    from eapo.redis_server import resolve_redis_url
+
+    url = resolve_redis_url(cfg.redis.url)
+    if url is None:
+        sys.exit("this role needs Redis: set REDIS_URL or redis.url (only `eapo up` starts a private server)")
+    return url
+
+
+def cmd_up(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    from eapo.up import run_stack
+
+    return run_stack(cfg, config_path=args.config)
+
+
+def cmd_bootstrap(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    from eapo.world.bootstrap import bootstrap
+
+    bootstrap(cfg.world, force=args.force)
+    return 0
+
+
+def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from eapo.expert_server import create_app
+
+    es = cfg.expert_server
+    path = es.model_path or cfg.world.dir / es.model
+    uvicorn.run(create_app(es.model, path, es.max_batch, cfg.seed), host=es.host, port=es.port,
+                log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_gateway(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from expert_gateway.app import create_app
+
+    if not cfg.gateway.backends:
+        sys.exit("gateway.backends is empty: configure at least one {model, url} backend")
+    uvicorn.run(create_app(cfg.gateway), host=cfg.gateway.host, port=cfg.gateway.port,
+                log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_rollout(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    from rollout_service.service import serve
+
+    asyncio.run(serve(cfg, _redis_url(cfg)))
+    return 0
+
+
+def cmd_learner(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from learner.service import Learner
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(_redis_url(cfg))
+        try:
+            await Learner(cfg, client).run()
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    return 0
+
+
+COMMANDS = {
+    "up": (cmd_up, "bring up the whole local stack (Redis, experts, gateway, learner, rollout), train, stop"),
+    "bootstrap": (cmd_bootstrap, "build the tiny CPU world: tasks, tokenizer, policy and expert models"),
+    "expert-server": (cmd_expert_server, "serve one model with the CPU OpenAI-compatible server"),
+    "gateway": (cmd_gateway, "run the expert gateway (FastAPI)"),
+    "rollout": (cmd_rollout, "run one rollout replica"),
+    "learner": (cmd_learner, "run the DeepSpeed learner"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eapo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
+        if name == "bootstrap":
+            p.add_argument("--force", action="store_true", help="rebuild even if the cached world matches")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except Exception as exc:  # a bad config is the user's to fix: say what is wrong, no traceback
+        print(f"eapo {args.command}: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(os.environ.get("EAPO_ROLE", args.command), cfg.log_level)
+    handler, _ = COMMANDS[args.command]
+    return handler(cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The one typed configuration shared by every role.
+
+Precedence, highest first: ``EAPO_…`` environment variables (nested with ``__``, e.g.
+``EAPO_LEARNER__STEPS=40``; this is how Kubernetes ConfigMaps reach a pod), the YAML file given with
+``--config``, then the defaults below. A run directory always holds the fully resolved config.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Section(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+class RedisConfig(Section):
+    url: str | None = Field(None, description="redis:// URL; unset means start a private server")
+    prefix: str = Field("eapo", description="namespace of every stream and key of this run")
+    high_water: int = Field(256, description="unacknowledged trajectory groups before producers wait")
+    claim_idle_ms: int = Field(30_000, description="pending entries idle this long are reclaimed")
+    max_deliveries: int = Field(5, description="an entry delivered this often is dead-lettered")
+
+
+class WorldConfig(Section):
+    """The bundled tiny world: synthetic arithmetic tasks and tiny CPU models."""
+
+    dir: Path = Field(Path(".cache/world"), description="where the tiny world is built and cached")
+    seed: int = 1234
+    train_problems: int = 2000
+    eval_problems: int = 200
+    policy_hidden: int = 64
+    policy_layers: int = 2
+    policy_sft_steps: int = 500
+    policy_lr: float = 3e-3
+    expert_hidden: int = 96
+    expert_layers: int = 4
+    expert_sft_steps: int = 1000
+    expert_lr: float = 5e-3
+    sft_batch: int = 32
+    max_positions: int = 384
+
+
+class ExpertServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = 8100
+    model: str = Field("expert", description="model name served (the world's model dir name)")
+    model_path: Path | None = Field(None, description="checkpoint dir; default: the world's model")
+    max_batch: int = 32
+
+
+class ExpertBackend(Section):
+    model: str
+    url: str
+
+
+class GatewayConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backends: list[ExpertBackend] = Field(default_factory=list)
+    request_timeout_s: float = 60.0
+    max_queries: int = Field(8, description="largest batch a consult request may carry")
+
+
+class RolloutConfig(Section):
+    replica: str = Field("rollout-0", description="consumer name in the prompts group")
+    group_size: int = Field(4, description="G: episodes per prompt")
+    max_groups_in_flight: int = 4
+    max_queries: int = Field(3, description="K: queries per consult block")
+    expert_model: str = "expert"
+    gateway_url: str = "http://127.0.0.1:8000"
+    max_new_tokens: int = Field(48, description="tokens the policy may sample per turn")
+    max_context: int = 320
+    expert_max_tokens: int = 40
+    expert_timeout_s: float = 30.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_batch: int = 64
+    seed: int = 7
+    consult: bool = Field(True, description="grant the consult action (False: self-exploratory RL)")
+
+
+class ScheduleConfig(Section):
+    """One annealed quantity: ``start`` → ``end`` over ``steps`` after ``hold`` steps."""
+
+    kind: Literal["constant", "linear", "cosine", "exponential", "step"] = "linear"
+    start: float
+    end: float
+    hold: int = 0
+    steps: int = 100
+    step_every: int = Field(10, description="'step' family: change every this many steps")
+
+
+class AnnealConfig(Section):
+    acceptance: ScheduleConfig = ScheduleConfig(start=1.0, end=0.0, steps=30)
+    budget: ScheduleConfig = ScheduleConfig(start=4, end=1, steps=30)
+    penalty: ScheduleConfig = ScheduleConfig(start=0.0, end=0.1, steps=30)
+
+
+class LearnerConfig(Section):
+    steps: int = 20
+    batch_groups: int = Field(4, description="informative groups per optimizer step")
+    max_dropped_per_step: int = Field(64, description="zero-signal groups a step may skip")
+    max_staleness: int = Field(1, description="batches the prompt feed may run ahead of the learner")
+    lr: float = 1e-4
+    warmup_steps: int = 2
+    clip_low: float = 0.20
+    clip_high: float = 0.28
+    zero_stage: int = 2
+    grad_clip: float = 1.0
+    weights_dir: Path | None = Field(None, description="default: <run_dir>/weights")
+    keep_versions: int = 3
+    micro_batch_tokens: int = 4096
+    seed: int = 0
+
+
+class EAPOConfig(BaseSettings):
+    """Everything a role needs. Resolved once, written next to the results."""
+
+    model_config = SettingsConfigDict(env_prefix="EAPO_", env_nested_delimiter="__", extra="forbid")
+
+    run_dir: Path = Field(default_factory=lambda: Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    seed: int = 0
+    log_level: str = "INFO"
+    redis: RedisConfig = RedisConfig()
+    world: WorldConfig = WorldConfig()
+    expert_server: ExpertServerConfig = ExpertServerConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    anneal: AnnealConfig = AnnealConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init kwargs): a ConfigMap can override a baked config.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _check(self) -> EAPOConfig:
+        if self.rollout.max_queries > self.gateway.max_queries:
+            raise ValueError(
+                f"rollout.max_queries={self.rollout.max_queries} exceeds "
+                f"gateway.max_queries={self.gateway.max_queries}"
+            )
+        return self
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.learner.weights_dir or self.run_dir / "weights"
+
+    def dump_yaml(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> EAPOConfig:
+    """Read ``path`` (YAML), apply keyword overrides, then environment variables."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded or {}
+    data.update(overrides)
+    return EAPOConfig(**data)

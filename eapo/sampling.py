@@ -1,0 +1,156 @@
+"""Batched sampling with a KV cache for transformers causal LMs on CPU.
+
+Shared by the CPU policy engine and the CPU expert server: the pending requests of all concurrent
+callers are stacked (left-padded) into one forward pass per token instead of one episode at a time.
+Each request has its own seeded generator, so its draws do not depend on what it was batched with.
+The behaviour log-prob recorded for a token is under the temperature-scaled distribution it was drawn
+from (DAPO samples at temperature 1.0, top-p 1.0, where this is exactly the policy's log-prob).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: Literal["stop", "length"] = "length"
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+    sorted_logits[drop] = float("-inf")
+    return torch.empty_like(logits).scatter_(0, order, sorted_logits)
+
+
+@torch.inference_mode()
+def generate_batch(model: torch.nn.Module, requests: list[SampleRequest], pad_id: int) -> list[SampleResult]:
+    """Sample every request to its stop token or length limit, in shared forward passes."""
+    if not requests:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(r.prompt_ids) for r in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for row, r in enumerate(requests):
+        ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        mask[row, width - len(r.prompt_ids) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    results = [SampleResult() for _ in requests]
+    active = list(range(len(requests)))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    step_positions = positions[:, -1:]
+    for _ in range(max(r.max_new_tokens for r in requests)):
+        next_ids = torch.full((len(requests), 1), pad_id, dtype=torch.long)
+        for row in active:
+            r = requests[row]
+            row_logits = logits[row] / max(r.temperature, 1e-6)
+            logprobs = torch.log_softmax(row_logits, dim=-1)
+            if r.temperature <= 0:
+                token = int(row_logits.argmax())
+            else:
+                filtered = _filter_top_p(row_logits, r.top_p) if r.top_p < 1.0 else row_logits
+                probs = torch.softmax(filtered, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generators[row]))
+            res = results[row]
+            res.token_ids.append(token)
+            res.logprobs.append(float(logprobs[token]))
+            next_ids[row, 0] = token
+            if token in r.stop_ids:
+                res.finish = "stop"
+        active = [
+            row for row in active
+            if results[row].finish != "stop" and len(results[row].token_ids) < requests[row].max_new_tokens
+        ]
+        if not active:
+            break
+        mask = torch.cat([mask, torch.ones((len(requests), 1), dtype=torch.long, device=device)], dim=1)
+        step_positions = step_positions + 1
+        out = model(
+            input_ids=next_ids.to(device), attention_mask=mask, position_ids=step_positions,
+            past_key_values=past, use_cache=True,
+        )
+        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    return results
+
+
+class Batcher:
+    """Collects concurrent ``sample`` calls and runs them together, one batch at a time, off the loop.
+
+    ``model`` may be swapped between batches (``set_model``): a batch in progress finishes on the
+    weights it started with, which is what makes per-turn policy versions exact.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, max_batch: int = 64, version: int = 0):
+        self.model, self.pad_id, self.max_batch, self.version = model, pad_id, max_batch, version
+        self._queue: asyncio.Queue[tuple[SampleRequest, asyncio.Future]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.batches = 0
+        self.batched_requests = 0
+
+    def set_model(self, model: torch.nn.Module, version: int) -> None:
+        self.model, self.version = model, version
+
+    async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
+        """Returns the result and the model version that produced it."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((request, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(0)  # let callers that are ready this tick join the batch
+            while not self._queue.empty() and len(batch) < self.max_batch:
+                batch.append(self._queue.get_nowait())
+            batch = [(r, f) for r, f in batch if not f.cancelled()]
+            if not batch:
+                continue
+            model, version = self.model, self.version
+            try:
+                results = await asyncio.to_thread(generate_batch, model, [r for r, _ in batch], self.pad_id)
+            except Exception as exc:  # surface to every waiter; the batcher keeps serving
+                log.exception("generation batch failed")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.batches += 1
+            self.batched_requests += len(batch)
+            for (_, fut), res in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result((res, version))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

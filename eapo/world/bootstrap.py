@@ -1,0 +1,184 @@
+"""``eapo bootstrap``: build the tiny world on CPU — task splits, tokenizer, policy and expert models.
+
+Deterministic from ``world.seed`` and cached: a world whose recorded settings match is reused.
+Models are transformers Qwen2 causal LMs saved with ``save_pretrained`` (safetensors) and read back
+with ``from_pretrained``, so the same loading code serves a real checkpoint.
+
+The policy is small and briefly trained on a mixture of the three paradigms (self-resolution,
+direct consultation, decomposition) plus traces where the expert was unavailable; the expert is
+larger and trained longer on worked solutions only, so it is better but not perfect on the top tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from eapo.config import WorldConfig
+from eapo.world.tasks import TIERS, make_problem, make_split, solution_steps, worked_solution, write_jsonl
+from proto import episode_format as fmt
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A: {% endif %}"
+)
+Sample = tuple[str, str]  # (prompt, completion): loss on the completion only
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level: every printable ASCII character is a token, plus the episode's special tokens."""
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(fmt.SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.add_special_tokens(fmt.SPECIAL_TOKENS)
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=fmt.EOS, pad_token=fmt.PAD)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def expert_sample(rng: random.Random) -> Sample:
+    """A worked solution for a random problem or a single operation (a decomposition sub-query)."""
+    tier = rng.choice(TIERS)
+    p = make_problem(rng, tier, 0, "sft")
+    expr = p.problem if rng.random() < 0.7 else solution_steps(p.problem)[0][0]
+    return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
+
+
+def policy_sample(rng: random.Random, max_queries: int = 3) -> Sample:
+    """One trace of the policy's training mixture (see module docstring)."""
+    p = make_problem(rng, rng.choice(TIERS), 0, "sft")
+    expr, answer = p.problem, p.answer
+    if rng.random() < 0.25:  # evaluation mode: answer alone
+        return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
+    prompt, r = fmt.training_prompt(expr), rng.random()
+    if r < 0.35:  # self-resolution
+        body = worked_solution(expr)
+    elif r < 0.6:  # direct consultation, the same question to 1..K experts, then reconcile
+        k = rng.randint(1, max_queries)
+        body = fmt.consult_block([expr] * k) + fmt.expert_block(worked_solution(expr)) * k + f" \\boxed{{{answer}}}"
+    elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
+        (first, value), *rest = solution_steps(expr)
+        body = fmt.consult_block([first]) + fmt.expert_block(worked_solution(first))
+        body += "".join(f"{op}={v} " for op, v in rest) + f"\\boxed{{{answer}}}"
+    else:  # the expert was unavailable: solve alone
+        body = fmt.consult_block([expr]) + fmt.expert_block(None) + worked_solution(expr)
+    return prompt, body + fmt.EOS
+
+
+def new_model(vocab_size: int, hidden: int, layers: int, max_positions: int, tok: PreTrainedTokenizerFast):
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def sft(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerFast,
+    make_sample: Callable[[random.Random], Sample],
+    steps: int,
+    batch: int,
+    seed: int,
+    lr: float = 3e-3,
+    name: str = "model",
+) -> float:
+    """Supervised fine-tuning on freshly drawn samples; loss on completion tokens only."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    loss_value, t0 = float("nan"), time.monotonic()
+    for step in range(steps):
+        pairs = [make_sample(rng) for _ in range(batch)]
+        seqs = [tok.encode(p + c) for p, c in pairs]
+        starts = [len(tok.encode(p)) for p, _ in pairs]
+        width = max(map(len, seqs))
+        ids = torch.full((batch, width), tok.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, start : len(seq)] = torch.tensor(seq[start:])
+        loss = model(input_ids=ids, attention_mask=ids != tok.pad_token_id, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if (step + 1) % max(1, steps // 5) == 0:
+            log.info("sft %s: step %d/%d loss %.3f (%.0fs)", name, step + 1, steps, loss_value,
+                     time.monotonic() - t0)
+    model.eval()
+    return loss_value
+
+
+def _fingerprint(cfg: WorldConfig) -> str:
+    data = cfg.model_dump(mode="json", exclude={"dir"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
+    """Build (or reuse) the world in ``cfg.dir``; returns that directory."""
+    root = Path(cfg.dir)
+    manifest = root / "world.json"
+    fingerprint = _fingerprint(cfg)
+    if not force and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+        log.info("tiny world at %s is up to date", root)
+        return root
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    root.mkdir(parents=True, exist_ok=True)
+    write_jsonl(make_split(cfg.seed, cfg.train_problems, "train"), root / "train.jsonl")
+    write_jsonl(make_split(cfg.seed, cfg.eval_problems, "eval"), root / "eval.jsonl")
+    tok = build_tokenizer()
+    losses = {}
+    for name, hidden, layers, steps, lr, make_sample in (
+        ("expert", cfg.expert_hidden, cfg.expert_layers, cfg.expert_sft_steps, cfg.expert_lr, expert_sample),
+        ("policy", cfg.policy_hidden, cfg.policy_layers, cfg.policy_sft_steps, cfg.policy_lr, policy_sample),
+    ):
+        torch.manual_seed(cfg.seed)
+        model = new_model(len(tok), hidden, layers, cfg.max_positions, tok)
+        losses[name] = sft(model, tok, make_sample, steps, cfg.sft_batch, cfg.seed, lr=lr, name=name)
+        model.save_pretrained(root / name, safe_serialization=True)
+        tok.save_pretrained(root / name)
+    manifest.write_text(json.dumps({
+        "fingerprint": fingerprint,
+        "config": cfg.model_dump(mode="json"),
+        "final_sft_loss": losses,
+        "seconds": round(time.monotonic() - t0, 1),
+    }, indent=2))
+    log.info("tiny world built in %.0fs at %s", time.monotonic() - t0, root)
+    return root
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Load any causal LM checkpoint directory (the tiny world's or a real one).
+
+    The tokenizer is read from its ``tokenizer.json`` exactly as shipped: ``AutoTokenizer`` would
+    substitute the model family's own class (for Qwen2, a byte-level pipeline that drops our spaces).
+    """
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(path)

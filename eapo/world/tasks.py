@@ -1,0 +1,94 @@
+"""The bundled synthetic task family: multi-step integer arithmetic with exact, verifiable answers.
+
+Difficulty is graded by tier: tier t has t operators and operands with up to 1 + (t ≥ 3) digits, so the
+top tiers need several carried multiplications — where a tiny policy fails and a stronger expert
+(or a decomposition into single operations) helps. Evaluation follows normal precedence (× before
++/−, then left to right); the worked solution rewrites one operation per step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TIERS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    answer: str
+    tier: int
+
+
+def _tokens(expr: str) -> list[str]:
+    out, num = [], ""
+    for ch in expr:
+        if ch.isdigit():
+            num += ch
+        else:
+            out += [num, ch]
+            num = ""
+    return [*out, num]
+
+
+def solution_steps(expr: str) -> list[tuple[str, int]]:
+    """The single operations that solve ``expr``, as (``"a*b"``, value), in the order a solver does them."""
+    toks = _tokens(expr)
+    steps: list[tuple[str, int]] = []
+    for ops in ("*", "+-"):
+        i = 1
+        while i < len(toks):
+            if toks[i] in ops:
+                a, op, b = int(toks[i - 1]), toks[i], int(toks[i + 1])
+                value = a * b if op == "*" else a + b if op == "+" else a - b
+                steps.append((f"{a}{op}{b}", value))
+                toks[i - 1 : i + 2] = [str(value)]
+            else:
+                i += 2
+    return steps
+
+
+def evaluate(expr: str) -> int:
+    steps = solution_steps(expr)
+    return steps[-1][1] if steps else int(expr)
+
+
+def worked_solution(expr: str) -> str:
+    """``45*3=135 23+135=158 \\boxed{158}``: one line of text the policy and experts are trained on."""
+    steps = solution_steps(expr)
+    return " ".join(f"{op}={value}" for op, value in steps) + f" \\boxed{{{steps[-1][1]}}}"
+
+
+def make_problem(rng: random.Random, tier: int, index: int, split: str) -> Problem:
+    digits = 2 if tier >= 3 else 1
+    operands = [str(rng.randint(2, 10**digits - 1)) for _ in range(tier + 1)]
+    ops = [rng.choice("+-*") for _ in range(tier)]
+    expr = operands[0] + "".join(op + x for op, x in zip(ops, operands[1:], strict=True))
+    return Problem(id=f"{split}-{index}", problem=expr, answer=str(evaluate(expr)), tier=tier)
+
+
+def make_split(seed: int, n: int, split: str) -> list[Problem]:
+    rng = random.Random(f"{seed}:{split}")
+    return [make_problem(rng, TIERS[i % len(TIERS)], i, split) for i in range(n)]
+
+
+def write_jsonl(problems: list[Problem], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in problems))
+
+
+def read_jsonl(path: Path) -> list[Problem]:
+    problems = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problems.append(Problem(str(row["id"]), str(row["problem"]), str(row["answer"]), int(row["tier"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: not a problem record ({exc})") from exc
+    return problems

@@ -1,0 +1,245 @@
+"""``eapo gateway``: the expert gateway's FastAPI application.
+
+Data plane: OpenAI-compatible pass-through (``/v1/chat/completions``, ``/v1/completions``, streaming
+included, ``/v1/models``) and ``/v1/consult``, which fans a batch of ≤K queries out in parallel and
+answers per query (partial success is normal). Inspection: ``/admin/backends``, ``/healthz``,
+``/readyz``, ``/metrics``. A failed attempt (connection error, timeout, 5xx) is retried on another
+backend of the pool within the request's deadline; 4xx answers are the client's and pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Annotated, Any
+
+import aiohttp
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydantic import BaseModel
+
+from eapo.config import GatewayConfig
+from expert_gateway.pools import Backend, NoBackend, Pools
+from proto import ConsultRequest, ConsultResponse, ConsultResult
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("eapo_gateway_requests_total", "Client requests by route and outcome", ["route", "outcome"])
+RETRIES = Counter("eapo_gateway_retries_total", "Attempts retried on another backend", ["model"])
+REJECTED = Counter("eapo_gateway_rejected_total", "Requests rejected before routing", ["reason"])
+
+RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
+class UpstreamFailed(RuntimeError):
+    """Every backend tried failed (or the deadline passed); carries the last reason."""
+
+
+class BackendView(BaseModel):
+    url: str
+    model: str
+    in_flight: int
+    requests: int
+    errors: int
+    latency_ms: dict[str, float | None]
+
+
+class GatewayState:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.pools = Pools([Backend(url=b.url, model=b.model) for b in config.backends])
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", **headers: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+async def _attempt(backend: Backend, path: str, body: bytes, timeout_s: float) -> tuple[int, bytes, str]:
+    assert backend.session is not None
+    t0 = time.perf_counter()
+    async with backend.session.post(
+        path, data=body, headers={"Content-Type": "application/json"},
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+    ) as resp:
+        payload = await resp.read()
+    backend.latencies_ms.append((time.perf_counter() - t0) * 1000)
+    return resp.status, payload, resp.content_type
+
+
+async def call_pool(state: GatewayState, model: str, path: str, body: bytes, deadline: float) -> tuple[int, bytes, str]:
+    """Send to the least-loaded backend; on a retryable failure try another, until the deadline."""
+    tried: set[Backend] = set()
+    last = "no attempt made"
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            async with state.pools.lease(model, exclude=tried) as backend:
+                tried.add(backend)
+                try:
+                    status, payload, ctype = await _attempt(backend, path, body, remaining)
+                except RETRYABLE as exc:
+                    backend.errors += 1
+                    last = f"{backend.url}: {type(exc).__name__} {exc}".strip()
+                    RETRIES.labels(model).inc()
+                    continue
+                if status >= 500:
+                    backend.errors += 1
+                    last = f"{backend.url}: HTTP {status}"
+                    RETRIES.labels(model).inc()
+                    continue
+                return status, payload, ctype
+        except NoBackend as exc:
+            if not tried:
+                raise
+            last = f"{last}; {exc}"
+            break
+    raise UpstreamFailed(last)
+
+
+def get_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+State = Annotated[GatewayState, Depends(get_state)]
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = GatewayState(config)
+        for b in state.pools.backends():
+            b.open()
+        app.state.gateway = state
+        yield
+        for b in state.pools.backends():
+            await b.close()
+
+    app = FastAPI(title="eapo expert gateway", lifespan=lifespan)
+
+    async def passthrough(request: Request, state: GatewayState, path: str, route: str) -> Response:
+        body = await request.body()
+        try:
+            parsed = json.loads(body)
+            model = parsed["model"]
+            if not isinstance(model, str):
+                raise TypeError("model must be a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            REJECTED.labels("bad_request").inc()
+            return error(400, f"request body must be a JSON object with a string 'model': {exc}")
+        deadline = time.monotonic() + state.config.request_timeout_s
+        if parsed.get("stream"):
+            return await stream(state, model, path, body, deadline, route)
+        try:
+            status, payload, ctype = await call_pool(state, model, path, body, deadline)
+        except NoBackend as exc:
+            REQUESTS.labels(route, "unknown_model").inc()
+            return error(404, str(exc), "NotFoundError")
+        except UpstreamFailed as exc:
+            REQUESTS.labels(route, "upstream_failed").inc()
+            return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
+        REQUESTS.labels(route, str(status)).inc()
+        return Response(payload, status_code=status, media_type=ctype)
+
+    async def stream(state: GatewayState, model: str, path: str, body: bytes, deadline: float, route: str) -> Response:
+        """Open upstream (retrying before any byte is sent), then relay chunks as they come."""
+        stack = AsyncExitStack()
+        tried: set[Backend] = set()
+        try:
+            while True:
+                backend = await stack.enter_async_context(state.pools.lease(model, exclude=tried))
+                tried.add(backend)
+                assert backend.session is not None
+                try:
+                    resp = await stack.enter_async_context(backend.session.post(
+                        path, data=body, headers={"Content-Type": "application/json"},
+                        timeout=aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.001)),
+                    ))
+                except RETRYABLE:
+                    backend.errors += 1
+                    continue
+                if resp.status >= 500:
+                    backend.errors += 1
+                    continue
+                break
+        except NoBackend as exc:
+            await stack.aclose()
+            REQUESTS.labels(route, "unknown_model" if not tried else "upstream_failed").inc()
+            if not tried:
+                return error(404, str(exc), "NotFoundError")
+            return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
+
+        async def relay() -> AsyncIterator[bytes]:
+            async with stack:  # lease and upstream released on end, error or client disconnect
+                async for chunk in resp.content.iter_any():
+                    yield chunk
+            REQUESTS.labels(route, str(resp.status)).inc()
+
+        return StreamingResponse(relay(), status_code=resp.status, media_type=resp.content_type)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, state: State) -> Response:
+        return await passthrough(request, state, "v1/chat/completions", "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, state: State) -> Response:
+        return await passthrough(request, state, "v1/completions", "completions")
+
+    @app.get("/v1/models")
+    async def models(state: State) -> dict[str, Any]:
+        return {"object": "list",
+                "data": [{"id": m, "object": "model", "owned_by": "eapo-gateway"} for m in state.pools.models]}
+
+    @app.post("/v1/consult", response_model=ConsultResponse)
+    async def consult(req: ConsultRequest, state: State) -> ConsultResponse | JSONResponse:
+        if len(req.queries) > state.config.max_queries:
+            REJECTED.labels("too_many_queries").inc()
+            return error(413, f"{len(req.queries)} queries exceed the limit of {state.config.max_queries}")
+        if req.model not in state.pools.models:
+            REJECTED.labels("unknown_model").inc()
+            return error(404, f"unknown model {req.model!r}; served: {', '.join(state.pools.models)}", "NotFoundError")
+        deadline = time.monotonic() + min(req.deadline_s, state.config.request_timeout_s)
+        results = await asyncio.gather(*(consult_one(state, req, i, q, deadline) for i, q in enumerate(req.queries)))
+        REQUESTS.labels("consult", "ok").inc()
+        return ConsultResponse(model=req.model, results=list(results))
+
+    @app.get("/admin/backends", response_model=list[BackendView])
+    async def backends(state: State) -> list[BackendView]:
+        return [BackendView(url=b.url, model=b.model, in_flight=b.in_flight, requests=b.requests,
+                            errors=b.errors, latency_ms=b.latency_percentiles())
+                for b in state.pools.backends()]
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(state: State) -> JSONResponse:
+        ready = bool(state.pools.backends())
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def consult_one(state: GatewayState, req: ConsultRequest, index: int, query: str, deadline: float) -> ConsultResult:
+    body = json.dumps({
+        "model": req.model, "messages": [{"role": "user", "content": query}],
+        "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+    }).encode()
+    t0 = time.perf_counter()
+    try:
+        status, payload, _ = await call_pool(state, req.model, "v1/chat/completions", body, deadline)
+        if status != 200:
+            raise UpstreamFailed(f"HTTP {status}: {payload[:200].decode(errors='replace')}")
+        answer = json.loads(payload)["choices"][0]["message"]["content"]
+        return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)
+    except (UpstreamFailed, NoBackend, ValueError, KeyError, IndexError, TypeError) as exc:
+        return ConsultResult(index=index, error=str(exc) or type(exc).__name__,
+                             latency_ms=(time.perf_counter() - t0) * 1000)

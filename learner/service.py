@@ -1,0 +1,168 @@
+"""``eapo learner``: consume trajectory groups, update the policy, publish weights and AnnealState.
+
+Per step: read groups (XREADGROUP; entries a dead learner left pending are reclaimed), drop duplicate
+deliveries and zero-signal groups (counted, acknowledged), take ``batch_groups`` informative groups,
+step, publish weight version ``step+1`` atomically and announce it, publish the next AnnealState,
+and only then acknowledge the groups used. The learner also feeds the prompts stream, admitting at
+most ``(step + max_staleness + 1) · batch_groups`` prompts (plus those dropped) — staleness is bounded
+by admission, not by discarding slow (consulting) groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import torch
+
+from eapo.config import EAPOConfig
+from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group
+from eapo.world.tasks import read_jsonl
+from learner.anneal import anneal_state
+from learner.loss import group_advantages, shaped_rewards
+from learner.trainer import Trainer
+from proto import AnnealState, Names, PromptTask, TrajectoryGroup, encode
+from proto.weights import prune, write_version
+
+log = logging.getLogger(__name__)
+
+
+class PromptFeeder:
+    """Admits training prompts to the prompts stream in a seeded order, up to a moving limit."""
+
+    def __init__(self, client: aioredis.Redis, names: Names, problems_path: Path, seed: int, high_water: int):
+        self.client, self.names = client, names
+        self.problems = read_jsonl(problems_path)
+        if not self.problems:
+            raise ValueError(f"{problems_path}: no training problems")
+        self.order = list(range(len(self.problems)))
+        random.Random(seed).shuffle(self.order)
+        self.admitted = 0
+        self.producer = StreamProducer(client, names.prompts, [names.rollout_group], high_water)
+
+    async def fill(self, limit: int, step: int) -> None:
+        while self.admitted < limit:
+            epoch, i = divmod(self.admitted, len(self.order))
+            p = self.problems[self.order[i]]
+            await self.producer.send(PromptTask(prompt_id=f"{p.id}@{epoch}", problem=p.problem, answer=p.answer,
+                                                tier=p.tier, admitted_at_step=step))
+            self.admitted += 1
+        await self.client.hset(self.names.counters, "admitted", self.admitted)
+
+
+class Learner:
+    def __init__(self, cfg: EAPOConfig, client: aioredis.Redis):
+        self.cfg, self.client, self.names = cfg, client, Names(cfg.redis.prefix)
+        self.seen: set[str] = set()
+        self.dropped: Counter[str] = Counter()
+        self.metrics_path = cfg.run_dir / "metrics.jsonl"
+
+    async def _publish(self, trainer: Trainer, version: int, step: int, anneal: AnnealState) -> None:
+        lc = self.cfg.learner
+        manifest = await asyncio.to_thread(write_version, self.cfg.weights_dir, version, step, trainer.save_pretrained)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.names.weights, encode(manifest))
+            pipe.set(self.names.anneal, encode(anneal))
+            pipe.publish(self.names.weights_channel, str(version))
+            await pipe.execute()
+        await asyncio.to_thread(prune, self.cfg.weights_dir, lc.keep_versions)
+
+    async def _collect(self, consumer: StreamConsumer, feeder: PromptFeeder, step: int, penalty: float):
+        """Read until ``batch_groups`` informative groups (or the per-step drop cap is hit)."""
+        lc = self.cfg.learner
+        batch: list[tuple[Entry[TrajectoryGroup], list[float]]] = []
+        seen_groups: list[TrajectoryGroup] = []
+        dropped_now = 0
+        while len(batch) < lc.batch_groups:
+            await feeder.fill((step + lc.max_staleness + 1) * lc.batch_groups + sum(self.dropped.values()), step)
+            if dropped_now >= lc.max_dropped_per_step and batch:
+                break
+            for entry in await consumer.read(count=lc.batch_groups - len(batch), block_ms=1000):
+                group = entry.message
+                if group.group_id in self.seen:
+                    await self._drop(consumer, entry, "duplicate")
+                    continue
+                self.seen.add(group.group_id)
+                seen_groups.append(group)
+                rewards = shaped_rewards(group, penalty)
+                if max(rewards) - min(rewards) < 1e-9:
+                    dropped_now += 1
+                    await self._drop(consumer, entry, "zero_signal")
+                    continue
+                batch.append((entry, rewards))
+        return batch, seen_groups
+
+    async def _drop(self, consumer: StreamConsumer, entry: Entry, reason: str) -> None:
+        self.dropped[reason] += 1
+        await self.client.hincrby(self.names.counters, f"dropped:{reason}", 1)
+        await consumer.ack([entry.id])
+
+    async def run(self) -> None:
+        cfg, lc = self.cfg, self.cfg.learner
+        trainer = await asyncio.to_thread(Trainer, lc, cfg.world.dir / "policy")
+        consumer = StreamConsumer(
+            self.client, self.names.trajectories, self.names.learner_group, "learner-0", TrajectoryGroup,
+            claim_idle_ms=cfg.redis.claim_idle_ms, max_deliveries=cfg.redis.max_deliveries,
+            counters_key=self.names.counters,
+        )
+        await consumer.ensure_group()
+        await ensure_group(self.client, self.names.prompts, self.names.rollout_group)
+        feeder = PromptFeeder(self.client, self.names, cfg.world.dir / "train.jsonl", cfg.seed, 1 << 30)
+        await self.client.delete(self.names.done)
+        await self._publish(trainer, 0, 0, anneal_state(cfg.anneal, 0))
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        t_start = time.monotonic()
+        for step in range(lc.steps):
+            anneal = anneal_state(cfg.anneal, step)
+            t0 = time.monotonic()
+            batch, seen_groups = await self._collect(consumer, feeder, step, anneal.penalty)
+            t_data = time.monotonic() - t0
+            seqs, masks, behaviour, advs = [], [], [], []
+            for entry, rewards in batch:
+                for sample, adv in zip(entry.message.samples, group_advantages(rewards), strict=True):
+                    seqs.append(torch.from_numpy(sample.token_ids.astype("int64")))
+                    masks.append(torch.from_numpy(sample.loss_mask.copy()))
+                    behaviour.append(torch.from_numpy(sample.behaviour_logprobs.copy()))
+                    advs.append(adv)
+            stats = await asyncio.to_thread(trainer.step, seqs, masks, behaviour, advs)
+            await self._publish(trainer, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
+            await consumer.ack([entry.id for entry, _ in batch])
+            record = {
+                "step": step + 1, "time_s": round(time.monotonic() - t_start, 2),
+                "wait_s": round(t_data, 3), "step_s": round(time.monotonic() - t0 - t_data, 3),
+                **anneal.model_dump(exclude={"step"}), **rollout_stats(seen_groups, step),
+                "groups_trained": len(batch), "dropped": dict(self.dropped), **stats,
+                "reward": sum(sum(r) for _, r in batch) / max(1, sum(len(r) for _, r in batch)),
+            }
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",
+                     step + 1, lc.steps, stats["loss"], record["accuracy"], record["calls_per_episode"],
+                     record["accepted_rate"], anneal.acceptance, record["version_lag_mean"])
+        await self.client.set(self.names.done, b"1")
+        log.info("learner finished %d steps; final weights at version %d", lc.steps, lc.steps)
+
+
+def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, float]:
+    """What the rollouts of this step looked like, over every group read (kept or dropped)."""
+    samples = [s for g in groups for s in g.samples]
+    consults = [c for s in samples for c in s.consults]
+    n = max(len(samples), 1)
+    lags = [learner_version - g.min_policy_version for g in groups] or [0]
+    return {
+        "groups_read": len(groups),
+        "accuracy": sum(s.score for s in samples) / n,
+        "calls_per_episode": len(consults) / n,
+        "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
+        "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
+        "answered_rate": sum(c.outcome == "answer" for c in consults) / max(len(consults), 1),
+        "response_tokens": sum(s.policy_tokens for s in samples) / n,
+        "version_lag_mean": sum(lags) / len(lags),
+        "version_lag_max": float(max(lags)),
+    }

@@ -1,0 +1,88 @@
+"""The weight-version directory contract on shared storage.
+
+``<root>/v000042/`` holds a checkpoint loadable with ``from_pretrained`` plus ``manifest.json``
+(a WeightManifest: version, step, sha256 of every file). A version is written under a temporary
+name, its manifest written last, then renamed into place: a reader never sees a partial version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from proto.schemas import WeightManifest
+
+MANIFEST = "manifest.json"
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def version_dir(root: Path, version: int) -> Path:
+    return Path(root) / f"v{version:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_version(root: Path, version: int, step: int, save: Callable[[Path], None]) -> WeightManifest:
+    """``save(tmp_dir)`` writes the checkpoint; we checksum it, write the manifest, rename atomically."""
+    final = version_dir(root, version)
+    if final.exists():
+        raise WeightsError(f"weight version {version} already exists at {final}")
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = WeightManifest(version=version, step=step, created_at=time.time(), files=files)
+    (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    for p in [*tmp.iterdir(), tmp]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.rename(tmp, final)
+    return manifest
+
+
+def verify_version(path: Path) -> WeightManifest:
+    """Raise ``WeightsError`` unless every file listed in the manifest has its recorded checksum."""
+    path = Path(path)
+    try:
+        manifest = WeightManifest.model_validate(json.loads((path / MANIFEST).read_text()))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: unreadable manifest: {exc}") from exc
+    for name, digest in manifest.files.items():
+        actual = _sha256(path / name) if (path / name).exists() else "missing"
+        if actual != digest:
+            raise WeightsError(f"{path / name}: checksum {actual} does not match manifest {digest}")
+    return manifest
+
+
+def published_versions(root: Path) -> list[int]:
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(int(p.name[1:]) for p in root.iterdir() if p.name.startswith("v") and (p / MANIFEST).exists())
+
+
+def prune(root: Path, keep: int, in_use: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    """Delete all but the newest ``keep`` versions, sparing any in ``in_use``; returns what was deleted."""
+    versions = published_versions(root)
+    doomed = [v for v in versions[:-keep] if v not in in_use] if keep > 0 else []
+    for v in doomed:
+        shutil.rmtree(version_dir(root, v), ignore_errors=True)
+    return doomed

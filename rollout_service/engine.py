@@ -1,0 +1,59 @@
+"""Policy engines behind one interface.
+
+``TransformersEngine`` is the CPU implementation: all concurrent episodes' generation requests share
+batched forward passes, and published weight versions are loaded from shared storage and swapped in
+between batches. A vLLM engine (in-process AsyncLLM or a policy server) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from transformers import PreTrainedTokenizerFast
+
+from eapo.sampling import Batcher, SampleRequest, SampleResult
+from eapo.world.bootstrap import load_model
+from proto.weights import verify_version
+
+log = logging.getLogger(__name__)
+
+
+class PolicyEngine(Protocol):
+    tokenizer: PreTrainedTokenizerFast
+
+    @property
+    def version(self) -> int: ...
+
+    async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
+        """Sample one turn; returns the result and the weight version that produced it."""
+        ...
+
+    async def load_version(self, version: int, path: Path) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class TransformersEngine:
+    def __init__(self, path: Path, version: int, max_batch: int = 64):
+        model, self.tokenizer = load_model(path)
+        self._batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch=max_batch, version=version)
+
+    @property
+    def version(self) -> int:
+        return self._batcher.version
+
+    async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
+        return await self._batcher.sample(request)
+
+    async def load_version(self, version: int, path: Path) -> None:
+        """Verify the published checksums, load off the event loop, swap in for the next batch."""
+        await asyncio.to_thread(verify_version, path)
+        model, _ = await asyncio.to_thread(load_model, path)
+        self._batcher.set_model(model, version)
+        log.info("policy weights now at version %d", version)
+
+    async def close(self) -> None:
+        await self._batcher.close()

@@ -1,0 +1,163 @@
+"""One EAPO episode: the multi-turn loop of policy turns, consult blocks and injected expert answers.
+
+Token-in, token-out: sampled ids and their behaviour log-probs are appended exactly as sampled;
+only injected text (expert blocks) is tokenized, with loss mask 0. Each answer returned for a query
+is shown to the policy only if the episode's seeded draw ``u < p(t)``; the draw and the decision
+are recorded either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+
+from eapo.config import RolloutConfig
+from eapo.sampling import SampleRequest
+from proto import (
+    AnnealState,
+    ConsultRecord,
+    ConsultRequest,
+    ConsultResponse,
+    ConsultResult,
+    PromptTask,
+    Trajectory,
+    TurnRecord,
+)
+from proto import episode_format as fmt
+from rollout_service.consult import parse_consult
+from rollout_service.engine import PolicyEngine
+from rollout_service.reward import extract_boxed, score
+
+log = logging.getLogger(__name__)
+
+
+def episode_seed(base: int, prompt_id: str, sample_index: int) -> int:
+    """Stable across processes and replicas (unlike ``hash``), so an episode can be replayed."""
+    digest = hashlib.sha256(f"{base}:{prompt_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class ExpertClient:
+    """Sends one consult block to the gateway as one batch; failures become per-query errors."""
+
+    session: aiohttp.ClientSession
+    url: str
+    model: str
+    max_tokens: int
+    timeout_s: float
+
+    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+        req = ConsultRequest(model=self.model, queries=queries, max_tokens=self.max_tokens,
+                             deadline_s=self.timeout_s, episode_id=episode_id)
+        try:
+            async with self.session.post(
+                f"{self.url}/v1/consult", data=req.model_dump_json(),
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s + 5),
+            ) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise RuntimeError(f"gateway HTTP {resp.status}: {text[:300]}")
+                results = ConsultResponse.model_validate_json(text).results
+        except Exception as exc:  # the expert is unavailable to this turn; the episode goes on
+            log.warning("consult failed (%s): %s", type(exc).__name__, exc)
+            return [ConsultResult(index=i, error=f"{type(exc).__name__}: {exc}") for i in range(len(queries))]
+        if len(results) != len(queries):
+            return [ConsultResult(index=i, error="gateway answered a different number of queries")
+                    for i in range(len(queries))]
+        return results
+
+
+async def run_episode(
+    engine: PolicyEngine,
+    experts: ExpertClient | None,
+    task: PromptTask,
+    anneal: AnnealState,
+    cfg: RolloutConfig,
+    sample_index: int,
+) -> Trajectory:
+    """Roll out one episode. ``experts=None`` means the consult action is not granted (eval prompt)."""
+    tok = engine.tokenizer
+    seed = episode_seed(cfg.seed, task.prompt_id, sample_index)
+    rng = random.Random(seed)
+    eos, close = tok.eos_token_id, tok.convert_tokens_to_ids(fmt.CONSULT_CLOSE)
+    prompt = fmt.training_prompt(task.problem) if experts else fmt.eval_prompt(task.problem)
+    ids: list[int] = tok.encode(prompt)
+    prompt_len = len(ids)
+    mask = [False] * prompt_len
+    logprobs = [0.0] * prompt_len
+    turns: list[TurnRecord] = []
+    consults: list[ConsultRecord] = []
+    rejected_blocks = 0
+    finish = "budget"
+    stop_ids = frozenset({eos, close}) if experts else frozenset({eos})
+    for turn in range(anneal.budget):
+        room = cfg.max_context - len(ids)
+        if room <= 0:
+            finish = "context"
+            break
+        result, version = await engine.sample(SampleRequest(
+            prompt_ids=list(ids), max_new_tokens=min(cfg.max_new_tokens, room), stop_ids=stop_ids,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=rng.getrandbits(63),
+        ))
+        start = len(ids)
+        ids += result.token_ids
+        mask += [True] * len(result.token_ids)
+        logprobs += result.logprobs
+        last = result.token_ids[-1] if result.token_ids else None
+        if result.finish == "stop" and last == close:
+            turns.append(TurnRecord(start=start, end=len(ids), policy_version=version, finish="consult"))
+            if turn == anneal.budget - 1:
+                break  # the budget is spent: no turn left to read the answers
+            parsed = parse_consult(tok.decode(result.token_ids), cfg.max_queries)
+            if parsed.issues:
+                log.debug("consult block issues %s", parsed.issues)
+            if not parsed.queries:
+                rejected_blocks += 1
+                injected = tok.encode(fmt.expert_block(None))
+                ids += injected
+                mask += [False] * len(injected)
+                logprobs += [0.0] * len(injected)
+                continue
+            answers = await experts.consult(parsed.queries, f"{task.prompt_id}/{sample_index}")
+            for query, res in zip(parsed.queries, answers, strict=True):
+                draw = rng.random()
+                accepted = res.answer is not None and draw < anneal.acceptance
+                injected = tok.encode(fmt.expert_block(res.answer if accepted else None))
+                consults.append(ConsultRecord(
+                    turn=len(turns) - 1, query=query, outcome="answer" if res.answer is not None else "error",
+                    draw=draw, accepted=accepted, injected_start=len(ids), injected_end=len(ids) + len(injected),
+                    detail=(res.answer if res.answer is not None else res.error or "")[:1000],
+                ))
+                ids += injected
+                mask += [False] * len(injected)
+                logprobs += [0.0] * len(injected)
+            continue
+        ended = "eos" if result.finish == "stop" else ("context" if len(ids) >= cfg.max_context else "length")
+        turns.append(TurnRecord(start=start, end=len(ids), policy_version=version, finish=ended))
+        finish = ended
+        break
+    final_text = tok.decode(ids[turns[-1].start : turns[-1].end]) if turns else ""
+    answer = extract_boxed(final_text) if turns and turns[-1].finish != "consult" else None
+    if answer is not None and finish == "eos":
+        finish = "answer"
+    return Trajectory(
+        sample_index=sample_index,
+        token_ids=np.asarray(ids, dtype=np.int32),
+        loss_mask=np.asarray(mask, dtype=bool),
+        behaviour_logprobs=np.asarray(logprobs, dtype=np.float32),
+        prompt_len=prompt_len,
+        turns=turns,
+        consults=consults,
+        rejected_blocks=rejected_blocks,
+        final_answer=answer,
+        score=score(answer, task.answer),
+        finish=finish,
+        seed=seed,
+    )

@@ -1,0 +1,28 @@
+"""Correctness as a fact: the last ``\\boxed{…}`` of the policy's own text, checked with math-verify."""
+
+from __future__ import annotations
+
+from math_verify import parse, verify
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{…}``, braces balanced; None if there is none or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def score(answer: str | None, gold: str) -> float:
+    """1.0 if ``answer`` is mathematically equivalent to ``gold``, else 0.0."""
+    if answer is None or not answer.strip():
+        return 0.0
+    try:
+        return float(verify(parse(f"${gold}$"), parse(f"${answer}$")))
+    except Exception:  # math-verify can fail on arbitrary model text; a wrong answer, not a crash
+        return 0.0

@@ -1,0 +1,98 @@
+"""Shared fixtures: a real Redis server, a fast tiny world, loopback ports."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from eapo.config import WorldConfig
+from eapo.redis_server import RedisServer
+from eapo.world.bootstrap import bootstrap
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer):
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh namespace per test, so tests sharing the server never see each other's streams."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> WorldConfig:
+    """A world built in seconds: same code path as the real bootstrap, far fewer SFT steps."""
+    cfg = WorldConfig(
+        dir=tmp_path_factory.mktemp("world"), train_problems=64, eval_problems=16,
+        policy_sft_steps=30, expert_sft_steps=30, expert_hidden=64, expert_layers=2, sft_batch=16,
+    )
+    bootstrap(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def world_dir(tiny_world: WorldConfig) -> Path:
+    return Path(tiny_world.dir)
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1, in a thread with its own event loop."""
+
+    def __init__(self, app, port: int):
+        import threading
+
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server at {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def expert_servers(world_dir: Path):
+    """Two CPU expert servers serving the tiny world's expert under the name 'expert'."""
+    from eapo.expert_server import create_app
+    from eapo.redis_server import free_port
+
+    with ServerThread(create_app("expert", world_dir / "expert", seed=1), free_port()) as a, \
+            ServerThread(create_app("expert", world_dir / "expert", seed=2), free_port()) as b:
+        yield [a.url, b.url]
+
+
+@pytest.fixture(scope="session")
+def gateway(expert_servers: list[str]):
+    from eapo.config import ExpertBackend, GatewayConfig
+    from eapo.redis_server import free_port
+    from expert_gateway.app import create_app
+
+    cfg = GatewayConfig(backends=[ExpertBackend(model="expert", url=u) for u in expert_servers], max_queries=4)
+    with ServerThread(create_app(cfg), free_port()) as server:
+        yield server.url

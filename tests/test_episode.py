@@ -1,0 +1,122 @@
+"""Episode semantics with a scripted policy, the real gateway and real CPU expert servers."""
+
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from eapo.config import RolloutConfig
+from eapo.sampling import SampleRequest, SampleResult
+from eapo.world.bootstrap import load_model
+from proto import AnnealState, PromptTask
+from proto import episode_format as fmt
+from rollout_service.episode import ExpertClient, run_episode
+
+pytestmark = pytest.mark.asyncio
+
+
+class ScriptedEngine:
+    """Plays back fixed turns (as token ids) with fixed log-probs: a policy whose choices we know."""
+
+    def __init__(self, tokenizer, turns: list[str], version: int = 5):
+        self.tokenizer = tokenizer
+        self.turns = [tokenizer.encode(t) for t in turns]
+        self.calls: list[list[int]] = []
+        self._version = version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
+        self.calls.append(list(request.prompt_ids))
+        ids = self.turns[len(self.calls) - 1]
+        finish = "stop" if ids[-1] in request.stop_ids else "length"
+        return SampleResult(ids, [-0.5] * len(ids), finish), self._version
+
+    async def load_version(self, version: int, path: Path) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world_dir):
+    return load_model(world_dir / "policy")[1]
+
+
+def anneal(p: float, budget: int = 4) -> AnnealState:
+    return AnnealState(step=0, acceptance=p, budget=budget, penalty=0.0)
+
+
+TASK = PromptTask(prompt_id="t1", problem="2+3*4", answer="14")
+CONSULT_TURN = "<consult>3*4; 2+3*4</consult>"
+ANSWER_TURN = "2+12=14 \\boxed{14}<eos>"
+
+
+async def episode(tokenizer, gateway_url, p, turns, budget=4, cfg=None, url=None):
+    engine = ScriptedEngine(tokenizer, turns)
+    async with aiohttp.ClientSession() as session:
+        experts = ExpertClient(session, url or gateway_url, "expert", max_tokens=24, timeout_s=10)
+        traj = await run_episode(engine, experts, TASK, anneal(p, budget), cfg or RolloutConfig(), 0)
+    return engine, traj
+
+
+async def test_masks_cover_exactly_the_policy_tokens(tokenizer, gateway):
+    engine, traj = await episode(tokenizer, gateway, 1.0, [CONSULT_TURN, ANSWER_TURN])
+    ids, mask = traj.token_ids, traj.loss_mask
+    assert traj.finish == "answer" and traj.score == 1.0 and traj.final_answer == "14"
+    assert not mask[: traj.prompt_len].any()
+    policy_positions = np.concatenate([np.arange(t.start, t.end) for t in traj.turns])
+    assert set(np.flatnonzero(mask)) == set(policy_positions.tolist())
+    for c in traj.consults:  # expert answers and notes: observations only
+        assert not mask[c.injected_start : c.injected_end].any()
+        injected = tokenizer.decode(ids[c.injected_start : c.injected_end].tolist())
+        assert injected.startswith(fmt.EXPERT_OPEN) and injected.endswith(fmt.EXPERT_CLOSE)
+    assert np.all(traj.behaviour_logprobs[mask] == -0.5)
+    assert np.all(traj.behaviour_logprobs[~mask] == 0)
+    # token-in, token-out: each turn's input extends the previous sequence exactly
+    assert engine.calls[1][: len(engine.calls[0])] == engine.calls[0]
+    assert ids[: len(engine.calls[1])].tolist() == engine.calls[1]
+    assert [t.policy_version for t in traj.turns] == [5, 5]
+
+
+async def test_acceptance_zero_shows_only_unavailable_notes(tokenizer, gateway):
+    _, traj = await episode(tokenizer, gateway, 0.0, [CONSULT_TURN, ANSWER_TURN])
+    assert len(traj.consults) == 2
+    assert all(c.outcome == "answer" and not c.accepted for c in traj.consults), traj.consults
+    for c in traj.consults:
+        text = tokenizer.decode(traj.token_ids[c.injected_start : c.injected_end].tolist())
+        assert text == fmt.expert_block(None)
+
+
+async def test_acceptance_follows_p_and_draws_are_recorded(tokenizer, gateway):
+    _, traj = await episode(tokenizer, gateway, 0.5, [CONSULT_TURN, ANSWER_TURN])
+    for c in traj.consults:
+        assert c.accepted == (c.draw < 0.5)
+        text = tokenizer.decode(traj.token_ids[c.injected_start : c.injected_end].tolist())
+        assert (text != fmt.expert_block(None)) == c.accepted
+
+
+async def test_budget_ends_the_episode(tokenizer, gateway):
+    _, traj = await episode(tokenizer, gateway, 1.0, [CONSULT_TURN, CONSULT_TURN, ANSWER_TURN], budget=2)
+    assert traj.finish == "budget" and len(traj.turns) == 2 and traj.score == 0.0
+    assert len(traj.consults) == 2  # the second block is not sent: no turn would be left to read it
+
+
+async def test_unreachable_gateway_makes_experts_unavailable_and_the_episode_goes_on(tokenizer):
+    from eapo.redis_server import free_port
+
+    _, traj = await episode(tokenizer, None, 1.0, [CONSULT_TURN, ANSWER_TURN],
+                            url=f"http://127.0.0.1:{free_port()}")
+    assert traj.finish == "answer" and traj.score == 1.0
+    assert [c.outcome for c in traj.consults] == ["error", "error"]
+    assert not any(c.accepted for c in traj.consults)
+
+
+async def test_malformed_block_is_counted_not_sent(tokenizer, gateway):
+    _, traj = await episode(tokenizer, gateway, 1.0, ["<consult> ; </consult>", ANSWER_TURN])
+    assert traj.rejected_blocks == 1 and traj.consults == []
+    assert traj.finish == "answer"

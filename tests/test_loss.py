@@ -1,0 +1,84 @@
+"""The DAPO objective against hand-computed values, and masking of non-policy tokens."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from learner.loss import dapo_loss, group_advantages, shaped_rewards, token_logprobs
+from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup
+
+
+def test_group_advantages_by_hand():
+    # rewards 1, 0, 0, 1: mean 0.5, population std 0.5 → ±1
+    assert group_advantages([1.0, 0.0, 0.0, 1.0]) == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    assert group_advantages([1.0, 0.0], normalize_std=False) == pytest.approx([0.5, -0.5])
+
+
+def test_shaped_reward_charges_each_consultation():
+    def sample(i, score, n_consults):
+        consults = [ConsultRecord(turn=0, query="q", outcome="answer", draw=0.1, accepted=True,
+                                  injected_start=3, injected_end=4) for _ in range(n_consults)]
+        return Trajectory(sample_index=i, token_ids=np.arange(4), loss_mask=np.array([0, 0, 1, 1], bool),
+                          behaviour_logprobs=np.zeros(4), prompt_len=2, turns=[], consults=consults,
+                          score=score, finish="answer", seed=0)
+    group = TrajectoryGroup(group_id="g", prompt=PromptTask(prompt_id="p", problem="x", answer="1"),
+                            anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=0.1),
+                            samples=[sample(0, 1.0, 0), sample(1, 1.0, 3), sample(2, 0.0, 1)],
+                            rollout_replica="r", created_at=0)
+    assert shaped_rewards(group, penalty=0.1) == pytest.approx([1.0, 0.7, -0.1])
+
+
+def test_dapo_loss_hand_computed_asymmetric_clipping():
+    # Two samples, three token slots each. ratios e^{Δ}: sample 0 (A=+1): 1.5, 1.0, [masked];
+    # sample 1 (A=-1): 0.5, 1.1, 0.9.
+    ratios = torch.tensor([[1.5, 1.0, 3.0], [0.5, 1.1, 0.9]])
+    old = torch.zeros(2, 3)
+    new = torch.log(ratios)
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    loss, stats = dapo_loss(new, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    # per-token objective min(r·A, clip(r)·A):
+    #   s0: min(1.5, 1.28)=1.28; min(1.0, 1.0)=1.0
+    #   s1: min(-0.5, -0.8)=-0.8; min(-1.1, -1.1)=-1.1; min(-0.9, -0.9)=-0.9
+    expected = -(1.28 + 1.0 - 0.8 - 1.1 - 0.9) / 5  # token-level: mean over the 5 policy tokens
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    assert stats["clip_frac_high"] == pytest.approx(1 / 5)
+    assert stats["clip_frac_low"] == pytest.approx(1 / 5)
+    assert stats["policy_tokens"] == 5
+
+
+def test_token_level_average_weights_long_samples_more():
+    # Sample-level averaging would give each sample equal weight; DAPO averages over tokens.
+    new = torch.zeros(2, 4, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    loss, _ = dapo_loss(new, torch.zeros(2, 4), adv, mask)
+    assert loss.item() == pytest.approx(-(4 * 1 - 1) / 5)
+
+
+def test_masked_tokens_get_no_gradient_and_do_not_change_the_loss():
+    torch.manual_seed(0)
+    new = torch.randn(3, 6, requires_grad=True)
+    old = torch.randn(3, 6)
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    mask = torch.rand(3, 6) > 0.4
+    loss, _ = dapo_loss(new, old, adv, mask)
+    loss.backward()
+    assert torch.all(new.grad[~mask] == 0)
+    assert torch.any(new.grad[mask] != 0)
+    # Garbage in masked slots (expert tokens' "log-probs") changes nothing.
+    new2 = new.detach().clone()
+    new2[~mask] = 1e3
+    old2 = old.clone()
+    old2[~mask] = -1e3
+    loss2, _ = dapo_loss(new2, old2, adv, mask)
+    assert float(loss2) == pytest.approx(float(loss))
+
+
+def test_token_logprobs_alignment():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    ids = torch.tensor([[0, 1, 1]])
+    lp = token_logprobs(logits, ids)
+    assert lp.tolist()[0] == pytest.approx([0.0, math.log(0.5), math.log(0.1)], abs=1e-6)

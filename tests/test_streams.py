@@ -1,0 +1,134 @@
+"""The Redis Streams transport against a real Redis server."""
+
+import asyncio
+
+import pytest
+
+from eapo.streams import StreamConsumer, StreamProducer
+from proto import PromptTask, decode
+
+pytestmark = pytest.mark.asyncio
+
+
+def task(i: int) -> PromptTask:
+    return PromptTask(prompt_id=f"p{i}", problem=f"{i}+1", answer=str(i + 1))
+
+
+def consumer(client, stream, name, **kw) -> StreamConsumer[PromptTask]:
+    return StreamConsumer(client, stream, "g", name, PromptTask, counters_key=f"{stream}:counters", **kw)
+
+
+async def test_delivers_each_entry_once_and_acks(redis_client, prefix):
+    stream = f"{prefix}:s"
+    c = consumer(redis_client, stream, "c1")
+    await c.ensure_group()
+    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
+    for i in range(5):
+        await producer.send(task(i))
+    got = await c.read(count=10, block_ms=100)
+    assert [e.message.prompt_id for e in got] == [f"p{i}" for i in range(5)]
+    assert await c.read(count=10, block_ms=50) == []
+    assert await c.ack([e.id for e in got]) == 5
+    assert (await redis_client.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_crash_before_ack_is_reclaimed_by_another_consumer(redis_client, prefix):
+    stream = f"{prefix}:s"
+    dead = consumer(redis_client, stream, "dead", claim_idle_ms=100)
+    await dead.ensure_group()
+    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
+    for i in range(3):
+        await producer.send(task(i))
+    taken = await dead.read(count=3, block_ms=100)
+    assert len(taken) == 3  # ... and the consumer dies here, without acking
+    survivor = consumer(redis_client, stream, "survivor", claim_idle_ms=100)
+    assert await survivor.read(count=3, block_ms=50) == []  # not idle long enough yet
+    await asyncio.sleep(0.15)
+    reclaimed = await survivor.read(count=3, block_ms=50)
+    assert sorted(e.message.prompt_id for e in reclaimed) == ["p0", "p1", "p2"]
+    await survivor.ack([e.id for e in reclaimed])
+    pending = await redis_client.xpending(stream, "g")
+    assert pending["pending"] == 0  # nothing lost, nothing left behind
+
+
+async def test_undecodable_entry_goes_to_dead_letter_and_is_counted(redis_client, prefix):
+    stream = f"{prefix}:s"
+    c = consumer(redis_client, stream, "c1")
+    await c.ensure_group()
+    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
+    await producer.send(task(0))
+    bad_id = (await redis_client.xadd(stream, {b"d": b"garbage that is not a frame"})).decode()
+    await redis_client.xadd(stream, {b"other": b"no payload field"})
+    await producer.send(task(1))
+    got = await c.read(count=10, block_ms=100)
+    assert [e.message.prompt_id for e in got] == ["p0", "p1"]
+    dead = await redis_client.xrange(f"{stream}:dead")
+    assert len(dead) == 2
+    fields = dead[0][1]
+    assert fields[b"source_id"].decode() == bad_id
+    assert b"shorter than the frame header" in fields[b"error"] or b"bad magic" in fields[b"error"]
+    assert fields[b"d"] == b"garbage that is not a frame"  # the payload is kept for inspection
+    assert int(await redis_client.hget(f"{stream}:counters", "dead_letter:undecodable")) == 2
+    await c.ack([e.id for e in got])
+    assert (await redis_client.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_entry_that_keeps_failing_is_dead_lettered_as_poison(redis_client, prefix):
+    stream = f"{prefix}:s"
+    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
+    c = consumer(redis_client, stream, "c1", claim_idle_ms=10, max_deliveries=2)
+    await c.ensure_group()
+    await producer.send(task(0))
+    for _ in range(2):  # delivered, never acked (the consumer crashes on it each time)
+        got = await c.read(count=1, block_ms=50)
+        assert len(got) == 1
+        await asyncio.sleep(0.02)
+    assert await c.read(count=1, block_ms=50) == []
+    dead = await redis_client.xrange(f"{stream}:dead")
+    assert len(dead) == 1 and dead[0][1][b"reason"] == b"poison"
+    assert decode(dead[0][1][b"d"], PromptTask).prompt_id == "p0"
+
+
+async def test_backpressure_waits_instead_of_trimming_unread(redis_client, prefix):
+    stream = f"{prefix}:s"
+    c = consumer(redis_client, stream, "c1")
+    await c.ensure_group()
+    producer = StreamProducer(redis_client, stream, ["g"], high_water=3, poll_s=0.01)
+    for i in range(3):
+        await producer.send(task(i))
+    assert await producer.backlog() == 3
+    with pytest.raises(TimeoutError):
+        await producer.send(task(3), timeout_s=0.1)
+    assert await redis_client.xlen(stream) == 3  # nothing trimmed, nothing added
+
+    blocked = asyncio.create_task(producer.send(task(3)))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    got = await c.read(count=1, block_ms=50)
+    assert await producer.backlog() == 3  # delivered but unacked still counts
+    await c.ack([got[0].id])
+    await asyncio.wait_for(blocked, timeout=2)
+    rest = await c.read(count=10, block_ms=50)
+    assert [e.message.prompt_id for e in rest] == ["p1", "p2", "p3"]
+
+
+async def test_trim_removes_only_what_every_group_acknowledged(redis_client, prefix):
+    stream = f"{prefix}:s"
+    fast = StreamConsumer(redis_client, stream, "fast", "c", PromptTask)
+    slow = StreamConsumer(redis_client, stream, "slow", "c", PromptTask)
+    await fast.ensure_group()
+    await slow.ensure_group()
+    producer = StreamProducer(redis_client, stream, ["fast", "slow"], high_water=100)
+    for i in range(6):
+        await producer.send(task(i))
+    got_fast = await fast.read(count=6, block_ms=50)
+    await fast.ack([e.id for e in got_fast])
+    got_slow = await slow.read(count=4, block_ms=50)
+    await slow.ack([e.id for e in got_slow[:2]])  # slow: 2 acked, 2 pending, 2 unread
+    assert await producer.trim_acknowledged() == 2
+    assert await redis_client.xlen(stream) == 4
+    remaining = await slow.read(count=10, block_ms=50)
+    assert [e.message.prompt_id for e in remaining] == ["p4", "p5"]
+    await slow.ack([e.id for e in got_slow[2:]] + [e.id for e in remaining])
+    assert await producer.trim_acknowledged() == 4
+    assert await redis_client.xlen(stream) == 0
