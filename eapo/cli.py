@@ -46,8 +46,13 @@ def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
     es = cfg.expert_server
     path = es.model_path or cfg.world.dir / es.model
-    uvicorn.run(create_app(es.model, path, es.max_batch, cfg.seed), host=es.host, port=es.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(es.model, path, es.max_batch, cfg.seed),
+        host=es.host,
+        port=es.port,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 
@@ -58,8 +63,9 @@ def cmd_gateway(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
     if not cfg.gateway.backends:
         sys.exit("gateway.backends is empty: configure at least one {model, url} backend")
-    uvicorn.run(create_app(cfg.gateway), host=cfg.gateway.host, port=cfg.gateway.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(cfg.gateway), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning", access_log=False
+    )
     return 0
 
 
@@ -97,8 +103,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eapo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="eapo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -152,8 +152,7 @@ class EAPOConfig(BaseSettings):
     def _check(self) -> EAPOConfig:
         if self.rollout.max_queries > self.gateway.max_queries:
             raise ValueError(
-                f"rollout.max_queries={self.rollout.max_queries} exceeds "
-                f"gateway.max_queries={self.gateway.max_queries}"
+                f"rollout.max_queries={self.rollout.max_queries} exceeds gateway.max_queries={self.gateway.max_queries}"
             )
         return self
 

@@ -139,13 +139,18 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
         logprobs = None
         if body.logprobs is not None:
             tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
-            logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None,
-                        "text_offset": None}
+            logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None, "text_offset": None}
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish}
         if body.stream:
             return _sse(rid, "text_completion", created, m.name, choice, chat=False)
-        return {"id": rid, "object": "text_completion", "created": created, "model": m.name,
-                "choices": [choice], "usage": _usage(len(ids), len(result.token_ids))}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": m.name,
+            "choices": [choice],
+            "usage": _usage(len(ids), len(result.token_ids)),
+        }
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, m: Served) -> Response | dict:
@@ -161,16 +166,28 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
         logprobs = None
         if body.logprobs:
             tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
-            logprobs = {"content": [
-                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                for t, lp in zip(tokens, result.logprobs, strict=True)
-            ]}
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": result.finish}
+            logprobs = {
+                "content": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                    for t, lp in zip(tokens, result.logprobs, strict=True)
+                ]
+            }
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs,
+            "finish_reason": result.finish,
+        }
         if body.stream:
             return _sse(rid, "chat.completion.chunk", created, m.name, choice, chat=True)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": m.name,
-                "choices": [choice], "usage": _usage(len(ids), len(result.token_ids))}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": m.name,
+            "choices": [choice],
+            "usage": _usage(len(ids), len(result.token_ids)),
+        }
 
     return app
 
@@ -190,8 +207,11 @@ def _sse(rid: str, obj: str, created: int, model: str, choice: dict, chat: bool)
             c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             c = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                      "choices": [c]}) + "\n\n"
+        return (
+            "data: "
+            + json.dumps({"id": rid, "object": obj, "created": created, "model": model, "choices": [c]})
+            + "\n\n"
+        )
 
     async def events() -> AsyncIterator[str]:
         for piece in pieces:

@@ -10,6 +10,7 @@ from (DAPO samples at temperature 1.0, top-p 1.0, where this is exactly the poli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -83,7 +84,8 @@ def generate_batch(model: torch.nn.Module, requests: list[SampleRequest], pad_id
             if token in r.stop_ids:
                 res.finish = "stop"
         active = [
-            row for row in active
+            row
+            for row in active
             if results[row].finish != "stop" and len(results[row].token_ids) < requests[row].max_new_tokens
         ]
         if not active:
@@ -91,8 +93,11 @@ def generate_batch(model: torch.nn.Module, requests: list[SampleRequest], pad_id
         mask = torch.cat([mask, torch.ones((len(requests), 1), dtype=torch.long, device=device)], dim=1)
         step_positions = step_positions + 1
         out = model(
-            input_ids=next_ids.to(device), attention_mask=mask, position_ids=step_positions,
-            past_key_values=past, use_cache=True,
+            input_ids=next_ids.to(device),
+            attention_mask=mask,
+            position_ids=step_positions,
+            past_key_values=past,
+            use_cache=True,
         )
         past, logits = out.past_key_values, out.logits[:, -1, :].float()
     return results
@@ -150,7 +155,5 @@ class Batcher:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass

@@ -40,8 +40,13 @@ def _spawn(name: str, role: str, config: Path, logs: Path, env: dict[str, str]) 
     logs.mkdir(parents=True, exist_ok=True)
     out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     full_env = {**os.environ, "EAPO_ROLE": name, "PYTHONUNBUFFERED": "1", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "eapo.cli", role, "--config", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eapo.cli", role, "--config", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        start_new_session=True,
+    )
     out.close()
     return Child(name, proc)
 
@@ -88,10 +93,12 @@ def _print_progress(metrics: Path, shown: int, total: int) -> int:
     lines = metrics.read_text().splitlines()
     for line in lines[shown:]:
         m = json.loads(line)
-        print(f"[eapo up] step {m['step']:>3}/{total}  loss {m['loss']:+.4f}  acc {m['accuracy']:.2f}  "
-              f"calls/ep {m['calls_per_episode']:.2f}  accepted {m['accepted_rate']:.2f} (p={m['acceptance']:.2f})  "
-              f"B={m['budget']}  λ={m['penalty']:.3f}  lag {m['version_lag_mean']:.1f}  {m['time_s']:.0f}s",
-              flush=True)
+        print(
+            f"[eapo up] step {m['step']:>3}/{total}  loss {m['loss']:+.4f}  acc {m['accuracy']:.2f}  "
+            f"calls/ep {m['calls_per_episode']:.2f}  accepted {m['accepted_rate']:.2f} (p={m['acceptance']:.2f})  "
+            f"B={m['budget']}  λ={m['penalty']:.3f}  lag {m['version_lag_mean']:.1f}  {m['time_s']:.0f}s",
+            flush=True,
+        )
     return len(lines)
 
 
@@ -128,8 +135,13 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
     code = 1
     try:
         for i, port in enumerate(expert_ports):
-            child = _spawn(f"expert-{i}", "expert-server", config_file, logs,
-                           {"EAPO_EXPERT_SERVER__PORT": str(port), "OMP_NUM_THREADS": "1"})
+            child = _spawn(
+                f"expert-{i}",
+                "expert-server",
+                config_file,
+                logs,
+                {"EAPO_EXPERT_SERVER__PORT": str(port), "OMP_NUM_THREADS": "1"},
+            )
             child.health_url = f"http://127.0.0.1:{port}/health"
             children.append(child)
         gateway = _spawn("gateway", "gateway", config_file, logs, {})
@@ -144,8 +156,10 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
         while learner.process.poll() is None:
             for child in children:
                 if child is not learner and child.process.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited early with code {child.process.returncode}; "
-                                       f"see {logs / (child.name + '.log')}")
+                    raise RuntimeError(
+                        f"{child.name} exited early with code {child.process.returncode}; "
+                        f"see {logs / (child.name + '.log')}"
+                    )
             shown = _print_progress(run_dir / "metrics.jsonl", shown, cfg.learner.steps)
             time.sleep(0.5)
         _print_progress(run_dir / "metrics.jsonl", shown, cfg.learner.steps)
@@ -174,6 +188,9 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
         "source_config": str(config_path) if config_path else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[eapo up] {'done' if summary['ok'] else 'FAILED'} in {summary['seconds']:.0f}s; "
-          f"exit codes {exit_codes}; summary at {run_dir / 'summary.json'}", flush=True)
+    print(
+        f"[eapo up] {'done' if summary['ok'] else 'FAILED'} in {summary['seconds']:.0f}s; "
+        f"exit codes {exit_codes}; summary at {run_dir / 'summary.json'}",
+        flush=True,
+    )
     return 0 if summary["ok"] else (code or 1)

@@ -63,7 +63,9 @@ async def _attempt(backend: Backend, path: str, body: bytes, timeout_s: float) -
     assert backend.session is not None
     t0 = time.perf_counter()
     async with backend.session.post(
-        path, data=body, headers={"Content-Type": "application/json"},
+        path,
+        data=body,
+        headers={"Content-Type": "application/json"},
         timeout=aiohttp.ClientTimeout(total=timeout_s),
     ) as resp:
         payload = await resp.read()
@@ -154,10 +156,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 tried.add(backend)
                 assert backend.session is not None
                 try:
-                    resp = await stack.enter_async_context(backend.session.post(
-                        path, data=body, headers={"Content-Type": "application/json"},
-                        timeout=aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.001)),
-                    ))
+                    resp = await stack.enter_async_context(
+                        backend.session.post(
+                            path,
+                            data=body,
+                            headers={"Content-Type": "application/json"},
+                            timeout=aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.001)),
+                        )
+                    )
                 except RETRYABLE:
                     backend.errors += 1
                     continue
@@ -190,8 +196,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(state: State) -> dict[str, Any]:
-        return {"object": "list",
-                "data": [{"id": m, "object": "model", "owned_by": "eapo-gateway"} for m in state.pools.models]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "owned_by": "eapo-gateway"} for m in state.pools.models],
+        }
 
     @app.post("/v1/consult", response_model=ConsultResponse)
     async def consult(req: ConsultRequest, state: State) -> ConsultResponse | JSONResponse:
@@ -208,9 +216,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/admin/backends", response_model=list[BackendView])
     async def backends(state: State) -> list[BackendView]:
-        return [BackendView(url=b.url, model=b.model, in_flight=b.in_flight, requests=b.requests,
-                            errors=b.errors, latency_ms=b.latency_percentiles())
-                for b in state.pools.backends()]
+        return [
+            BackendView(
+                url=b.url,
+                model=b.model,
+                in_flight=b.in_flight,
+                requests=b.requests,
+                errors=b.errors,
+                latency_ms=b.latency_percentiles(),
+            )
+            for b in state.pools.backends()
+        ]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -228,11 +244,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
     return app
 
 
-async def consult_one(state: GatewayState, req: ConsultRequest, index: int, query: str, deadline: float) -> ConsultResult:
-    body = json.dumps({
-        "model": req.model, "messages": [{"role": "user", "content": query}],
-        "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-    }).encode()
+async def consult_one(
+    state: GatewayState, req: ConsultRequest, index: int, query: str, deadline: float
+) -> ConsultResult:
+    body = json.dumps(
+        {
+            "model": req.model,
+            "messages": [{"role": "user", "content": query}],
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
+    ).encode()
     t0 = time.perf_counter()
     try:
         status, payload, _ = await call_pool(state, req.model, "v1/chat/completions", body, deadline)
@@ -241,5 +264,6 @@ async def consult_one(state: GatewayState, req: ConsultRequest, index: int, quer
         answer = json.loads(payload)["choices"][0]["message"]["content"]
         return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)
     except (UpstreamFailed, NoBackend, ValueError, KeyError, IndexError, TypeError) as exc:
-        return ConsultResult(index=index, error=str(exc) or type(exc).__name__,
-                             latency_ms=(time.perf_counter() - t0) * 1000)
+        return ConsultResult(
+            index=index, error=str(exc) or type(exc).__name__, latency_ms=(time.perf_counter() - t0) * 1000
+        )

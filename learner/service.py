@@ -50,8 +50,11 @@ class PromptFeeder:
         while self.admitted < limit:
             epoch, i = divmod(self.admitted, len(self.order))
             p = self.problems[self.order[i]]
-            await self.producer.send(PromptTask(prompt_id=f"{p.id}@{epoch}", problem=p.problem, answer=p.answer,
-                                                tier=p.tier, admitted_at_step=step))
+            await self.producer.send(
+                PromptTask(
+                    prompt_id=f"{p.id}@{epoch}", problem=p.problem, answer=p.answer, tier=p.tier, admitted_at_step=step
+                )
+            )
             self.admitted += 1
         await self.client.hset(self.names.counters, "admitted", self.admitted)
 
@@ -107,8 +110,13 @@ class Learner:
         cfg, lc = self.cfg, self.cfg.learner
         trainer = await asyncio.to_thread(Trainer, lc, cfg.world.dir / "policy")
         consumer = StreamConsumer(
-            self.client, self.names.trajectories, self.names.learner_group, "learner-0", TrajectoryGroup,
-            claim_idle_ms=cfg.redis.claim_idle_ms, max_deliveries=cfg.redis.max_deliveries,
+            self.client,
+            self.names.trajectories,
+            self.names.learner_group,
+            "learner-0",
+            TrajectoryGroup,
+            claim_idle_ms=cfg.redis.claim_idle_ms,
+            max_deliveries=cfg.redis.max_deliveries,
             counters_key=self.names.counters,
         )
         await consumer.ensure_group()
@@ -134,17 +142,30 @@ class Learner:
             await self._publish(trainer, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
             await consumer.ack([entry.id for entry, _ in batch])
             record = {
-                "step": step + 1, "time_s": round(time.monotonic() - t_start, 2),
-                "wait_s": round(t_data, 3), "step_s": round(time.monotonic() - t0 - t_data, 3),
-                **anneal.model_dump(exclude={"step"}), **rollout_stats(seen_groups, step),
-                "groups_trained": len(batch), "dropped": dict(self.dropped), **stats,
+                "step": step + 1,
+                "time_s": round(time.monotonic() - t_start, 2),
+                "wait_s": round(t_data, 3),
+                "step_s": round(time.monotonic() - t0 - t_data, 3),
+                **anneal.model_dump(exclude={"step"}),
+                **rollout_stats(seen_groups, step),
+                "groups_trained": len(batch),
+                "dropped": dict(self.dropped),
+                **stats,
                 "reward": sum(sum(r) for _, r in batch) / max(1, sum(len(r) for _, r in batch)),
             }
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            log.info("step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",
-                     step + 1, lc.steps, stats["loss"], record["accuracy"], record["calls_per_episode"],
-                     record["accepted_rate"], anneal.acceptance, record["version_lag_mean"])
+            log.info(
+                "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",
+                step + 1,
+                lc.steps,
+                stats["loss"],
+                record["accuracy"],
+                record["calls_per_episode"],
+                record["accepted_rate"],
+                anneal.acceptance,
+                record["version_lag_mean"],
+            )
         await self.client.set(self.names.done, b"1")
         log.info("learner finished %d steps; final weights at version %d", lc.steps, lc.steps)
 
@@ -154,6 +175,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     samples = [s for g in groups for s in g.samples]
     consults = [c for s in samples for c in s.consults]
     n = max(len(samples), 1)
+    versions = [t.policy_version for s in samples for t in s.turns] or [0]
     lags = [learner_version - g.min_policy_version for g in groups] or [0]
     return {
         "groups_read": len(groups),
@@ -165,4 +187,6 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         "response_tokens": sum(s.policy_tokens for s in samples) / n,
         "version_lag_mean": sum(lags) / len(lags),
         "version_lag_max": float(max(lags)),
+        "policy_version_min": min(versions),
+        "policy_version_max": max(versions),
     }

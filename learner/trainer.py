@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 def init_distributed() -> None:
     """Join the launcher's process group, or make a one-process gloo group when run alone."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
@@ -60,7 +61,10 @@ class Trainer:
         return self.engine.module
 
     def step(
-        self, sequences: list[torch.Tensor], masks: list[torch.Tensor], behaviour: list[torch.Tensor],
+        self,
+        sequences: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        behaviour: list[torch.Tensor],
         advantages: list[float],
     ) -> dict[str, float]:
         """One optimizer step on right-padded samples; returns loss and diagnostics."""

@@ -53,11 +53,17 @@ class ExpertClient:
     timeout_s: float
 
     async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
-        req = ConsultRequest(model=self.model, queries=queries, max_tokens=self.max_tokens,
-                             deadline_s=self.timeout_s, episode_id=episode_id)
+        req = ConsultRequest(
+            model=self.model,
+            queries=queries,
+            max_tokens=self.max_tokens,
+            deadline_s=self.timeout_s,
+            episode_id=episode_id,
+        )
         try:
             async with self.session.post(
-                f"{self.url}/v1/consult", data=req.model_dump_json(),
+                f"{self.url}/v1/consult",
+                data=req.model_dump_json(),
                 headers={"Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s + 5),
             ) as resp:
@@ -69,8 +75,10 @@ class ExpertClient:
             log.warning("consult failed (%s): %s", type(exc).__name__, exc)
             return [ConsultResult(index=i, error=f"{type(exc).__name__}: {exc}") for i in range(len(queries))]
         if len(results) != len(queries):
-            return [ConsultResult(index=i, error="gateway answered a different number of queries")
-                    for i in range(len(queries))]
+            return [
+                ConsultResult(index=i, error="gateway answered a different number of queries")
+                for i in range(len(queries))
+            ]
         return results
 
 
@@ -102,10 +110,16 @@ async def run_episode(
         if room <= 0:
             finish = "context"
             break
-        result, version = await engine.sample(SampleRequest(
-            prompt_ids=list(ids), max_new_tokens=min(cfg.max_new_tokens, room), stop_ids=stop_ids,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=rng.getrandbits(63),
-        ))
+        result, version = await engine.sample(
+            SampleRequest(
+                prompt_ids=list(ids),
+                max_new_tokens=min(cfg.max_new_tokens, room),
+                stop_ids=stop_ids,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=rng.getrandbits(63),
+            )
+        )
         start = len(ids)
         ids += result.token_ids
         mask += [True] * len(result.token_ids)
@@ -130,11 +144,18 @@ async def run_episode(
                 draw = rng.random()
                 accepted = res.answer is not None and draw < anneal.acceptance
                 injected = tok.encode(fmt.expert_block(res.answer if accepted else None))
-                consults.append(ConsultRecord(
-                    turn=len(turns) - 1, query=query, outcome="answer" if res.answer is not None else "error",
-                    draw=draw, accepted=accepted, injected_start=len(ids), injected_end=len(ids) + len(injected),
-                    detail=(res.answer if res.answer is not None else res.error or "")[:1000],
-                ))
+                consults.append(
+                    ConsultRecord(
+                        turn=len(turns) - 1,
+                        query=query,
+                        outcome="answer" if res.answer is not None else "error",
+                        draw=draw,
+                        accepted=accepted,
+                        injected_start=len(ids),
+                        injected_end=len(ids) + len(injected),
+                        detail=(res.answer if res.answer is not None else res.error or "")[:1000],
+                    )
+                )
                 ids += injected
                 mask += [False] * len(injected)
                 logprobs += [0.0] * len(injected)

@@ -56,17 +56,24 @@ class RolloutService:
     async def _anneal(self) -> AnnealState:
         return decode(await self.client.get(self.names.anneal), AnnealState)
 
-    async def _roll_group(self, entry: Entry[PromptTask], experts: ExpertClient | None,
-                          consumer: StreamConsumer, producer: StreamProducer) -> None:
+    async def _roll_group(
+        self, entry: Entry[PromptTask], experts: ExpertClient | None, consumer: StreamConsumer, producer: StreamProducer
+    ) -> None:
         assert self.engine is not None
         anneal = await self._anneal()
-        samples = await asyncio.gather(*(
-            run_episode(self.engine, experts, entry.message, anneal, self.cfg.rollout, i)
-            for i in range(self.cfg.rollout.group_size)
-        ))
+        samples = await asyncio.gather(
+            *(
+                run_episode(self.engine, experts, entry.message, anneal, self.cfg.rollout, i)
+                for i in range(self.cfg.rollout.group_size)
+            )
+        )
         group = TrajectoryGroup(
-            group_id=uuid.uuid4().hex, prompt=entry.message, anneal=anneal, samples=list(samples),
-            rollout_replica=self.cfg.rollout.replica, created_at=time.time(),
+            group_id=uuid.uuid4().hex,
+            prompt=entry.message,
+            anneal=anneal,
+            samples=list(samples),
+            rollout_replica=self.cfg.rollout.replica,
+            created_at=time.time(),
         )
         await producer.send(group)
         await consumer.ack([entry.id])
@@ -85,18 +92,29 @@ class RolloutService:
             TransformersEngine, version_dir(self.cfg.weights_dir, latest.version), latest.version, rc.max_batch
         )
         consumer = StreamConsumer(
-            self.client, self.names.prompts, self.names.rollout_group, rc.replica, PromptTask,
-            claim_idle_ms=self.cfg.redis.claim_idle_ms, max_deliveries=self.cfg.redis.max_deliveries,
+            self.client,
+            self.names.prompts,
+            self.names.rollout_group,
+            rc.replica,
+            PromptTask,
+            claim_idle_ms=self.cfg.redis.claim_idle_ms,
+            max_deliveries=self.cfg.redis.max_deliveries,
             counters_key=self.names.counters,
         )
         await consumer.ensure_group()
-        producer = StreamProducer(self.client, self.names.trajectories, [self.names.learner_group],
-                                  self.cfg.redis.high_water)
+        producer = StreamProducer(
+            self.client, self.names.trajectories, [self.names.learner_group], self.cfg.redis.high_water
+        )
         slots = asyncio.Semaphore(rc.max_groups_in_flight)
         tasks: set[asyncio.Task] = set()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            experts = (ExpertClient(session, rc.gateway_url.rstrip("/"), rc.expert_model, rc.expert_max_tokens,
-                                    rc.expert_timeout_s) if rc.consult else None)
+            experts = (
+                ExpertClient(
+                    session, rc.gateway_url.rstrip("/"), rc.expert_model, rc.expert_max_tokens, rc.expert_timeout_s
+                )
+                if rc.consult
+                else None
+            )
             log.info("rollout %s serving with policy version %d", rc.replica, self.engine.version)
             while not self.stop.is_set():
                 if await self.client.exists(self.names.done):

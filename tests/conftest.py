@@ -36,8 +36,14 @@ def prefix() -> str:
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> WorldConfig:
     """A world built in seconds: same code path as the real bootstrap, far fewer SFT steps."""
     cfg = WorldConfig(
-        dir=tmp_path_factory.mktemp("world"), train_problems=64, eval_problems=16,
-        policy_sft_steps=30, expert_sft_steps=30, expert_hidden=64, expert_layers=2, sft_batch=16,
+        dir=tmp_path_factory.mktemp("world"),
+        train_problems=64,
+        eval_problems=16,
+        policy_sft_steps=30,
+        expert_sft_steps=30,
+        expert_hidden=64,
+        expert_layers=2,
+        sft_batch=16,
     )
     bootstrap(cfg)
     return cfg
@@ -60,7 +66,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         import time
 
         self.thread.start()
@@ -82,8 +88,10 @@ def expert_servers(world_dir: Path):
     from eapo.expert_server import create_app
     from eapo.redis_server import free_port
 
-    with ServerThread(create_app("expert", world_dir / "expert", seed=1), free_port()) as a, \
-            ServerThread(create_app("expert", world_dir / "expert", seed=2), free_port()) as b:
+    with (
+        ServerThread(create_app("expert", world_dir / "expert", seed=1), free_port()) as a,
+        ServerThread(create_app("expert", world_dir / "expert", seed=2), free_port()) as b,
+    ):
         yield [a.url, b.url]
 
 
@@ -96,3 +104,8 @@ def gateway(expert_servers: list[str]):
     cfg = GatewayConfig(backends=[ExpertBackend(model="expert", url=u) for u in expert_servers], max_queries=4)
     with ServerThread(create_app(cfg), free_port()) as server:
         yield server.url
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end tests (marker ``e2e``) are the slowest: run them last."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)

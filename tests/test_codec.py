@@ -24,22 +24,42 @@ def make_group(n_samples: int = 2, length: int = 50, vocab: int = 100, seed: int
         mask = np.zeros(length, bool)
         mask[10:30] = True
         mask[40:] = True
-        samples.append(Trajectory(
-            sample_index=i,
-            token_ids=rng.integers(0, vocab, length).astype(np.int32),
-            loss_mask=mask,
-            behaviour_logprobs=np.where(mask, -rng.random(length), 0).astype(np.float32),
-            prompt_len=10,
-            turns=[TurnRecord(start=10, end=30, policy_version=3, finish="consult"),
-                   TurnRecord(start=40, end=length, policy_version=4, finish="eos")],
-            consults=[ConsultRecord(turn=0, query="2*3", outcome="answer", draw=0.25, accepted=True,
-                                    injected_start=30, injected_end=40, detail="2*3=6")],
-            final_answer="6", score=1.0, finish="answer", seed=99,
-        ))
+        samples.append(
+            Trajectory(
+                sample_index=i,
+                token_ids=rng.integers(0, vocab, length).astype(np.int32),
+                loss_mask=mask,
+                behaviour_logprobs=np.where(mask, -rng.random(length), 0).astype(np.float32),
+                prompt_len=10,
+                turns=[
+                    TurnRecord(start=10, end=30, policy_version=3, finish="consult"),
+                    TurnRecord(start=40, end=length, policy_version=4, finish="eos"),
+                ],
+                consults=[
+                    ConsultRecord(
+                        turn=0,
+                        query="2*3",
+                        outcome="answer",
+                        draw=0.25,
+                        accepted=True,
+                        injected_start=30,
+                        injected_end=40,
+                        detail="2*3=6",
+                    )
+                ],
+                final_answer="6",
+                score=1.0,
+                finish="answer",
+                seed=99,
+            )
+        )
     return TrajectoryGroup(
-        group_id="g1", prompt=PromptTask(prompt_id="p1", problem="2*3", answer="6"),
+        group_id="g1",
+        prompt=PromptTask(prompt_id="p1", problem="2*3", answer="6"),
         anneal=AnnealState(step=3, acceptance=0.5, budget=3, penalty=0.1),
-        samples=samples, rollout_replica="r0", created_at=1.0,
+        samples=samples,
+        rollout_replica="r0",
+        created_at=1.0,
     )
 
 
@@ -61,11 +81,14 @@ def test_large_vocab_ids_survive():
     np.testing.assert_array_equal(back.samples[0].token_ids, group.samples[0].token_ids)
 
 
-@pytest.mark.parametrize("message", [
-    AnnealState(step=1, acceptance=0.3, budget=2, penalty=0.05),
-    PromptTask(prompt_id="a", problem="1+1", answer="2", tier=1),
-    WeightManifest(version=2, step=2, created_at=0.0, files={"model.safetensors": "ab"}),
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        AnnealState(step=1, acceptance=0.3, budget=2, penalty=0.05),
+        PromptTask(prompt_id="a", problem="1+1", answer="2", tier=1),
+        WeightManifest(version=2, step=2, created_at=0.0, files={"model.safetensors": "ab"}),
+    ],
+)
 def test_small_messages_round_trip(message):
     assert decode(encode(message), type(message)) == message
 
@@ -83,12 +106,15 @@ def test_unknown_schema_version_is_rejected_clearly():
         decode(bytes(payload), TrajectoryGroup)
 
 
-@pytest.mark.parametrize("payload,match", [
-    (b"", "shorter than the frame header"),
-    (b"XXXX\x01\x01abc", "bad magic"),
-    (MAGIC + b"\x01\x01" + b"\xc1\xc1\xc1", "undecodable"),
-    (MAGIC + b"\x01\x07" + b"\x80", "unknown kind 7"),
-])
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        (b"", "shorter than the frame header"),
+        (b"XXXX\x01\x01abc", "bad magic"),
+        (MAGIC + b"\x01\x01" + b"\xc1\xc1\xc1", "undecodable"),
+        (MAGIC + b"\x01\x07" + b"\x80", "unknown kind 7"),
+    ],
+)
 def test_corrupt_payloads_are_rejected_clearly(payload, match):
     with pytest.raises(CorruptPayloadError, match=match):
         decode(payload, TrajectoryGroup)
@@ -108,12 +134,30 @@ def test_wrong_message_type_is_rejected():
 
 def test_misaligned_arrays_are_invalid():
     with pytest.raises(ValueError, match="must have equal length"):
-        Trajectory(sample_index=0, token_ids=np.arange(5), loss_mask=np.zeros(4, bool),
-                   behaviour_logprobs=np.zeros(5), prompt_len=2, turns=[], score=0, finish="eos", seed=0)
+        Trajectory(
+            sample_index=0,
+            token_ids=np.arange(5),
+            loss_mask=np.zeros(4, bool),
+            behaviour_logprobs=np.zeros(5),
+            prompt_len=2,
+            turns=[],
+            score=0,
+            finish="eos",
+            seed=0,
+        )
 
 
 def test_prompt_tokens_may_not_be_trained_on():
     mask = np.ones(5, bool)
     with pytest.raises(ValueError, match="prompt tokens must have loss mask 0"):
-        Trajectory(sample_index=0, token_ids=np.arange(5), loss_mask=mask, behaviour_logprobs=np.zeros(5),
-                   prompt_len=2, turns=[], score=0, finish="eos", seed=0)
+        Trajectory(
+            sample_index=0,
+            token_ids=np.arange(5),
+            loss_mask=mask,
+            behaviour_logprobs=np.zeros(5),
+            prompt_len=2,
+            turns=[],
+            score=0,
+            finish="eos",
+            seed=0,
+        )

@@ -3,17 +3,20 @@ import pytest
 from rollout_service.consult import parse_consult
 
 
-@pytest.mark.parametrize("text,queries,issues", [
-    ("<consult>2*3</consult>", ["2*3"], []),
-    ("7+1 <consult>2*3; 4+4</consult>", ["2*3", "4+4"], []),
-    ("<consult>2*3;  ;4</consult>", ["2*3", "4"], ["empty_query"]),
-    ("<consult>a;b;c;d;e</consult>", ["a", "b", "c"], ["over_limit"]),
-    ("<consult>x<consult>y; z</consult>", ["y", "z"], ["nested"]),
-    ("no open tag</consult>", [], ["unopened"]),
-    ("<consult> ; </consult>", [], ["empty_query", "no_query"]),
-    ("<consult></consult>", [], ["empty_query", "no_query"]),
-    ("<consult>q; q</consult>", ["q", "q"], []),  # same question to two experts: direct consultation
-])
+@pytest.mark.parametrize(
+    "text,queries,issues",
+    [
+        ("<consult>2*3</consult>", ["2*3"], []),
+        ("7+1 <consult>2*3; 4+4</consult>", ["2*3", "4+4"], []),
+        ("<consult>2*3;  ;4</consult>", ["2*3", "4"], ["empty_query"]),
+        ("<consult>a;b;c;d;e</consult>", ["a", "b", "c"], ["over_limit"]),
+        ("<consult>x<consult>y; z</consult>", ["y", "z"], ["nested"]),
+        ("no open tag</consult>", [], ["unopened"]),
+        ("<consult> ; </consult>", [], ["empty_query", "no_query"]),
+        ("<consult></consult>", [], ["empty_query", "no_query"]),
+        ("<consult>q; q</consult>", ["q", "q"], []),  # same question to two experts: direct consultation
+    ],
+)
 def test_parsing_rules(text, queries, issues):
     parsed = parse_consult(text, max_queries=3)
     assert parsed.queries == queries

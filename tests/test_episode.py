@@ -109,8 +109,7 @@ async def test_budget_ends_the_episode(tokenizer, gateway):
 async def test_unreachable_gateway_makes_experts_unavailable_and_the_episode_goes_on(tokenizer):
     from eapo.redis_server import free_port
 
-    _, traj = await episode(tokenizer, None, 1.0, [CONSULT_TURN, ANSWER_TURN],
-                            url=f"http://127.0.0.1:{free_port()}")
+    _, traj = await episode(tokenizer, None, 1.0, [CONSULT_TURN, ANSWER_TURN], url=f"http://127.0.0.1:{free_port()}")
     assert traj.finish == "answer" and traj.score == 1.0
     assert [c.outcome for c in traj.consults] == ["error", "error"]
     assert not any(c.accepted for c in traj.consults)

@@ -18,15 +18,33 @@ def test_group_advantages_by_hand():
 
 def test_shaped_reward_charges_each_consultation():
     def sample(i, score, n_consults):
-        consults = [ConsultRecord(turn=0, query="q", outcome="answer", draw=0.1, accepted=True,
-                                  injected_start=3, injected_end=4) for _ in range(n_consults)]
-        return Trajectory(sample_index=i, token_ids=np.arange(4), loss_mask=np.array([0, 0, 1, 1], bool),
-                          behaviour_logprobs=np.zeros(4), prompt_len=2, turns=[], consults=consults,
-                          score=score, finish="answer", seed=0)
-    group = TrajectoryGroup(group_id="g", prompt=PromptTask(prompt_id="p", problem="x", answer="1"),
-                            anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=0.1),
-                            samples=[sample(0, 1.0, 0), sample(1, 1.0, 3), sample(2, 0.0, 1)],
-                            rollout_replica="r", created_at=0)
+        consults = [
+            ConsultRecord(
+                turn=0, query="q", outcome="answer", draw=0.1, accepted=True, injected_start=3, injected_end=4
+            )
+            for _ in range(n_consults)
+        ]
+        return Trajectory(
+            sample_index=i,
+            token_ids=np.arange(4),
+            loss_mask=np.array([0, 0, 1, 1], bool),
+            behaviour_logprobs=np.zeros(4),
+            prompt_len=2,
+            turns=[],
+            consults=consults,
+            score=score,
+            finish="answer",
+            seed=0,
+        )
+
+    group = TrajectoryGroup(
+        group_id="g",
+        prompt=PromptTask(prompt_id="p", problem="x", answer="1"),
+        anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=0.1),
+        samples=[sample(0, 1.0, 0), sample(1, 1.0, 3), sample(2, 0.0, 1)],
+        rollout_replica="r",
+        created_at=0,
+    )
     assert shaped_rewards(group, penalty=0.1) == pytest.approx([1.0, 0.7, -0.1])
 
 

@@ -22,8 +22,12 @@ def test_models_lists_the_expert(base_url):
 
 def test_chat_completion_with_logprobs(base_url):
     resp = client(base_url).chat.completions.create(
-        model="expert", messages=[{"role": "user", "content": "2*3"}], max_tokens=12, temperature=1.0,
-        seed=3, logprobs=True,
+        model="expert",
+        messages=[{"role": "user", "content": "2*3"}],
+        max_tokens=12,
+        temperature=1.0,
+        seed=3,
+        logprobs=True,
     )
     choice = resp.choices[0]
     assert choice.finish_reason in ("stop", "length")
@@ -40,21 +44,26 @@ def test_seeded_sampling_is_reproducible(base_url):
 
 
 def test_stop_string_cuts_the_text(base_url):
-    resp = client(base_url).completions.create(model="expert", prompt="Q: 2+2\nA: ", max_tokens=20,
-                                               temperature=0.0, stop=["="])
+    resp = client(base_url).completions.create(
+        model="expert", prompt="Q: 2+2\nA: ", max_tokens=20, temperature=0.0, stop=["="]
+    )
     assert "=" not in resp.choices[0].text
 
 
 def test_streaming_chat(base_url):
     stream = client(base_url).chat.completions.create(
-        model="expert", messages=[{"role": "user", "content": "4*4"}], max_tokens=12, temperature=0.0,
+        model="expert",
+        messages=[{"role": "user", "content": "4*4"}],
+        max_tokens=12,
+        temperature=0.0,
         stream=True,
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     full = client(base_url).chat.completions.create(
-        model="expert", messages=[{"role": "user", "content": "4*4"}], max_tokens=12, temperature=0.0)
+        model="expert", messages=[{"role": "user", "content": "4*4"}], max_tokens=12, temperature=0.0
+    )
     assert text == full.choices[0].message.content
 
 
@@ -69,8 +78,11 @@ def test_invalid_request_is_400(base_url):
 
 
 def test_gateway_consult_fans_out_and_reports_per_query(gateway):
-    r = httpx.post(f"{gateway}/v1/consult", json={"model": "expert", "queries": ["2*3", "5+5", "9-1"],
-                                                 "max_tokens": 16}, timeout=30)
+    r = httpx.post(
+        f"{gateway}/v1/consult",
+        json={"model": "expert", "queries": ["2*3", "5+5", "9-1"], "max_tokens": 16},
+        timeout=30,
+    )
     assert r.status_code == 200
     results = r.json()["results"]
     assert [x["index"] for x in results] == [0, 1, 2]
@@ -79,8 +91,9 @@ def test_gateway_consult_fans_out_and_reports_per_query(gateway):
 
 def test_gateway_spreads_load_and_reports_backends(gateway, expert_servers):
     before = {b["url"]: b["requests"] for b in httpx.get(f"{gateway}/admin/backends").json()}
-    r = httpx.post(f"{gateway}/v1/consult", json={"model": "expert", "queries": ["1+1"] * 4, "max_tokens": 8},
-                   timeout=30)
+    r = httpx.post(
+        f"{gateway}/v1/consult", json={"model": "expert", "queries": ["1+1"] * 4, "max_tokens": 8}, timeout=30
+    )
     assert r.status_code == 200
     after = httpx.get(f"{gateway}/admin/backends").json()
     assert sorted(b["url"] for b in after) == sorted(expert_servers)
@@ -90,12 +103,15 @@ def test_gateway_spreads_load_and_reports_backends(gateway, expert_servers):
     assert all(b["in_flight"] == 0 for b in after)
 
 
-@pytest.mark.parametrize("body,status", [
-    ({"model": "expert", "queries": ["a"] * 5}, 413),
-    ({"model": "nope", "queries": ["a"]}, 404),
-    ({"model": "expert", "queries": []}, 422),
-    ({"model": "expert", "queries": [""]}, 422),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"model": "expert", "queries": ["a"] * 5}, 413),
+        ({"model": "nope", "queries": ["a"]}, 404),
+        ({"model": "expert", "queries": []}, 422),
+        ({"model": "expert", "queries": [""]}, 422),
+    ],
+)
 def test_gateway_consult_rejects_bad_requests_clearly(gateway, body, status):
     r = httpx.post(f"{gateway}/v1/consult", json=body, timeout=30)
     assert r.status_code == status

@@ -69,7 +69,7 @@ def policy_sample(rng: random.Random, max_queries: int = 3) -> Sample:
         k = rng.randint(1, max_queries)
         body = fmt.consult_block([expr] * k) + fmt.expert_block(worked_solution(expr)) * k + f" \\boxed{{{answer}}}"
     elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
-        (first, value), *rest = solution_steps(expr)
+        (first, _value), *rest = solution_steps(expr)
         body = fmt.consult_block([first]) + fmt.expert_block(worked_solution(first))
         body += "".join(f"{op}={v} " for op, v in rest) + f"\\boxed{{{answer}}}"
     else:  # the expert was unavailable: solve alone
@@ -128,8 +128,7 @@ def sft(
         sched.step()
         loss_value = loss.item()
         if (step + 1) % max(1, steps // 5) == 0:
-            log.info("sft %s: step %d/%d loss %.3f (%.0fs)", name, step + 1, steps, loss_value,
-                     time.monotonic() - t0)
+            log.info("sft %s: step %d/%d loss %.3f (%.0fs)", name, step + 1, steps, loss_value, time.monotonic() - t0)
     model.eval()
     return loss_value
 
@@ -163,12 +162,17 @@ def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
         losses[name] = sft(model, tok, make_sample, steps, cfg.sft_batch, cfg.seed, lr=lr, name=name)
         model.save_pretrained(root / name, safe_serialization=True)
         tok.save_pretrained(root / name)
-    manifest.write_text(json.dumps({
-        "fingerprint": fingerprint,
-        "config": cfg.model_dump(mode="json"),
-        "final_sft_loss": losses,
-        "seconds": round(time.monotonic() - t0, 1),
-    }, indent=2))
+    manifest.write_text(
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "config": cfg.model_dump(mode="json"),
+                "final_sft_loss": losses,
+                "seconds": round(time.monotonic() - t0, 1),
+            },
+            indent=2,
+        )
+    )
     log.info("tiny world built in %.0fs at %s", time.monotonic() - t0, root)
     return root
 

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from eapo.cli import COMMANDS
+from eapo.config import load_config
+
+
+def test_env_overrides_file_and_file_overrides_defaults(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"learner": {"steps": 7, "lr": 0.5}, "rollout": {"group_size": 3}}))
+    monkeypatch.setenv("EAPO_LEARNER__STEPS", "40")
+    cfg = load_config(path)
+    assert cfg.learner.steps == 40  # environment (a Kubernetes ConfigMap) wins
+    assert cfg.learner.lr == 0.5 and cfg.rollout.group_size == 3
+    assert cfg.learner.clip_low == 0.20 and cfg.learner.clip_high == 0.28  # DAPO defaults
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, run_dir=str(tmp_path / "run"))
+    cfg.dump_yaml(tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"learner": {"stepz": 3}}, "stepz"),
+        ({"rollout": {"max_queries": 9}}, "exceeds gateway.max_queries"),
+        ({"anneal": {"acceptance": {"kind": "zigzag", "start": 1, "end": 0}}}, "kind"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, data, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=match):
+        load_config(path)
+
+
+def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learner: [1, 2]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "eapo.cli", "learner", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "invalid configuration" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_role_has_help(command):
+    proc = subprocess.run(
+        [sys.executable, "-m", "eapo.cli", command, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "--config" in proc.stdout
