@@ -128,41 +128,26 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, m: Served) -> Response | dict:
-        if body.model != m.name:
-            return openai_error(404, f"The model `{body.model}` does not exist.", "NotFoundError")
         ids = m.tokenizer.encode(body.prompt)
-        try:
-            result, text = await m.complete(ids, body, body.max_tokens or 16)
-        except ValueError as exc:
-            return openai_error(400, str(exc))
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        outcome = await _generate(m, body, ids, body.max_tokens or 16)
+        if isinstance(outcome, Response):
+            return outcome
+        result, text = outcome
         logprobs = None
         if body.logprobs is not None:
             tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
             logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None, "text_offset": None}
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish}
-        if body.stream:
-            return _sse(rid, "text_completion", created, m.name, choice, chat=False)
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": m.name,
-            "choices": [choice],
-            "usage": _usage(len(ids), len(result.token_ids)),
-        }
+        return _respond(m, body, len(ids), result, choice, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, m: Served) -> Response | dict:
-        if body.model != m.name:
-            return openai_error(404, f"The model `{body.model}` does not exist.", "NotFoundError")
         messages = [msg.model_dump() for msg in body.messages]
         ids = m.tokenizer.encode(m.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        try:
-            result, text = await m.complete(ids, body, body.max_completion_tokens or body.max_tokens or 256)
-        except ValueError as exc:
-            return openai_error(400, str(exc))
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        outcome = await _generate(m, body, ids, body.max_completion_tokens or body.max_tokens or 256)
+        if isinstance(outcome, Response):
+            return outcome
+        result, text = outcome
         logprobs = None
         if body.logprobs:
             tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
@@ -172,28 +157,44 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
                     for t, lp in zip(tokens, result.logprobs, strict=True)
                 ]
             }
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs,
-            "finish_reason": result.finish,
-        }
-        if body.stream:
-            return _sse(rid, "chat.completion.chunk", created, m.name, choice, chat=True)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": m.name,
-            "choices": [choice],
-            "usage": _usage(len(ids), len(result.token_ids)),
-        }
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.finish}
+        return _respond(m, body, len(ids), result, choice, chat=True)
 
     return app
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+async def _generate(
+    m: ServedModel, body: SamplingFields, ids: list[int], max_tokens: int
+) -> tuple[SampleResult, str] | Response:
+    if body.model != m.name:
+        return openai_error(404, f"The model `{body.model}` does not exist.", "NotFoundError")
+    try:
+        return await m.complete(ids, body, max_tokens)
+    except ValueError as exc:
+        return openai_error(400, str(exc))
+
+
+def _respond(
+    m: ServedModel, body: SamplingFields, prompt_tokens: int, result: SampleResult, choice: dict, chat: bool
+) -> Response | dict:
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        return _sse(rid, "chat.completion.chunk" if chat else "text_completion", created, m.name, choice, chat)
+    completion = len(result.token_ids)
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": m.name,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        },
+    }
 
 
 def _sse(rid: str, obj: str, created: int, model: str, choice: dict, chat: bool) -> StreamingResponse:

@@ -102,7 +102,12 @@ def _print_progress(metrics: Path, shown: int, total: int) -> int:
     return len(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
     t0 = time.monotonic()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

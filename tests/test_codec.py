@@ -132,32 +132,26 @@ def test_wrong_message_type_is_rejected():
         decode(encode(AnnealState(step=0, acceptance=1, budget=1, penalty=0)), TrajectoryGroup)
 
 
+def trajectory(**overrides) -> Trajectory:
+    fields = dict(
+        sample_index=0,
+        token_ids=np.arange(5),
+        loss_mask=np.zeros(5, bool),
+        behaviour_logprobs=np.zeros(5),
+        prompt_len=2,
+        turns=[],
+        score=0,
+        finish="eos",
+        seed=0,
+    )
+    return Trajectory(**(fields | overrides))
+
+
 def test_misaligned_arrays_are_invalid():
     with pytest.raises(ValueError, match="must have equal length"):
-        Trajectory(
-            sample_index=0,
-            token_ids=np.arange(5),
-            loss_mask=np.zeros(4, bool),
-            behaviour_logprobs=np.zeros(5),
-            prompt_len=2,
-            turns=[],
-            score=0,
-            finish="eos",
-            seed=0,
-        )
+        trajectory(loss_mask=np.zeros(4, bool))
 
 
 def test_prompt_tokens_may_not_be_trained_on():
-    mask = np.ones(5, bool)
     with pytest.raises(ValueError, match="prompt tokens must have loss mask 0"):
-        Trajectory(
-            sample_index=0,
-            token_ids=np.arange(5),
-            loss_mask=mask,
-            behaviour_logprobs=np.zeros(5),
-            prompt_len=2,
-            turns=[],
-            score=0,
-            finish="eos",
-            seed=0,
-        )
+        trajectory(loss_mask=np.ones(5, bool))

@@ -3,8 +3,11 @@ gateway, the learner and a rollout replica, on the fast test world. Slowest test
 
 import json
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -48,3 +51,43 @@ def test_eapo_up_trains_publishes_and_stops_cleanly(tiny_world, tmp_path):
     for v in (2, 3, 4):
         assert verify_version(version_dir(weights, v)).version == v
     assert "policy weights now at version" in (run_dir / "logs" / "rollout-0.log").read_text()
+
+
+def test_ctrl_c_stops_every_process_and_releases_ports(tiny_world, tmp_path):
+    run_dir = tmp_path / "run"
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run_dir),
+                "world": tiny_world.model_dump(mode="json"),
+                "learner": {"steps": 500, "batch_groups": 2},
+                "anneal": {"penalty": {"kind": "constant", "start": 0.1, "end": 0.1}},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eapo.cli", "up", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no learner step within 300s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not summary["ok"]
+    assert all(code is not None for code in summary["exit_codes"].values())  # every child was reaped
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ports = [resolved["gateway"]["port"]] + [int(b["url"].rsplit(":", 1)[1]) for b in resolved["gateway"]["backends"]]
+    ports.append(int(resolved["redis"]["url"].rsplit(":", 1)[1].split("/")[0]))
+    for port in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served after Ctrl-C"
