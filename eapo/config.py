@@ -116,7 +116,6 @@ class LearnerConfig(Section):
     grad_clip: float = 1.0
     weights_dir: Path | None = Field(None, description="default: <run_dir>/weights")
     keep_versions: int = 3
-    micro_batch_tokens: int = 4096
     seed: int = 0
 
 
