@@ -116,6 +116,8 @@ class LearnerConfig(Section):
     grad_clip: float = 1.0
     weights_dir: Path | None = Field(None, description="default: <run_dir>/weights")
     keep_versions: int = 3
+    checkpoint_dir: Path | None = Field(None, description="default: <run_dir>/checkpoints")
+    keep_checkpoints: int = 2
     seed: int = 0
 
 
@@ -158,6 +160,10 @@ class EAPOConfig(BaseSettings):
     @property
     def weights_dir(self) -> Path:
         return self.learner.weights_dir or self.run_dir / "weights"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.learner.checkpoint_dir or self.run_dir / "checkpoints"
 
     def dump_yaml(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -160,13 +160,17 @@ class StreamConsumer(Generic[M]):
         self.counters_key = counters_key
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
+        self._own_pending_cursor: str | None = "0"  # None once this consumer's old backlog is read
 
     async def ensure_group(self) -> None:
         await ensure_group(self.client, self.stream, self.group)
 
     async def read(self, count: int = 16, block_ms: int = 1000) -> list[Entry[M]]:
-        """Reclaimed entries first, then new ones. Bad entries are dead-lettered, never returned."""
-        raw = await self._reclaim(count)
+        """Own pending entries (after a restart under the same name), reclaimed ones, then new ones.
+        Bad entries are dead-lettered, never returned."""
+        raw = await self._own_pending(count)
+        if not raw:
+            raw = await self._reclaim(count)
         if len(raw) < count:
             reply = await self.client.xreadgroup(
                 self.group,
@@ -186,6 +190,17 @@ class StreamConsumer(Generic[M]):
             except ProtoError as exc:
                 await self.dead_letter(entry_id, fields, str(exc), reason="undecodable")
         return out
+
+    async def _own_pending(self, count: int) -> list[tuple[str, dict]]:
+        """Entries delivered to this consumer name before a restart and never acknowledged."""
+        if self._own_pending_cursor is None:
+            return []
+        reply = await self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: self._own_pending_cursor}, count=count
+        )
+        entries = [(_s(i), f) for _stream, batch in reply or [] for i, f in batch]
+        self._own_pending_cursor = entries[-1][0] if entries else None
+        return entries
 
     async def _reclaim(self, count: int) -> list[tuple[str, dict]]:
         # Nothing can become claimable faster than the idle timeout: look a few times per timeout,

@@ -28,7 +28,7 @@ from learner.anneal import anneal_state
 from learner.loss import group_advantages, shaped_rewards
 from learner.trainer import Trainer
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, encode
-from proto.weights import prune, write_version
+from proto.weights import prune, verify_version, version_dir, write_version
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,15 @@ class Learner:
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
 
     async def _publish(self, trainer: Trainer, version: int, step: int, anneal: AnnealState) -> None:
+        """Write (unless a previous life already did) and announce weight version ``version``."""
         lc = self.cfg.learner
-        manifest = await asyncio.to_thread(write_version, self.cfg.weights_dir, version, step, trainer.save_pretrained)
+        path = version_dir(self.cfg.weights_dir, version)
+        if path.exists():
+            manifest = await asyncio.to_thread(verify_version, path)
+        else:
+            manifest = await asyncio.to_thread(
+                write_version, self.cfg.weights_dir, version, step, trainer.save_pretrained
+            )
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.names.weights, encode(manifest))
             pipe.set(self.names.anneal, encode(anneal))
@@ -102,9 +109,26 @@ class Learner:
         return batch, seen_groups
 
     async def _drop(self, consumer: StreamConsumer, entry: Entry, reason: str) -> None:
+        """Count and acknowledge in one transaction: a dropped group is never counted twice or lost."""
         self.dropped[reason] += 1
-        await self.client.hincrby(self.names.counters, f"dropped:{reason}", 1)
-        await consumer.ack([entry.id])
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.names.counters, f"dropped:{reason}", 1)
+            pipe.xack(consumer.stream, consumer.group, entry.id)
+            await pipe.execute()
+
+    async def _resume(self, trainer: Trainer, feeder: PromptFeeder) -> int:
+        """Restore step, optimizer and bookkeeping from the last checkpoint and Redis; returns the step."""
+        state = await asyncio.to_thread(trainer.load_checkpoint, self.cfg.checkpoint_dir) or {}
+        if state.get("group_ids"):  # killed after the checkpoint, before recording what it trained
+            await self.client.sadd(self.names.trained, *state["group_ids"])
+        self.seen = {m.decode() for m in await self.client.smembers(self.names.trained)}
+        counters = {k.decode(): int(v) for k, v in (await self.client.hgetall(self.names.counters)).items()}
+        self.dropped = Counter({k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("dropped:")})
+        feeder.admitted = counters.get("admitted", 0)
+        step = int(state.get("step", 0))
+        if step:
+            log.info("resuming at step %d (%d groups already trained)", step, len(self.seen))
+        return step
 
     async def run(self) -> None:
         cfg, lc = self.cfg, self.cfg.learner
@@ -123,10 +147,11 @@ class Learner:
         await ensure_group(self.client, self.names.prompts, self.names.rollout_group)
         feeder = PromptFeeder(self.client, self.names, cfg.world.dir / "train.jsonl", cfg.seed, 1 << 30)
         await self.client.delete(self.names.done)
-        await self._publish(trainer, 0, 0, anneal_state(cfg.anneal, 0))
+        start = await self._resume(trainer, feeder)
+        await self._publish(trainer, start, start, anneal_state(cfg.anneal, start))
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         t_start = time.monotonic()
-        for step in range(lc.steps):
+        for step in range(start, lc.steps):
             anneal = anneal_state(cfg.anneal, step)
             t0 = time.monotonic()
             batch, seen_groups = await self._collect(consumer, feeder, step, anneal.penalty)
@@ -139,8 +164,22 @@ class Learner:
                     behaviour.append(torch.from_numpy(sample.behaviour_logprobs.copy()))
                     advs.append(adv)
             stats = await asyncio.to_thread(trainer.step, seqs, masks, behaviour, advs)
+            group_ids = [entry.message.group_id for entry, _ in batch]
+            # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
+            # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice.
+            await asyncio.to_thread(
+                trainer.save_checkpoint,
+                cfg.checkpoint_dir,
+                step + 1,
+                {"step": step + 1, "group_ids": group_ids},
+                lc.keep_checkpoints,
+            )
             await self._publish(trainer, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
-            await consumer.ack([entry.id for entry, _ in batch])
+            async with self.client.pipeline(transaction=True) as pipe:
+                if group_ids:
+                    pipe.sadd(self.names.trained, *group_ids)
+                pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
+                await pipe.execute()
             record = {
                 "step": step + 1,
                 "time_s": round(time.monotonic() - t_start, 2),
@@ -149,6 +188,7 @@ class Learner:
                 **anneal.model_dump(exclude={"step"}),
                 **rollout_stats(seen_groups, step),
                 "groups_trained": len(batch),
+                "group_ids": group_ids,
                 "dropped": dict(self.dropped),
                 **stats,
                 "reward": sum(sum(r) for _, r in batch) / max(1, sum(len(r) for _, r in batch)),

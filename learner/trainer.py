@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import deepspeed
@@ -95,6 +96,24 @@ class Trainer:
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         stats["lr"] = float(self.engine.get_lr()[0])
         return stats
+
+    def save_checkpoint(self, root: Path, step: int, client_state: dict, keep: int = 2) -> None:
+        """Model, optimizer and lr-scheduler state under ``root/step…``; DeepSpeed's ``latest`` file is
+        rewritten only after the tag is complete, so a kill mid-save resumes from the previous one."""
+        self.engine.save_checkpoint(str(root), tag=f"step{step:06d}", client_state=client_state)
+        if torch.distributed.get_rank() == 0:
+            for old in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, root: Path) -> dict | None:
+        """Restore the newest complete checkpoint; returns its client state, or None if there is none."""
+        if not (Path(root) / "latest").exists():
+            return None
+        path, client_state = self.engine.load_checkpoint(str(root))
+        if path is None:
+            raise RuntimeError(f"checkpoint in {root} could not be loaded")
+        log.info("resumed from %s", path)
+        return client_state
 
     def save_pretrained(self, path: Path) -> None:
         self.module.save_pretrained(path, safe_serialization=True)

@@ -46,6 +46,11 @@ class Names:
         return f"{self.prefix}:counters"
 
     @property
+    def trained(self) -> str:
+        """Set of trajectory group ids the learner has trained on (duplicate deliveries are skipped)."""
+        return f"{self.prefix}:trained"
+
+    @property
     def done(self) -> str:
         """Set when the learner finished its steps: rollout replicas drain and exit."""
         return f"{self.prefix}:done"

@@ -132,3 +132,20 @@ async def test_trim_removes_only_what_every_group_acknowledged(redis_client, pre
     await slow.ack([e.id for e in got_slow[2:]] + [e.id for e in remaining])
     assert await producer.trim_acknowledged() == 4
     assert await redis_client.xlen(stream) == 0
+
+
+async def test_restart_under_the_same_name_rereads_its_own_pending_first(redis_client, prefix):
+    stream = f"{prefix}:s"
+    before = consumer(redis_client, stream, "learner-0")
+    await before.ensure_group()
+    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
+    for i in range(5):
+        await producer.send(task(i))
+    taken = await before.read(count=3, block_ms=50)
+    await before.ack([taken[0].id])  # p0 done; p1, p2 delivered but unacked when the process dies
+    after = consumer(redis_client, stream, "learner-0")  # restarted: long idle timeout, same name
+    first = await after.read(count=1, block_ms=50)
+    second = await after.read(count=1, block_ms=50)
+    rest = await after.read(count=10, block_ms=50)
+    assert [e.message.prompt_id for e in first + second] == ["p1", "p2"]  # each once, in order
+    assert [e.message.prompt_id for e in rest] == ["p3", "p4"]
