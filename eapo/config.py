@@ -112,7 +112,18 @@ class LearnerConfig(Section):
     warmup_steps: int = 2
     clip_low: float = 0.20
     clip_high: float = 0.28
-    zero_stage: int = 2
+    normalize_advantages: bool = Field(True, description="divide group-centred rewards by the group std")
+    importance: Literal["decoupled", "truncated", "none"] = Field(
+        "decoupled",
+        description="off-policy correction: decoupled PPO (clip around the pre-step policy, weight by "
+        "π_prox/π_behaviour, tokens above the cap masked), truncated IS (weight capped), or none "
+        "(clip around the behaviour policy)",
+    )
+    behaviour_weight_cap: float = Field(5.0, gt=1.0)
+    overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
+    overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
+    micro_batch_tokens: int = Field(8192, description="padded tokens per micro-batch (grad accumulation)")
+    zero_stage: int = Field(2, ge=0, le=3)
     grad_clip: float = 1.0
     weights_dir: Path | None = Field(None, description="default: <run_dir>/weights")
     keep_versions: int = 3

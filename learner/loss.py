@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import torch
 
+from eapo.config import LearnerConfig
 from proto import TrajectoryGroup
 
 
-def shaped_rewards(group: TrajectoryGroup, penalty: float) -> list[float]:
-    """correctness − λ·(number of consultations), per sample."""
-    return [s.score - penalty * len(s.consults) for s in group.samples]
+def overlong_penalty(policy_tokens: int, max_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment, on policy tokens only: 0 up to ``max_tokens − buffer``, then
+    linearly down to −1 at ``max_tokens``, −1 beyond."""
+    if policy_tokens <= max_tokens - buffer:
+        return 0.0
+    return max(-1.0, (max_tokens - buffer - policy_tokens) / buffer)
+
+
+def shaped_rewards(group: TrajectoryGroup, cfg: LearnerConfig, penalty: float) -> list[float]:
+    """correctness − λ·(number of consultations) [+ overlong shaping], per sample."""
+    rewards = []
+    for s in group.samples:
+        r = s.score - penalty * len(s.consults)
+        if cfg.overlong_max_tokens is not None:
+            r += overlong_penalty(s.policy_tokens, cfg.overlong_max_tokens, cfg.overlong_buffer)
+        rewards.append(r)
+    return rewards
 
 
 def group_advantages(rewards: list[float], normalize_std: bool = True, eps: float = 1e-6) -> list[float]:
@@ -38,27 +53,46 @@ def dapo_loss(
     mask: torch.Tensor,
     clip_low: float = 0.20,
     clip_high: float = 0.28,
+    importance: str = "none",
+    weight_cap: float = 5.0,
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level clipped surrogate, averaged over every policy token of the batch.
+    """Token-level clipped surrogate, summed over policy tokens and divided by ``normalizer``
+    (default: this batch's policy-token count; pass the whole step's count when micro-batching).
 
     ``logprobs``, ``behaviour_logprobs``, ``mask``: [B, T]; ``advantages``: [B] (one per sample).
+    importance="none": ratio π_θ/π_behaviour, clipped (PPO with the behaviour policy as old policy).
+    "decoupled": ratio π_θ/π_prox, clipped, π_prox = π_θ before this step (``logprobs`` detached),
+    times w = π_prox/π_behaviour; tokens with w > cap leave the loss (AReaL's decoupled PPO).
+    "truncated": as decoupled, but w is capped at ``weight_cap`` instead (truncated IS).
     """
     # Masked slots are zeroed before exp: whatever an observation token holds cannot overflow into the loss.
-    ratio = torch.exp(torch.where(mask, logprobs - behaviour_logprobs, 0.0))
-    mask = mask.float()
+    policy_mask = mask = mask.bool()
+    to_behaviour = torch.where(mask, logprobs - behaviour_logprobs, 0.0)
+    if importance == "none":
+        ratio, weight = torch.exp(to_behaviour), torch.ones_like(logprobs)
+    elif importance in ("decoupled", "truncated"):
+        ratio = torch.exp(torch.where(mask, logprobs - logprobs.detach(), 0.0))
+        weight = torch.exp(to_behaviour.detach())
+        if importance == "decoupled":
+            mask = mask & (weight <= weight_cap)
+        weight = weight.clamp(max=weight_cap)
+    else:
+        raise ValueError(f"unknown importance correction {importance!r}")
+    m = mask.float()
     adv = advantages[:, None].expand_as(ratio)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    n = mask.sum().clamp(min=1.0)
-    loss = (per_token * mask).sum() / n
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv)
+    n = float(normalizer) if normalizer is not None else m.sum().clamp(min=1.0)
+    loss = -(weight * surrogate * m).sum() / n
     with torch.no_grad():
-        low = ((ratio < 1.0 - clip_low) & (adv < 0)).float()
-        high = ((ratio > 1.0 + clip_high) & (adv > 0)).float()
+        count = m.sum().clamp(min=1.0)
         stats = {
-            "clip_frac_low": float((low * mask).sum() / n),
-            "clip_frac_high": float((high * mask).sum() / n),
-            "ratio_mean": float((ratio * mask).sum() / n),
-            "policy_tokens": float(mask.sum()),
+            "clip_frac_low": float((((ratio < 1.0 - clip_low) & (adv < 0)).float() * m).sum() / count),
+            "clip_frac_high": float((((ratio > 1.0 + clip_high) & (adv > 0)).float() * m).sum() / count),
+            "ratio_mean": float((ratio * m).sum() / count),
+            "is_weight_mean": float((weight * m).sum() / count),
+            "is_weight_max": float((weight * m).max()) if m.any() else 0.0,
+            "is_masked_tokens": float(policy_mask.sum() - m.sum()),
+            "policy_tokens": float(m.sum()),
         }
     return loss, stats

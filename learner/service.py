@@ -26,7 +26,7 @@ from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group
 from eapo.world.tasks import read_jsonl
 from learner.anneal import anneal_state
 from learner.loss import group_advantages, shaped_rewards
-from learner.trainer import Trainer
+from learner.trainer import Trainer, TrainSample
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, encode
 from proto.weights import prune, verify_version, version_dir, write_version
 
@@ -100,7 +100,7 @@ class Learner:
                     continue
                 self.seen.add(group.group_id)
                 seen_groups.append(group)
-                rewards = shaped_rewards(group, penalty)
+                rewards = shaped_rewards(group, lc, penalty)
                 if max(rewards) - min(rewards) < 1e-9:
                     dropped_now += 1
                     await self._drop(consumer, entry, "zero_signal")
@@ -156,14 +156,19 @@ class Learner:
             t0 = time.monotonic()
             batch, seen_groups = await self._collect(consumer, feeder, step, anneal.penalty)
             t_data = time.monotonic() - t0
-            seqs, masks, behaviour, advs = [], [], [], []
-            for entry, rewards in batch:
-                for sample, adv in zip(entry.message.samples, group_advantages(rewards), strict=True):
-                    seqs.append(torch.from_numpy(sample.token_ids.astype("int64")))
-                    masks.append(torch.from_numpy(sample.loss_mask.copy()))
-                    behaviour.append(torch.from_numpy(sample.behaviour_logprobs.copy()))
-                    advs.append(adv)
-            stats = await asyncio.to_thread(trainer.step, seqs, masks, behaviour, advs)
+            samples = [
+                TrainSample(
+                    ids=torch.from_numpy(s.token_ids.astype("int64")),
+                    mask=torch.from_numpy(s.loss_mask.copy()),
+                    behaviour=torch.from_numpy(s.behaviour_logprobs.copy()),
+                    advantage=adv,
+                )
+                for entry, rewards in batch
+                for s, adv in zip(
+                    entry.message.samples, group_advantages(rewards, lc.normalize_advantages), strict=True
+                )
+            ]
+            stats = await asyncio.to_thread(trainer.step, samples)
             group_ids = [entry.message.group_id for entry, _ in batch]
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
             # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice.

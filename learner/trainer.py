@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -36,12 +37,49 @@ def deepspeed_config(cfg: LearnerConfig) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
+        # We own the accumulation boundary: a step has as many token-packed micro-batches as it needs,
+        # backward() only accumulates locally and step() reduces across ranks and updates.
+        "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": torch.cuda.is_available()},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+@dataclass
+class TrainSample:
+    ids: torch.Tensor  # int64 [T]
+    mask: torch.Tensor  # bool [T]: 1 on policy-sampled tokens
+    behaviour: torch.Tensor  # float32 [T]: behaviour log-probs (0 off the mask)
+    advantage: float
+
+
+def pack_by_tokens(samples: list[TrainSample], max_tokens: int) -> list[list[TrainSample]]:
+    """Longest first, greedily, so a micro-batch's padded size (rows × longest) stays ≤ ``max_tokens``
+    (a single longer sample gets a micro-batch of its own)."""
+    batches: list[list[TrainSample]] = []
+    for s in sorted(samples, key=lambda s: len(s.ids), reverse=True):
+        if batches and (len(batches[-1]) + 1) * len(batches[-1][0].ids) <= max_tokens:
+            batches[-1].append(s)
+        else:
+            batches.append([s])
+    return batches
+
+
+def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Sum over ranks (max for maxima)."""
+    if torch.distributed.get_world_size() == 1:
+        return stats
+    keys = sorted(stats)
+    sums = torch.tensor([stats[k] if k != "is_weight_max" else 0.0 for k in keys], dtype=torch.float64)
+    peak = torch.tensor([stats.get("is_weight_max", 0.0)], dtype=torch.float64)
+    torch.distributed.all_reduce(sums)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    out = dict(zip(keys, sums.tolist(), strict=True))
+    out["is_weight_max"] = float(peak)
+    return out
 
 
 class Trainer:
@@ -61,40 +99,71 @@ class Trainer:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def step(
-        self,
-        sequences: list[torch.Tensor],
-        masks: list[torch.Tensor],
-        behaviour: list[torch.Tensor],
-        advantages: list[float],
-    ) -> dict[str, float]:
-        """One optimizer step on right-padded samples; returns loss and diagnostics."""
+    def step(self, samples: list[TrainSample]) -> dict[str, float]:
+        """One optimizer step over ``samples`` (every rank passes the same full list).
+
+        Rank r trains on samples r, r+W, …, packed into micro-batches of at most ``micro_batch_tokens``
+        padded tokens. Each micro-batch's loss is divided by the policy-token count of the whole step
+        on all ranks, so the accumulated, rank-averaged gradient (× W) is exactly the token-level mean
+        of the batch — independent of the number of ranks and of the packing.
+        """
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        total_tokens = float(sum(int(s.mask.sum()) for s in samples))
+        mine = samples[rank::world]
+        self.engine.train()
+        sums: dict[str, float] = {}
+        for batch in pack_by_tokens(mine, self.cfg.micro_batch_tokens):
+            stats = self._micro_step(batch, total_tokens, world)
+            for k, v in stats.items():
+                sums[k] = max(sums.get(k, v), v) if k == "is_weight_max" else sums.get(k, 0.0) + v
+        self.engine.step()
+        out = all_reduce_stats(sums)
+        n = max(out["policy_tokens"], 1.0)
+        result = {
+            k: out[k] / n
+            for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean", "entropy", "logprob_gap")
+        }
+        result |= {
+            "loss": out["loss"],
+            "policy_tokens": out["policy_tokens"],
+            "is_weight_max": out["is_weight_max"],
+            "is_masked_tokens": out["is_masked_tokens"],
+        }
+        result["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        result["lr"] = float(self.engine.get_lr()[0])
+        return result
+
+    def _micro_step(self, batch: list[TrainSample], total_tokens: float, world: int) -> dict[str, float]:
         device = self.engine.device
-        width = max(len(s) for s in sequences)
-        n = len(sequences)
+        width = max(len(s.ids) for s in batch)
+        n = len(batch)
         ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         old = torch.zeros((n, width), dtype=torch.float32)
-        for i, (s, m, b) in enumerate(zip(sequences, masks, behaviour, strict=True)):
-            ids[i, : len(s)], attn[i, : len(s)], mask[i, : len(s)], old[i, : len(s)] = s, 1, m, b
+        for i, s in enumerate(batch):
+            k = len(s.ids)
+            ids[i, :k], attn[i, :k], mask[i, :k], old[i, :k] = s.ids, 1, s.mask, s.behaviour
         ids, attn, mask, old = ids.to(device), attn.to(device), mask.to(device), old.to(device)
-        self.engine.train()
+        adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device)
         logits = self.engine(input_ids=ids, attention_mask=attn).logits
         logp = token_logprobs(logits, ids)
-        adv = torch.tensor(advantages, dtype=torch.float32, device=device)
-        loss, stats = dapo_loss(logp, old, adv, mask, self.cfg.clip_low, self.cfg.clip_high)
+        c = self.cfg
+        loss, stats = dapo_loss(
+            logp, old, adv, mask, c.clip_low, c.clip_high, c.importance, c.behaviour_weight_cap, normalizer=total_tokens
+        )
+        # DeepSpeed averages gradients over ranks; scaling by W makes the result the batch's token mean.
+        self.engine.backward(loss * world)
+        tokens = stats["policy_tokens"]
         with torch.no_grad():
             m = mask.float()
             probs = torch.softmax(logits.float()[:, :-1], dim=-1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-            stats["entropy"] = float((entropy * m[:, 1:]).sum() / m[:, 1:].sum().clamp(min=1))
-            stats["logprob_gap"] = float(((logp - old).abs() * m).sum() / m.sum().clamp(min=1))
-        self.engine.backward(loss)
-        self.engine.step()
+            stats["entropy"] = float((entropy * m[:, 1:]).sum())
+            stats["logprob_gap"] = float(((logp - old).abs() * m).sum())
+        for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean"):
+            stats[k] *= tokens  # back to sums, averaged over the whole step by the caller
         stats["loss"] = float(loss.detach())
-        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        stats["lr"] = float(self.engine.get_lr()[0])
         return stats
 
     def save_checkpoint(self, root: Path, step: int, client_state: dict, keep: int = 2) -> None:

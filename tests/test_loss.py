@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner.loss import dapo_loss, group_advantages, shaped_rewards, token_logprobs
+from eapo.config import LearnerConfig
+from learner.loss import dapo_loss, group_advantages, overlong_penalty, shaped_rewards, token_logprobs
 from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup
 
 
@@ -45,7 +46,15 @@ def test_shaped_reward_charges_each_consultation():
         rollout_replica="r",
         created_at=0,
     )
-    assert shaped_rewards(group, penalty=0.1) == pytest.approx([1.0, 0.7, -0.1])
+    assert shaped_rewards(group, LearnerConfig(), penalty=0.1) == pytest.approx([1.0, 0.7, -0.1])
+    # overlong shaping counts policy tokens only (2 per sample here): limit 3, buffer 2 → (1-2)/2
+    cfg = LearnerConfig(overlong_max_tokens=3, overlong_buffer=2)
+    assert shaped_rewards(group, cfg, penalty=0.0) == pytest.approx([0.5, 0.5, -0.5])
+
+
+@pytest.mark.parametrize("tokens,expected", [(10, 0.0), (12, 0.0), (14, -0.5), (16, -1.0), (99, -1.0)])
+def test_overlong_penalty_by_hand(tokens, expected):
+    assert overlong_penalty(tokens, max_tokens=16, buffer=4) == pytest.approx(expected)
 
 
 def test_dapo_loss_hand_computed_asymmetric_clipping():
@@ -100,3 +109,56 @@ def test_token_logprobs_alignment():
     ids = torch.tensor([[0, 1, 1]])
     lp = token_logprobs(logits, ids)
     assert lp.tolist()[0] == pytest.approx([0.0, math.log(0.5), math.log(0.1)], abs=1e-6)
+
+
+def test_decoupled_importance_weights_and_masks_by_hand():
+    # One sample, A=+1, four policy tokens. Current (= proximal) log-probs vs behaviour log-probs give
+    # weights w = π_prox/π_behav of 1, 2, 0.5, 8. With cap 5, decoupled PPO drops the last token and
+    # the surrogate (ratio 1 at the proximal point) is w·A: loss = -(1 + 2 + 0.5)/3 over kept tokens.
+    new = torch.zeros(1, 4, requires_grad=True)
+    behaviour = -torch.log(torch.tensor([[1.0, 2.0, 0.5, 8.0]]))
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0])
+    loss, stats = dapo_loss(new, behaviour, adv, mask, importance="decoupled", weight_cap=5.0)
+    assert loss.item() == pytest.approx(-(1 + 2 + 0.5) / 3)
+    assert stats["is_masked_tokens"] == 1 and stats["is_weight_max"] == pytest.approx(2.0)
+    loss.backward()
+    assert new.grad[0, 3] == 0  # the dropped token carries no gradient
+    assert new.grad[0, 1] == pytest.approx(-2.0 / 3)  # d(-w·r·A)/dlogp = -w·A/n at r=1
+
+
+def test_truncated_importance_caps_instead_of_dropping():
+    new = torch.zeros(1, 4)
+    behaviour = -torch.log(torch.tensor([[1.0, 2.0, 0.5, 8.0]]))
+    loss, stats = dapo_loss(
+        new, behaviour, torch.tensor([1.0]), torch.ones(1, 4, dtype=torch.bool), importance="truncated", weight_cap=5.0
+    )
+    assert loss.item() == pytest.approx(-(1 + 2 + 0.5 + 5) / 4)
+    assert stats["is_masked_tokens"] == 0 and stats["is_weight_max"] == pytest.approx(5.0)
+
+
+def test_decoupled_clips_around_the_proximal_policy_not_the_behaviour_policy():
+    # A stale sample (behaviour far from current) is not clipped away: its gradient is the weighted
+    # on-policy one. Plain PPO against the behaviour policy (importance="none") clips it to zero.
+    new = torch.zeros(1, 2, requires_grad=True)
+    behaviour = torch.full((1, 2), -0.5)  # ratio to behaviour e^{0.5} ≈ 1.65 > 1.28
+    adv, mask = torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool)
+    plain, _ = dapo_loss(new, behaviour, adv, mask, importance="none")
+    plain.backward()
+    assert torch.all(new.grad == 0)
+    new.grad = None
+    decoupled, _ = dapo_loss(new, behaviour, adv, mask, importance="decoupled", weight_cap=5.0)
+    decoupled.backward()
+    assert torch.all(new.grad < 0)
+
+
+def test_normalizer_makes_micro_batches_add_up():
+    torch.manual_seed(1)
+    new, old = torch.randn(4, 5), torch.randn(4, 5)
+    adv, mask = torch.randn(4), torch.rand(4, 5) > 0.3
+    whole, _ = dapo_loss(new, old, adv, mask)
+    total = float(mask.sum())
+    parts = [
+        dapo_loss(new[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], normalizer=total)[0] for i in (0, 2)
+    ]
+    assert sum(p.item() for p in parts) == pytest.approx(whole.item(), abs=1e-6)

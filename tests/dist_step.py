@@ -1,0 +1,47 @@
+"""Run under torchrun by test_learner_ranks: one learner step on a fixed batch; rank 0 writes the loss
+and the updated parameters, so runs with different rank counts or packings can be compared."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from eapo.config import LearnerConfig
+from learner.trainer import Trainer, TrainSample
+
+
+def fixed_batch(vocab: int) -> list[TrainSample]:
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(8):
+        n = int(torch.randint(20, 60, (1,), generator=g))
+        mask = torch.arange(n) >= 8
+        mask[n // 2 : n // 2 + 5] = False  # an injected expert answer inside the sequence
+        behaviour = torch.where(mask, -4.0 - torch.rand(n, generator=g), torch.zeros(n))
+        ids = torch.randint(7, vocab, (n,), generator=g)
+        samples.append(TrainSample(ids=ids, mask=mask, behaviour=behaviour, advantage=1.0 if i % 2 else -1.0))
+    return samples
+
+
+def main() -> None:
+    world_dir, out, stage, micro_tokens = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    cfg = LearnerConfig(zero_stage=stage, micro_batch_tokens=micro_tokens, lr=1e-3, warmup_steps=1)
+    trainer = Trainer(cfg, Path(world_dir) / "policy")
+    stats = trainer.step(fixed_batch(len(trainer.tokenizer)))
+    if torch.distributed.get_rank() == 0:
+        params = torch.cat([p.detach().double().flatten() for p in trainer.module.parameters()])
+        out.write_text(
+            json.dumps(
+                {
+                    "loss": stats["loss"],
+                    "tokens": stats["policy_tokens"],
+                    "params": params.tolist(),
+                    "world": torch.distributed.get_world_size(),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
