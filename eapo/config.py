@@ -82,6 +82,7 @@ class RolloutConfig(Section):
     temperature: float = 1.0
     top_p: float = 1.0
     max_batch: int = 64
+    metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
     seed: int = 7
     consult: bool = Field(True, description="grant the consult action (False: self-exploratory RL)")
 
@@ -108,6 +109,11 @@ class LearnerConfig(Section):
     batch_groups: int = Field(4, description="informative groups per optimizer step")
     max_dropped_per_step: int = Field(64, description="zero-signal groups a step may skip")
     max_staleness: int = Field(1, description="batches the prompt feed may run ahead of the learner")
+    max_version_lag: int | None = Field(
+        None, description="hard limit: drop (counted) groups whose oldest turn is this many versions behind"
+    )
+    version_report_ttl_s: float = Field(600.0, description="how long a rollout's version report spares it")
+    metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
     lr: float = 1e-4
     warmup_steps: int = 2
     clip_low: float = 0.20
@@ -140,6 +146,7 @@ class EAPOConfig(BaseSettings):
     run_dir: Path = Field(default_factory=lambda: Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     seed: int = 0
     log_level: str = "INFO"
+    metrics_host: str = Field("127.0.0.1", description="address of the learner's and rollout's /metrics")
     redis: RedisConfig = RedisConfig()
     world: WorldConfig = WorldConfig()
     expert_server: ExpertServerConfig = ExpertServerConfig()

@@ -22,12 +22,14 @@ import redis.asyncio as aioredis
 import torch
 
 from eapo.config import EAPOConfig
+from eapo.metrics import StepGauges, serve_metrics
 from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group
 from eapo.world.tasks import read_jsonl
 from learner.anneal import anneal_state
 from learner.loss import group_advantages, shaped_rewards
 from learner.trainer import Trainer, TrainSample
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, encode
+from proto import episode_format as fmt
 from proto.weights import prune, verify_version, version_dir, write_version
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Learner:
         self.seen: set[str] = set()
         self.dropped: Counter[str] = Counter()
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
+        self.gauges = StepGauges("eapo_learner")
 
     async def _publish(self, trainer: Trainer, version: int, step: int, anneal: AnnealState) -> None:
         """Write (unless a previous life already did) and announce weight version ``version``."""
@@ -81,13 +84,28 @@ class Learner:
             pipe.set(self.names.anneal, encode(anneal))
             pipe.publish(self.names.weights_channel, str(version))
             await pipe.execute()
-        await asyncio.to_thread(prune, self.cfg.weights_dir, lc.keep_versions)
+        await asyncio.to_thread(prune, self.cfg.weights_dir, lc.keep_versions, await self._versions_in_use())
+
+    async def _versions_in_use(self) -> set[int]:
+        """Versions rollout replicas reported reading recently: garbage collection spares them."""
+        reports = await self.client.hgetall(self.names.rollout_versions)
+        horizon = time.time() - self.cfg.learner.version_report_ttl_s
+        in_use = set()
+        for raw in reports.values():
+            try:
+                report = json.loads(raw)
+                if float(report["at"]) >= horizon:
+                    in_use.add(int(report["version"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring malformed rollout version report %r", raw[:200])
+        return in_use
 
     async def _collect(self, consumer: StreamConsumer, feeder: PromptFeeder, step: int, penalty: float):
         """Read until ``batch_groups`` informative groups (or the per-step drop cap is hit)."""
         lc = self.cfg.learner
         batch: list[tuple[Entry[TrajectoryGroup], list[float]]] = []
         seen_groups: list[TrajectoryGroup] = []
+        stale: list[TrajectoryGroup] = []
         dropped_now = 0
         while len(batch) < lc.batch_groups:
             await feeder.fill((step + lc.max_staleness + 1) * lc.batch_groups + sum(self.dropped.values()), step)
@@ -100,13 +118,17 @@ class Learner:
                     continue
                 self.seen.add(group.group_id)
                 seen_groups.append(group)
+                if lc.max_version_lag is not None and step - group.min_policy_version > lc.max_version_lag:
+                    stale.append(group)  # counted and reported: dropping biases against slow (consulting) groups
+                    await self._drop(consumer, entry, "stale")
+                    continue
                 rewards = shaped_rewards(group, lc, penalty)
                 if max(rewards) - min(rewards) < 1e-9:
                     dropped_now += 1
                     await self._drop(consumer, entry, "zero_signal")
                     continue
                 batch.append((entry, rewards))
-        return batch, seen_groups
+        return batch, seen_groups, stale
 
     async def _drop(self, consumer: StreamConsumer, entry: Entry, reason: str) -> None:
         """Count and acknowledge in one transaction: a dropped group is never counted twice or lost."""
@@ -132,6 +154,7 @@ class Learner:
 
     async def run(self) -> None:
         cfg, lc = self.cfg, self.cfg.learner
+        serve_metrics(lc.metrics_port, cfg.metrics_host)
         trainer = await asyncio.to_thread(Trainer, lc, cfg.world.dir / "policy")
         consumer = StreamConsumer(
             self.client,
@@ -154,7 +177,7 @@ class Learner:
         for step in range(start, lc.steps):
             anneal = anneal_state(cfg.anneal, step)
             t0 = time.monotonic()
-            batch, seen_groups = await self._collect(consumer, feeder, step, anneal.penalty)
+            batch, seen_groups, stale = await self._collect(consumer, feeder, step, anneal.penalty)
             t_data = time.monotonic() - t0
             samples = [
                 TrainSample(
@@ -185,6 +208,7 @@ class Learner:
                     pipe.sadd(self.names.trained, *group_ids)
                 pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
                 await pipe.execute()
+            kept = [entry.message for entry, _ in batch]
             record = {
                 "step": step + 1,
                 "time_s": round(time.monotonic() - t_start, 2),
@@ -193,6 +217,10 @@ class Learner:
                 **anneal.model_dump(exclude={"step"}),
                 **rollout_stats(seen_groups, step),
                 "groups_trained": len(batch),
+                "idle_ratio": round(t_data / max(time.monotonic() - t0, 1e-9), 4),
+                "tokens_per_s": stats["policy_tokens"] / max(time.monotonic() - t0 - t_data, 1e-9),
+                "kept_calls_per_episode": rollout_stats(kept, step)["calls_per_episode"],
+                "stale_calls_per_episode": rollout_stats(stale, step)["calls_per_episode"] if stale else None,
                 "group_ids": group_ids,
                 "dropped": dict(self.dropped),
                 **stats,
@@ -200,6 +228,7 @@ class Learner:
             }
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.gauges.update(record)
             log.info(
                 "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",
                 step + 1,
@@ -221,6 +250,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     consults = [c for s in samples for c in s.consults]
     n = max(len(samples), 1)
     versions = [t.policy_version for s in samples for t in s.turns] or [0]
+    kinds = Counter(fmt.paradigm([c.query for c in s.consults], g.prompt.problem) for g in groups for s in g.samples)
     lags = [learner_version - g.min_policy_version for g in groups] or [0]
     return {
         "groups_read": len(groups),
@@ -232,6 +262,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         "response_tokens": sum(s.policy_tokens for s in samples) / n,
         "version_lag_mean": sum(lags) / len(lags),
         "version_lag_max": float(max(lags)),
+        **{f"paradigm_{k}": kinds[k] / n for k in ("self_resolution", "direct_consultation", "decomposition")},
         "policy_version_min": min(versions),
         "policy_version_max": max(versions),
     }

@@ -38,3 +38,15 @@ def consult_block(queries: list[str]) -> str:
 def expert_block(answer: str | None) -> str:
     """What the policy sees for one query: the answer if accepted, else the unavailable note."""
     return f"{EXPERT_OPEN}{answer if answer is not None else UNAVAILABLE}{EXPERT_CLOSE}"
+
+
+def paradigm(queries: list[str], problem: str) -> str:
+    """The paper's three rollout paradigms, by a simple rule on what was asked:
+    no query → self-resolution; only the problem itself → direct consultation; anything else →
+    decomposition (sub-questions)."""
+    if not queries:
+        return "self_resolution"
+    normalized = problem.replace(" ", "")
+    if all(q.replace(" ", "") == normalized for q in queries):
+        return "direct_consultation"
+    return "decomposition"

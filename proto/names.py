@@ -51,6 +51,11 @@ class Names:
         return f"{self.prefix}:trained"
 
     @property
+    def rollout_versions(self) -> str:
+        """Hash replica → JSON {version, at}: weight versions rollouts load, spared by garbage collection."""
+        return f"{self.prefix}:rollout:versions"
+
+    @property
     def done(self) -> str:
         """Set when the learner finished its steps: rollout replicas drain and exit."""
         return f"{self.prefix}:done"

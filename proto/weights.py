@@ -44,17 +44,21 @@ def write_version(root: Path, version: int, step: int, save: Callable[[Path], No
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save(tmp)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    manifest = WeightManifest(version=version, step=step, created_at=time.time(), files=files)
-    (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-    for p in [*tmp.iterdir(), tmp]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.rename(tmp, final)
+    try:
+        save(tmp)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = WeightManifest(version=version, step=step, created_at=time.time(), files=files)
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        for p in [*tmp.iterdir(), tmp]:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest
 
 

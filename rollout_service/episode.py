@@ -31,6 +31,7 @@ from proto import (
 from proto import episode_format as fmt
 from rollout_service.consult import parse_consult
 from rollout_service.engine import PolicyEngine
+from rollout_service.metrics import CONSULTS, EPISODES, PARSE_ISSUES
 from rollout_service.reward import extract_boxed, score
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ async def run_episode(
             if turn == anneal.budget - 1:
                 break  # the budget is spent: no turn left to read the answers
             parsed = parse_consult(tok.decode(result.token_ids), cfg.max_queries)
-            if parsed.issues:
-                log.debug("consult block issues %s", parsed.issues)
+            for issue in parsed.issues:
+                PARSE_ISSUES.labels(issue).inc()
             if not parsed.queries:
                 rejected_blocks += 1
                 injected = tok.encode(fmt.expert_block(None))
@@ -144,6 +145,7 @@ async def run_episode(
                 draw = rng.random()
                 accepted = res.answer is not None and draw < anneal.acceptance
                 injected = tok.encode(fmt.expert_block(res.answer if accepted else None))
+                CONSULTS.labels(outcome="answer" if res.answer is not None else "error", accepted=str(accepted)).inc()
                 consults.append(
                     ConsultRecord(
                         turn=len(turns) - 1,
@@ -168,6 +170,7 @@ async def run_episode(
     answer = extract_boxed(final_text) if turns and turns[-1].finish != "consult" else None
     if answer is not None and finish == "eos":
         finish = "answer"
+    EPISODES.labels(finish).inc()
     return Trajectory(
         sample_index=sample_index,
         token_ids=np.asarray(ids, dtype=np.int32),

@@ -10,6 +10,7 @@ newly published weight version before starting new groups, and stops when the le
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -19,11 +20,13 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from eapo.config import EAPOConfig
+from eapo.metrics import serve_metrics
 from eapo.streams import Entry, StreamConsumer, StreamProducer
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, WeightManifest, decode
 from proto.weights import version_dir
 from rollout_service.engine import PolicyEngine, TransformersEngine
 from rollout_service.episode import ExpertClient, run_episode
+from rollout_service.metrics import GROUPS, POLICY_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,17 @@ class RolloutService:
         raw = await self.client.get(self.names.weights)
         return decode(raw, WeightManifest) if raw else None
 
+    async def _report_version(self, version: int) -> None:
+        """Tell the learner's garbage collector which version this replica reads."""
+        report = json.dumps({"version": version, "at": time.time()})
+        await self.client.hset(self.names.rollout_versions, self.cfg.rollout.replica, report)
+
     async def _sync_weights(self) -> None:
         latest = await self._latest_weights()
         if latest is not None and self.engine is not None and latest.version > self.engine.version:
+            await self._report_version(latest.version)
             await self.engine.load_version(latest.version, version_dir(self.cfg.weights_dir, latest.version))
+            POLICY_VERSION.set(latest.version)
 
     async def _anneal(self) -> AnnealState:
         return decode(await self.client.get(self.names.anneal), AnnealState)
@@ -78,9 +88,11 @@ class RolloutService:
         await producer.send(group)
         await consumer.ack([entry.id])
         self.groups_done += 1
+        GROUPS.inc()
 
     async def run(self) -> None:
         rc = self.cfg.rollout
+        serve_metrics(rc.metrics_port, self.cfg.metrics_host)
         log.info("rollout %s waiting for the learner's first weights and annealing state", rc.replica)
         if await wait_for_key(self.client, self.names.weights, self.stop) is None:
             return
@@ -88,6 +100,7 @@ class RolloutService:
             return
         latest = await self._latest_weights()
         assert latest is not None
+        await self._report_version(latest.version)
         self.engine = await asyncio.to_thread(
             TransformersEngine, version_dir(self.cfg.weights_dir, latest.version), latest.version, rc.max_batch
         )

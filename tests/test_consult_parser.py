@@ -26,3 +26,19 @@ def test_parsing_rules(text, queries, issues):
 def test_huge_query_is_cut():
     parsed = parse_consult("<consult>" + "9" * 5000 + "</consult>", max_queries=3, max_query_chars=100)
     assert parsed.queries == ["9" * 100] and parsed.issues == ["oversized"]
+
+
+@pytest.mark.parametrize(
+    "queries,expected",
+    [
+        ([], "self_resolution"),
+        (["2+3*4"], "direct_consultation"),
+        (["2 + 3*4", "2+3*4"], "direct_consultation"),
+        (["3*4"], "decomposition"),
+        (["2+3*4", "3*4"], "decomposition"),
+    ],
+)
+def test_paradigm_rule(queries, expected):
+    from proto.episode_format import paradigm
+
+    assert paradigm(queries, "2+3*4") == expected
