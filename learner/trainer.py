@@ -6,6 +6,7 @@ as a single process (a private gloo group is set up) or under ``torchrun``/``dee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -185,5 +186,14 @@ class Trainer:
         return client_state
 
     def save_pretrained(self, path: Path) -> None:
-        self.module.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        """A ``from_pretrained``-loadable copy of the current weights. Under ZeRO-3 the partitioned
+        parameters are gathered first (a collective: every rank calls this); rank 0 writes."""
+        gather = (
+            deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            if self.cfg.zero_stage == 3
+            else contextlib.nullcontext()
+        )
+        with gather:
+            if torch.distributed.get_rank() == 0:
+                self.module.save_pretrained(path, safe_serialization=True)
+                self.tokenizer.save_pretrained(path)
