@@ -126,6 +126,7 @@ class LearnerConfig(Section):
         "(clip around the behaviour policy)",
     )
     behaviour_weight_cap: float = Field(5.0, gt=1.0)
+    kl_coef: float = Field(0.0, ge=0.0, description="KL penalty to the initial policy; 0 = off (as in DAPO)")
     overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
     overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
     micro_batch_tokens: int = Field(8192, description="padded tokens per micro-batch (grad accumulation)")

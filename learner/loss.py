@@ -96,3 +96,15 @@ def dapo_loss(
             "policy_tokens": float(m.sum()),
         }
     return loss, stats
+
+
+def kl_penalty(
+    logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None
+) -> torch.Tensor:
+    """KL(π_θ ‖ π_ref) on policy tokens with the non-negative k3 estimator e^{r} − r − 1, r = log π_ref − log π_θ;
+    summed and divided like the policy loss, so micro-batches add up."""
+    mask = mask.bool()
+    r = torch.where(mask, reference_logprobs - logprobs, 0.0)
+    k3 = torch.exp(r) - r - 1.0
+    n = float(normalizer) if normalizer is not None else mask.float().sum().clamp(min=1.0)
+    return (k3 * mask.float()).sum() / n

@@ -19,7 +19,7 @@ import torch
 from eapo.config import LearnerConfig
 from eapo.redis_server import free_port
 from eapo.world.bootstrap import load_model
-from learner.loss import dapo_loss, token_logprobs
+from learner.loss import dapo_loss, kl_penalty, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
         )
         self.cfg = cfg
+        self.reference: torch.nn.Module | None = None
+        if cfg.kl_coef > 0:  # a frozen copy of the starting policy, only when the KL term is on
+            self.reference = load_model(model_path)[0].to(self.engine.device).requires_grad_(False)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -120,10 +123,8 @@ class Trainer:
         self.engine.step()
         out = all_reduce_stats(sums)
         n = max(out["policy_tokens"], 1.0)
-        result = {
-            k: out[k] / n
-            for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean", "entropy", "logprob_gap")
-        }
+        averaged = ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean", "entropy", "logprob_gap", "kl")
+        result = {k: out[k] / n for k in averaged if k in out}
         result |= {
             "loss": out["loss"],
             "policy_tokens": out["policy_tokens"],
@@ -153,6 +154,12 @@ class Trainer:
         loss, stats = dapo_loss(
             logp, old, adv, mask, c.clip_low, c.clip_high, c.importance, c.behaviour_weight_cap, normalizer=total_tokens
         )
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = token_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids)
+            kl = kl_penalty(logp, ref, mask, normalizer=total_tokens)
+            loss = loss + c.kl_coef * kl
+            stats["kl"] = float(kl.detach()) * total_tokens  # a sum, like the other per-token stats
         # DeepSpeed averages gradients over ranks; scaling by W makes the result the batch's token mean.
         self.engine.backward(loss * world)
         tokens = stats["policy_tokens"]

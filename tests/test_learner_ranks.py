@@ -15,8 +15,8 @@ pytestmark = pytest.mark.e2e
 SCRIPT = Path(__file__).with_name("dist_step.py")
 
 
-def run(world_dir, tmp_path, ranks: int, stage: int, micro_tokens: int) -> dict:
-    out = tmp_path / f"r{ranks}-s{stage}-m{micro_tokens}.json"
+def run(world_dir, tmp_path, ranks: int, stage: int, micro_tokens: int, kl_coef: float = 0.0) -> dict:
+    out = tmp_path / f"r{ranks}-s{stage}-m{micro_tokens}-k{kl_coef}.json"
     cmd = [
         sys.executable,
         "-m",
@@ -30,6 +30,7 @@ def run(world_dir, tmp_path, ranks: int, stage: int, micro_tokens: int) -> dict:
         str(out),
         str(stage),
         str(micro_tokens),
+        str(kl_coef),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -52,3 +53,10 @@ def test_two_ranks_and_micro_batches_match_one_rank(world_dir, tmp_path):
         other = run(world_dir, tmp_path, ranks=ranks, stage=stage, micro_tokens=1 << 20)
         assert other["loss"] == pytest.approx(one["loss"], abs=1e-5)
         np.testing.assert_allclose(other["params"], one["params"], atol=1e-5)
+
+
+def test_kl_term_is_zero_at_the_start_and_leaves_the_first_step_unchanged(world_dir, tmp_path):
+    plain = run(world_dir, tmp_path, ranks=1, stage=2, micro_tokens=1 << 20)
+    with_kl = run(world_dir, tmp_path, ranks=1, stage=2, micro_tokens=1 << 20, kl_coef=0.1)
+    assert plain["kl"] is None and with_kl["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert with_kl["loss"] == pytest.approx(plain["loss"], abs=1e-6)

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from eapo.config import LearnerConfig
-from learner.loss import dapo_loss, group_advantages, overlong_penalty, shaped_rewards, token_logprobs
+from learner.loss import (
+    dapo_loss,
+    group_advantages,
+    kl_penalty,
+    overlong_penalty,
+    shaped_rewards,
+    token_logprobs,
+)
 from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup
 
 
@@ -162,3 +169,15 @@ def test_normalizer_makes_micro_batches_add_up():
         dapo_loss(new[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], normalizer=total)[0] for i in (0, 2)
     ]
     assert sum(p.item() for p in parts) == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_kl_penalty_is_zero_at_the_reference_and_pulls_toward_it():
+    ref = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    assert kl_penalty(ref.clone(), ref, mask).item() == pytest.approx(0.0)
+    new = (ref + torch.tensor([[0.3, -0.2, 5.0]])).requires_grad_(True)
+    kl = kl_penalty(new, ref, mask)
+    r = torch.tensor([-0.3, 0.2])  # log π_ref − log π_θ on the two policy tokens
+    assert kl.item() == pytest.approx(float((torch.exp(r) - r - 1).mean()))
+    kl.backward()
+    assert new.grad[0, 0] > 0 and new.grad[0, 1] < 0 and new.grad[0, 2] == 0  # descent moves toward ref
