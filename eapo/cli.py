@@ -77,18 +77,9 @@ def cmd_rollout(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_learner(cfg: EAPOConfig, args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
+    from learner.service import run_learner
 
-    from learner.service import Learner
-
-    async def main() -> None:
-        client = aioredis.Redis.from_url(_redis_url(cfg))
-        try:
-            await Learner(cfg, client).run()
-        finally:
-            await client.aclose()
-
-    asyncio.run(main())
+    run_learner(cfg, _redis_url(cfg))
     return 0
 
 
@@ -98,7 +89,7 @@ COMMANDS = {
     "expert-server": (cmd_expert_server, "serve one model with the CPU OpenAI-compatible server"),
     "gateway": (cmd_gateway, "run the expert gateway (FastAPI)"),
     "rollout": (cmd_rollout, "run one rollout replica"),
-    "learner": (cmd_learner, "run the DeepSpeed learner"),
+    "learner": (cmd_learner, "run the DeepSpeed learner (alone, or every rank under torchrun)"),
 }
 
 

@@ -27,7 +27,7 @@ from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group
 from eapo.world.tasks import read_jsonl
 from learner.anneal import anneal_state
 from learner.loss import group_advantages, shaped_rewards
-from learner.trainer import Trainer, TrainSample
+from learner.trainer import Ranks, Trainer, TrainSample
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, encode
 from proto import episode_format as fmt
 from proto.weights import prune, verify_version, version_dir, write_version
@@ -69,7 +69,7 @@ class Learner:
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
         self.gauges = StepGauges("eapo_learner")
 
-    async def _publish(self, trainer: Trainer, version: int, step: int, anneal: AnnealState) -> None:
+    async def _publish(self, ranks: Ranks, version: int, step: int, anneal: AnnealState) -> None:
         """Write (unless a previous life already did) and announce weight version ``version``."""
         lc = self.cfg.learner
         path = version_dir(self.cfg.weights_dir, version)
@@ -77,7 +77,7 @@ class Learner:
             manifest = await asyncio.to_thread(verify_version, path)
         else:
             manifest = await asyncio.to_thread(
-                write_version, self.cfg.weights_dir, version, step, trainer.save_pretrained
+                write_version, self.cfg.weights_dir, version, step, lambda path: ranks.call("save_pretrained", path)
             )
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.names.weights, encode(manifest))
@@ -138,9 +138,9 @@ class Learner:
             pipe.xack(consumer.stream, consumer.group, entry.id)
             await pipe.execute()
 
-    async def _resume(self, trainer: Trainer, feeder: PromptFeeder) -> int:
+    async def _resume(self, ranks: Ranks, feeder: PromptFeeder) -> int:
         """Restore step, optimizer and bookkeeping from the last checkpoint and Redis; returns the step."""
-        state = await asyncio.to_thread(trainer.load_checkpoint, self.cfg.checkpoint_dir) or {}
+        state = await asyncio.to_thread(ranks.call, "load_checkpoint", self.cfg.checkpoint_dir) or {}
         if state.get("group_ids"):  # killed after the checkpoint, before recording what it trained
             await self.client.sadd(self.names.trained, *state["group_ids"])
         self.seen = {m.decode() for m in await self.client.smembers(self.names.trained)}
@@ -152,10 +152,10 @@ class Learner:
             log.info("resuming at step %d (%d groups already trained)", step, len(self.seen))
         return step
 
-    async def run(self) -> None:
+    async def run(self, ranks: Ranks) -> None:
+        """Rank 0's loop (Redis, batches, publishing); the other ranks follow ``ranks``."""
         cfg, lc = self.cfg, self.cfg.learner
         serve_metrics(lc.metrics_port, cfg.metrics_host)
-        trainer = await asyncio.to_thread(Trainer, lc, cfg.world.dir / "policy")
         consumer = StreamConsumer(
             self.client,
             self.names.trajectories,
@@ -170,8 +170,8 @@ class Learner:
         await ensure_group(self.client, self.names.prompts, self.names.rollout_group)
         feeder = PromptFeeder(self.client, self.names, cfg.world.dir / "train.jsonl", cfg.seed, 1 << 30)
         await self.client.delete(self.names.done)
-        start = await self._resume(trainer, feeder)
-        await self._publish(trainer, start, start, anneal_state(cfg.anneal, start))
+        start = await self._resume(ranks, feeder)
+        await self._publish(ranks, start, start, anneal_state(cfg.anneal, start))
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         t_start = time.monotonic()
         for step in range(start, lc.steps):
@@ -191,18 +191,19 @@ class Learner:
                     entry.message.samples, group_advantages(rewards, lc.normalize_advantages), strict=True
                 )
             ]
-            stats = await asyncio.to_thread(trainer.step, samples)
+            stats = await asyncio.to_thread(ranks.call, "step", samples)
             group_ids = [entry.message.group_id for entry, _ in batch]
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
             # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice.
             await asyncio.to_thread(
-                trainer.save_checkpoint,
+                ranks.call,
+                "save_checkpoint",
                 cfg.checkpoint_dir,
                 step + 1,
                 {"step": step + 1, "group_ids": group_ids},
                 lc.keep_checkpoints,
             )
-            await self._publish(trainer, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
+            await self._publish(ranks, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
             async with self.client.pipeline(transaction=True) as pipe:
                 if group_ids:
                     pipe.sadd(self.names.trained, *group_ids)
@@ -242,6 +243,35 @@ class Learner:
             )
         await self.client.set(self.names.done, b"1")
         log.info("learner finished %d steps; final weights at version %d", lc.steps, lc.steps)
+
+
+def run_learner(cfg: EAPOConfig, redis_url: str) -> None:
+    """Entry point of every rank (alone, or under ``torchrun``): rank 0 drives, the others follow."""
+    ranks = Ranks(Trainer(cfg.learner, cfg.world.dir / "policy"))
+    try:
+        if ranks.rank == 0:
+            _drive(cfg, redis_url, ranks)
+        else:
+            ranks.follow()
+    finally:
+        # Tear the process group down before the interpreter does: a gloo group left to the exit
+        # handlers can abort the process ("terminate called without an active exception").
+        torch.distributed.destroy_process_group()
+
+
+def _drive(cfg: EAPOConfig, redis_url: str, ranks: Ranks) -> None:
+
+    async def drive() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await Learner(cfg, client).run(ranks)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(drive())
+    finally:
+        ranks.call("stop")
 
 
 def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, float]:

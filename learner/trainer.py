@@ -204,3 +204,29 @@ class Trainer:
             if torch.distributed.get_rank() == 0:
                 self.module.save_pretrained(path, safe_serialization=True)
                 self.tokenizer.save_pretrained(path)
+
+
+class Ranks:
+    """Rank 0 drives the run; every other rank replays rank 0's trainer calls in the same order, since
+    any of them may be collective (the step's gradient reduction, checkpoints, ZeRO-3 gathers)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.world = torch.distributed.get_world_size()
+        self.rank = torch.distributed.get_rank()
+
+    def call(self, method: str, *args: object) -> object:
+        """On rank 0: tell the followers, then run ``trainer.<method>(*args)`` here too."""
+        if self.world > 1:
+            torch.distributed.broadcast_object_list([(method, args)], src=0)
+        return getattr(self.trainer, method)(*args) if method != "stop" else None
+
+    def follow(self) -> None:
+        """On ranks ≠ 0: replay calls until rank 0 says stop."""
+        while True:
+            message: list[object] = [None]
+            torch.distributed.broadcast_object_list(message, src=0)
+            method, args = message[0]  # type: ignore[misc]
+            if method == "stop":
+                return
+            getattr(self.trainer, method)(*args)

@@ -1,0 +1,36 @@
+"""Builders shared by the learner tests."""
+
+import time
+import uuid
+
+import numpy as np
+
+from proto import AnnealState, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
+
+
+def group(rng: np.random.Generator, scores: list[float]) -> TrajectoryGroup:
+    samples = []
+    for i, score in enumerate(scores):
+        n, prompt = int(rng.integers(20, 40)), 8
+        mask = np.arange(n) >= prompt
+        samples.append(
+            Trajectory(
+                sample_index=i,
+                token_ids=rng.integers(7, 100, n).astype(np.int32),
+                loss_mask=mask,
+                behaviour_logprobs=np.where(mask, -4.6, 0).astype(np.float32),
+                prompt_len=prompt,
+                turns=[TurnRecord(start=prompt, end=n, policy_version=0, finish="eos")],
+                score=score,
+                finish="answer",
+                seed=i,
+            )
+        )
+    return TrajectoryGroup(
+        group_id=uuid.uuid4().hex,
+        prompt=PromptTask(prompt_id="p", problem="1+1", answer="2"),
+        anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=0),
+        samples=samples,
+        rollout_replica="test",
+        created_at=time.time(),
+    )
