@@ -1,0 +1,159 @@
+"""The dev overlay and the code agree: the CPU stack starts and trains with exactly the commands,
+arguments, environment and config file that the dev overlay's workloads and ConfigMap hold.
+
+The only substitutions are what a laptop cannot have: cluster DNS names and ports become loopback
+addresses and free ports, /data becomes a temporary directory holding the (fast) test world, and the
+run is 2 learner steps of 2 groups with a consultation penalty from step 0."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from test_k8s import objects
+
+from eapo.config import load_config
+from eapo.redis_server import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def workload(objs, suffix):
+    return next(
+        o for o in objs if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"].endswith(suffix)
+    )
+
+
+def container(obj):
+    return obj["spec"]["template"]["spec"]["containers"][0]
+
+
+def port(c, name):
+    return next(p["containerPort"] for p in c["ports"] if p["name"] == name)
+
+
+def manifest_env(c, pod_name):
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif e["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[e["name"]] = pod_name
+        elif "apps.kubernetes.io/pod-index" in e["valueFrom"].get("fieldRef", {}).get("fieldPath", ""):
+            env[e["name"]] = "0"
+    return env
+
+
+def wait_http(url, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"exited with {proc.returncode} before {url} answered"
+        assert time.monotonic() < deadline, f"{url} not ready"
+        time.sleep(0.2)
+
+
+def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
+    objs = objects("kustomize:dev")
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    config_text = cm["data"]["config.yaml"]
+    cfg = load_config(None, **yaml.safe_load(config_text))  # the ConfigMap is a valid EAPO config
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    gateway, expert = workload(objs, "-gateway"), workload(objs, "-expert-expert")
+    rollout, learner = workload(objs, "-rollout"), workload(objs, "-learner")
+
+    # Names and ports agree between config, containers and Services.
+    assert cfg.gateway.port == port(container(gateway), "http")
+    assert cfg.expert_server.port == port(container(expert), "http")
+    assert cfg.rollout.metrics_port == port(container(rollout), "metrics")
+    assert cfg.learner.metrics_port == port(container(learner), "metrics")
+    for b in cfg.gateway.backends:
+        host, svc_port = b.url.removeprefix("http://").split(":")
+        assert services[host]["spec"]["ports"][0]["port"] == int(svc_port)
+    host, gw_port = cfg.rollout.gateway_url.removeprefix("http://").split(":")
+    assert services[host]["spec"]["ports"][0]["port"] == int(gw_port)
+    assert str(cfg.world.dir) == "/data/world" and str(cfg.run_dir) == "/data/run"
+    for o in (rollout, learner, expert):
+        mounts = {m["mountPath"] for m in container(o)["volumeMounts"]}
+        assert {"/data", "/etc/eapo"} <= mounts
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(config_text)
+    run_dir = tmp_path / "run"
+    ports = {"gateway": free_port(), "rollout": free_port(), "learner": free_port()}
+    expert_ports = [free_port() for _ in range(expert["spec"]["replicas"])]
+    local = {  # the substitutions described in the module docstring
+        "REDIS_URL": redis_server.url,
+        "EAPO_RUN_DIR": str(run_dir),
+        "EAPO_WORLD__DIR": str(tiny_world.dir),
+        "EAPO_LEARNER__STEPS": "2",
+        "EAPO_LEARNER__BATCH_GROUPS": "2",
+        # a consultation penalty from step 0: the barely trained test world then yields informative groups
+        "EAPO_ANNEAL__PENALTY__KIND": "constant",
+        "EAPO_ANNEAL__PENALTY__START": "0.1",
+        "EAPO_ANNEAL__PENALTY__END": "0.1",
+        "EAPO_REDIS__PREFIX": f"k8s{ports['gateway']}",
+        "EAPO_METRICS_HOST": "127.0.0.1",
+        "EAPO_GATEWAY__HOST": "127.0.0.1",
+        "EAPO_GATEWAY__PORT": str(ports["gateway"]),
+        "EAPO_GATEWAY__BACKENDS": json.dumps(
+            [{"model": b.model, "url": f"http://127.0.0.1:{p}"} for b in cfg.gateway.backends for p in expert_ports]
+        ),
+        "EAPO_EXPERT_SERVER__HOST": "127.0.0.1",
+        "EAPO_ROLLOUT__GATEWAY_URL": f"http://127.0.0.1:{ports['gateway']}",
+        "EAPO_ROLLOUT__METRICS_PORT": str(ports["rollout"]),
+        "EAPO_LEARNER__METRICS_PORT": str(ports["learner"]),
+    }
+
+    def start(obj, extra=None, pod="pod-0"):
+        c = container(obj)
+        args = [a.replace("/etc/eapo/config.yaml", str(config_file)) for a in c["args"]]
+        if c.get("command"):  # the learner: torchrun, one local node
+            args = [a.replace("$(POD_INDEX)", "0") for a in args]
+            args = [("--master_addr=127.0.0.1" if a.startswith("--master_addr=") else a) for a in args]
+            args = [(f"--master_port={free_port()}" if a.startswith("--master_port=") else a) for a in args]
+            argv = [sys.executable, *c["command"][1:], *args]
+        else:  # the image's entrypoint is `eapo`
+            argv = [sys.executable, "-m", "eapo.cli", *args]
+        env = {**os.environ, **manifest_env(c, pod), **local, **(extra or {})}
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = []
+    try:
+        for i, p in enumerate(expert_ports):
+            procs.append(start(expert, {"EAPO_EXPERT_SERVER__PORT": str(p)}, pod=f"expert-{i}"))
+            wait_http(f"http://127.0.0.1:{p}{container(expert)['readinessProbe']['httpGet']['path']}", procs[-1])
+        procs.append(start(gateway))
+        wait_http(
+            f"http://127.0.0.1:{ports['gateway']}{container(gateway)['readinessProbe']['httpGet']['path']}", procs[-1]
+        )
+        learner_proc = start(learner)
+        rollout_proc = start(rollout, pod="eapo-eapo-rollout-7d9f-abcde")
+        procs += [learner_proc, rollout_proc]
+        wait_http(
+            f"http://127.0.0.1:{ports['rollout']}{container(rollout)['readinessProbe']['httpGet']['path']}",
+            rollout_proc,
+        )
+        out, _ = learner_proc.communicate(timeout=300)
+        assert learner_proc.returncode == 0, out[-3000:]
+        out, _ = rollout_proc.communicate(timeout=120)
+        assert rollout_proc.returncode == 0, out[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[-1]["groups_read"] >= 1
