@@ -46,4 +46,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():  # a gloo group left to exit handlers can abort the process
+            torch.distributed.destroy_process_group()

@@ -1,10 +1,12 @@
 """Builders shared by the learner tests."""
 
+import sys
 import time
 import uuid
 
 import numpy as np
 
+from eapo.redis_server import free_port
 from proto import AnnealState, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
 
 
@@ -34,3 +36,16 @@ def group(rng: np.random.Generator, scores: list[float]) -> TrajectoryGroup:
         rollout_replica="test",
         created_at=time.time(),
     )
+
+
+def torchrun(ranks: int) -> list[str]:
+    """The launcher's command line for ``ranks`` local processes on loopback, before the script."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--nnodes=1",
+        f"--master_port={free_port()}",
+        "--master_addr=127.0.0.1",
+    ]

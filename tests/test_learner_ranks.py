@@ -3,13 +3,11 @@ token-packed micro-batches (gradient accumulation)."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from eapo.redis_server import free_port
+from helpers import torchrun
 
 pytestmark = pytest.mark.e2e
 SCRIPT = Path(__file__).with_name("dist_step.py")
@@ -18,13 +16,7 @@ SCRIPT = Path(__file__).with_name("dist_step.py")
 def run(world_dir, tmp_path, ranks: int, stage: int, micro_tokens: int, kl_coef: float = 0.0) -> dict:
     out = tmp_path / f"r{ranks}-s{stage}-m{micro_tokens}-k{kl_coef}.json"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        "--nnodes=1",
-        f"--master_port={free_port()}",
-        "--master_addr=127.0.0.1",
+        *torchrun(ranks),
         str(SCRIPT),
         str(world_dir),
         str(out),

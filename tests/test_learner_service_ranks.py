@@ -3,15 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import redis
 import yaml
-from helpers import group
+from helpers import group, torchrun
 
-from eapo.redis_server import free_port
 from eapo.streams import FIELD
 from proto import encode
 from proto.weights import published_versions
@@ -37,16 +35,7 @@ def run_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, gro
             }
         )
     )
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        "--nnodes=1",
-        f"--master_port={free_port()}",
-        "--master_addr=127.0.0.1",
-        "-m",
-    ]
+    launcher = [*torchrun(ranks), "-m"]
     proc = subprocess.run(
         [*launcher, "eapo.cli", "learner", "--config", str(config)],
         capture_output=True,
