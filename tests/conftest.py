@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import ServerThread
 
 from eapo.config import WorldConfig
 from eapo.redis_server import RedisServer
@@ -52,34 +53,6 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> WorldConfig:
 @pytest.fixture(scope="session")
 def world_dir(tiny_world: WorldConfig) -> Path:
     return Path(tiny_world.dir)
-
-
-class ServerThread:
-    """A real uvicorn server on 127.0.0.1, in a thread with its own event loop."""
-
-    def __init__(self, app, port: int):
-        import threading
-
-        import uvicorn
-
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"server at {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""Builders shared by the learner tests."""
+"""Builders and servers shared by the tests."""
+
+from __future__ import annotations
 
 import sys
 import time
@@ -49,3 +51,31 @@ def torchrun(ranks: int) -> list[str]:
         f"--master_port={free_port()}",
         "--master_addr=127.0.0.1",
     ]
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1, in a thread with its own event loop."""
+
+    def __init__(self, app, port: int):
+        import threading
+
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server at {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

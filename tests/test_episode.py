@@ -119,3 +119,50 @@ async def test_malformed_block_is_counted_not_sent(tokenizer, gateway):
     _, traj = await episode(tokenizer, gateway, 1.0, ["<consult> ; </consult>", ANSWER_TURN])
     assert traj.rejected_blocks == 1 and traj.consults == []
     assert traj.finish == "answer"
+
+
+async def test_acceptance_rate_matches_p_within_a_binomial_bound(tokenizer, gateway):
+    p, episodes = 0.3, 40
+    engine = ScriptedEngine(tokenizer, [CONSULT_TURN, ANSWER_TURN])
+    draws = []
+    async with aiohttp.ClientSession() as session:
+        experts = ExpertClient(session, gateway, "expert", max_tokens=8, timeout_s=30)
+        for i in range(episodes):
+            engine.calls.clear()  # replay the same two turns in every episode
+            traj = await run_episode(engine, experts, TASK, anneal(p), RolloutConfig(), i)
+            draws += [c for c in traj.consults if c.outcome == "answer"]
+    n = len(draws)
+    accepted = sum(c.accepted for c in draws)
+    assert n >= 60
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(accepted - n * p) <= 4 * sigma, (accepted, n)
+    assert all(c.accepted == (c.draw < p) for c in draws)
+
+
+async def test_an_expert_timeout_becomes_unavailable_and_the_episode_goes_on(tokenizer):
+    import asyncio as aio
+
+    from fastapi import FastAPI
+    from helpers import ServerThread
+
+    from eapo.config import ExpertBackend, GatewayConfig
+    from eapo.redis_server import free_port
+    from expert_gateway.app import create_app
+
+    slow = FastAPI()
+
+    @slow.post("/v1/chat/completions")
+    async def late() -> dict:
+        await aio.sleep(3)
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "too late"}}]}
+
+    with ServerThread(slow, free_port()) as backend:
+        cfg = GatewayConfig(backends=[ExpertBackend(model="expert", url=backend.url)])
+        with ServerThread(create_app(cfg), free_port()) as gw:
+            engine = ScriptedEngine(tokenizer, [CONSULT_TURN, ANSWER_TURN])
+            async with aiohttp.ClientSession() as session:
+                experts = ExpertClient(session, gw.url, "expert", max_tokens=8, timeout_s=0.5)
+                traj = await run_episode(engine, experts, TASK, anneal(1.0), RolloutConfig(), 0)
+    assert [c.outcome for c in traj.consults] == ["error", "error"]
+    assert not any(c.accepted for c in traj.consults)
+    assert traj.finish == "answer" and traj.score == 1.0

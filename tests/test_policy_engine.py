@@ -1,0 +1,66 @@
+"""The CPU policy engine on the tiny world's real policy: batching is exact, seeds replay, eval mode
+grants no consult action."""
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+
+from eapo.config import RolloutConfig
+from eapo.sampling import SampleRequest, generate_batch
+from eapo.world.bootstrap import load_model
+from eapo.world.tasks import evaluate
+from proto import AnnealState, PromptTask
+from proto import episode_format as fmt
+from rollout_service.engine import TransformersEngine
+from rollout_service.episode import ExpertClient, run_episode
+
+TASKS = [
+    PromptTask(prompt_id=f"t{i}", problem=p, answer=str(evaluate(p)))
+    for i, p in enumerate(["2+3*4", "7*8-9", "12+34*5-6", "9-8"])
+]
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(world_dir):
+    model, tok = load_model(world_dir / "policy")
+    reqs = [
+        SampleRequest(tok.encode(fmt.training_prompt(t.problem)), 24, frozenset({tok.eos_token_id}), temperature=0.0)
+        for t in TASKS
+    ]
+    together = generate_batch(model, reqs, tok.pad_token_id)
+    for req, batched in zip(reqs, together, strict=True):
+        alone = generate_batch(model, [req], tok.pad_token_id)[0]
+        assert batched.token_ids == alone.token_ids  # left padding and positions are exact
+        np.testing.assert_allclose(batched.logprobs, alone.logprobs, atol=1e-4)
+
+
+@pytest.mark.asyncio
+async def test_identical_seeds_replay_an_identical_episode(world_dir, gateway):
+    engine = TransformersEngine(world_dir / "policy", version=0)
+    cfg = RolloutConfig(max_new_tokens=32)
+    anneal = AnnealState(step=0, acceptance=0.5, budget=3, penalty=0.0)
+    async with aiohttp.ClientSession() as session:
+        experts = ExpertClient(session, gateway, "expert", max_tokens=16, timeout_s=30)
+        first = await run_episode(engine, experts, TASKS[2], anneal, cfg, sample_index=3)
+        again = await run_episode(engine, experts, TASKS[2], anneal, cfg, sample_index=3)
+        other = await run_episode(engine, experts, TASKS[2], anneal, cfg, sample_index=4)
+    await engine.close()
+    np.testing.assert_array_equal(first.token_ids, again.token_ids)
+    assert first.seed == again.seed != other.seed
+    assert [(c.draw, c.accepted) for c in first.consults] == [(c.draw, c.accepted) for c in again.consults]
+
+
+@pytest.mark.asyncio
+async def test_eval_mode_never_consults(world_dir):
+    engine = TransformersEngine(world_dir / "policy", version=0)
+    cfg = RolloutConfig(max_new_tokens=40)
+    anneal = AnnealState(step=0, acceptance=1.0, budget=4, penalty=0.0)
+    trajs = await asyncio.gather(*(run_episode(engine, None, t, anneal, cfg, i) for i, t in enumerate(TASKS * 4)))
+    await engine.close()
+    tok = engine.tokenizer
+    for traj in trajs:
+        assert traj.consults == [] and traj.rejected_blocks == 0
+        assert traj.loss_mask[traj.prompt_len :].all()  # nothing was injected
+        assert not tok.decode(traj.token_ids[: traj.prompt_len].tolist()).startswith(fmt.TOOLS)
+        assert len(traj.turns) == 1
