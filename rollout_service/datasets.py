@@ -1,0 +1,85 @@
+"""Loaders for real evaluation and training sets: JSONL or Parquet, fields chosen by (dotted) path.
+
+Layouts we ship presets for (field paths into one record):
+- ``aime`` / ``aimo``: ``problem``, ``answer``
+- ``dapo``: DAPO-Math-17k — ``prompt`` is a chat list whose last user message holds the problem,
+  ``reward_model.ground_truth`` the answer.
+Any other layout: pass ``problem_field``/``answer_field`` (and ``id_field``) yourself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eapo.world.tasks import Problem
+
+
+@dataclass(frozen=True)
+class Layout:
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = None
+
+
+PRESETS = {
+    "aime": Layout(),
+    "aimo": Layout(),
+    "world": Layout(id_field="id"),
+    "dapo": Layout(problem_field="prompt", answer_field="reward_model.ground_truth", id_field="extra_info.index"),
+}
+
+
+def _get(record: dict[str, Any], path: str) -> Any:
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(path)
+        value = value[part]
+    return value
+
+
+def _problem_text(value: Any) -> str:
+    """A plain string, or the content of the last user turn of a chat-format prompt."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        users = [m.get("content") for m in value if m.get("role") == "user"]
+        if users and isinstance(users[-1], str):
+            return users[-1]
+    raise ValueError(f"cannot read a problem from {type(value).__name__}")
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist(), 1)
+        return
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from exc
+
+
+def load_problems(path: str | Path, layout: str | Layout = "aime", tier: int = 0) -> list[Problem]:
+    """Every record as a Problem; a record missing a field is an error naming the file and line."""
+    path = Path(path)
+    spec = PRESETS[layout] if isinstance(layout, str) else layout
+    problems = []
+    for where, record in _records(path):
+        try:
+            problem = _problem_text(_get(record, spec.problem_field))
+            answer = str(_get(record, spec.answer_field))
+            pid = str(_get(record, spec.id_field)) if spec.id_field else f"{path.stem}-{where}"
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}:{where}: missing or unreadable field {exc}") from exc
+        problems.append(Problem(id=pid, problem=problem, answer=answer, tier=tier))
+    if not problems:
+        raise ValueError(f"{path}: no records")
+    return problems

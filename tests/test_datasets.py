@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+
+from rollout_service.datasets import Layout, load_problems
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_aime_layout():
+    problems = load_problems(DATA / "aime_sample.jsonl", "aime")
+    assert [p.answer for p in problems] == ["204", "113"]
+    assert problems[0].problem.startswith("Every morning Aya")
+    assert problems[0].id == "aime_sample-1"
+
+
+def test_dapo_layout_reads_the_chat_prompt_and_nested_answer():
+    problems = load_problems(DATA / "dapo_sample.jsonl", "dapo")
+    assert [(p.id, p.answer) for p in problems] == [("a1b2", "14"), ("c3d4", "9")]
+    assert "divisors" in problems[1].problem
+
+
+def test_parquet_with_custom_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "set.parquet"
+    pq.write_table(pa.table({"question": ["1+1", "2*3"], "meta": [{"gold": 2}, {"gold": 6}]}), path)
+    problems = load_problems(path, Layout(problem_field="question", answer_field="meta.gold"))
+    assert [(p.problem, p.answer) for p in problems] == [("1+1", "2"), ("2*3", "6")]
+
+
+def test_missing_field_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "x", "answer": "1"}\n{"problem": "y"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing or unreadable field 'answer'"):
+        load_problems(path)
