@@ -83,6 +83,18 @@ def cmd_learner(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    from rollout_service.evaluate import run_eval
+
+    report = run_eval(cfg, args.model, args.dataset, args.layout, args.samples, args.out, args.limit)
+    s = report["summary"]
+    print(
+        f"{int(s['problems'])} problems x {int(s['samples_per_problem'])} samples: mean score "
+        f"{s['mean_score']:.4f}, variance {s['variance']:.4f}, pass@1 {s['pass@1']:.4f} -> {args.out}"
+    )
+    return 0
+
+
 COMMANDS = {
     "up": (cmd_up, "bring up the whole local stack (Redis, experts, gateway, learner, rollout), train, stop"),
     "bootstrap": (cmd_bootstrap, "build the tiny CPU world: tasks, tokenizer, policy and expert models"),
@@ -90,6 +102,7 @@ COMMANDS = {
     "gateway": (cmd_gateway, "run the expert gateway (FastAPI)"),
     "rollout": (cmd_rollout, "run one rollout replica"),
     "learner": (cmd_learner, "run the DeepSpeed learner (alone, or every rank under torchrun)"),
+    "eval": (cmd_eval, "a checkpoint answers a dataset alone, N samples per problem: mean@N, variance, pass@k"),
 }
 
 
@@ -103,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
         if name == "bootstrap":
             p.add_argument("--force", action="store_true", help="rebuild even if the cached world matches")
+        if name == "eval":
+            p.add_argument("--model", type=Path, help="checkpoint directory (default: the world's policy)")
+            p.add_argument("--dataset", type=Path, help="JSONL or Parquet file (default: the world's eval split)")
+            p.add_argument(
+                "--layout",
+                default="world",
+                choices=["world", "aime", "aimo", "dapo"],
+                help="field layout of the dataset's records",
+            )
+            p.add_argument("--samples", type=int, default=4, help="N samples per problem")
+            p.add_argument("--limit", type=int, default=None, help="only the first LIMIT problems")
+            p.add_argument("--out", type=Path, default=Path("eval.json"), help="report file (JSON)")
     return parser
 
 

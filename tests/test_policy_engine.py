@@ -64,3 +64,42 @@ async def test_eval_mode_never_consults(world_dir):
         assert traj.loss_mask[traj.prompt_len :].all()  # nothing was injected
         assert not tok.decode(traj.token_ids[: traj.prompt_len].tolist()).startswith(fmt.TOOLS)
         assert len(traj.turns) == 1
+
+
+def test_eapo_eval_writes_a_report(tiny_world, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"world": tiny_world.model_dump(mode="json")}))
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eapo.cli",
+            "eval",
+            "--config",
+            str(config),
+            "--samples",
+            "2",
+            "--limit",
+            "6",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["summary"]["problems"] == 6 and report["summary"]["samples_per_problem"] == 2
+    assert len(report["scores"]) == 6 and all(len(v) == 2 for v in report["scores"].values())
+    mean = sum(sum(v) for v in report["scores"].values()) / 12
+    assert report["summary"]["mean_score"] == pytest.approx(mean)
+    assert out.with_suffix(".config.yaml").exists()
+    assert "mean score" in proc.stdout
