@@ -255,7 +255,9 @@ def run_learner(cfg: EAPOConfig, redis_url: str) -> None:
             ranks.follow()
     finally:
         # Tear the process group down before the interpreter does: a gloo group left to the exit
-        # handlers can abort the process ("terminate called without an active exception").
+        # handlers can abort the process ("terminate called without an active exception"); the barrier
+        # lets every rank finish its last collective first.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

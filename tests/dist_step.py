@@ -50,4 +50,5 @@ if __name__ == "__main__":
         main()
     finally:
         if torch.distributed.is_initialized():  # a gloo group left to exit handlers can abort the process
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
