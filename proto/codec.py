@@ -53,34 +53,58 @@ class CorruptPayloadError(ProtoError):
     pass
 
 
+class _Column:
+    """Arrays that travel back to back as one array (a group's per-sample arrays of one field)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+
+
 class _Packer:
-    """msgpack ``default`` hook that moves array bytes out of band into ``buffers``."""
+    """msgpack ``default`` hook: an array becomes a small reference; its bytes are written afterwards,
+    straight into the frame, so no intermediate copy of the bulk is made."""
 
     def __init__(self) -> None:
-        self.buffers: list[bytes | memoryview] = []
+        self.pending: list[tuple[int, int, list[np.ndarray], int]] = []  # offset, code, parts, count
         self.offset = 0
-
-    def _ref(self, code: int, data: np.ndarray, count: int) -> msgpack.ExtType:
-        data = np.ascontiguousarray(data)
-        ref = msgpack.ExtType(_EXT_ARRAY, _ARRAY_REF.pack(code, self.offset, count))
-        self.buffers.append(memoryview(data).cast("B"))
-        self.offset += data.nbytes
-        return ref
 
     def __call__(self, obj: object) -> object:
         if isinstance(obj, np.ndarray):
-            if obj.dtype == np.bool_:
-                return self._ref(_BITS, np.packbits(obj), obj.size)
-            if obj.dtype.kind in "iu":
-                narrow = obj.size == 0 or (int(obj.min()) >= 0 and int(obj.max()) < 1 << 16)
+            obj = _Column([obj])
+        if isinstance(obj, _Column):
+            parts = obj.parts
+            kinds = {p.dtype.kind for p in parts}
+            if len(kinds) != 1:
+                raise TypeError(f"column mixes dtype kinds {sorted(kinds)}")
+            kind = kinds.pop()
+            if kind == "b":
+                code = _BITS
+            elif kind in "iu":
+                narrow = all(p.size == 0 or (int(p.min()) >= 0 and int(p.max()) < 1 << 16) for p in parts)
                 code = 1 if narrow else 2
-                return self._ref(code, obj.astype(_DTYPES[code], copy=False), obj.size)
-            if obj.dtype.kind == "f":
-                return self._ref(3, obj.astype(_DTYPES[3], copy=False), obj.size)
-            raise TypeError(f"cannot encode array of dtype {obj.dtype}")
+            elif kind == "f":
+                code = 3
+            else:
+                raise TypeError(f"cannot encode arrays of dtype kind {kind!r}")
+            count = sum(p.size for p in parts)
+            ref = msgpack.ExtType(_EXT_ARRAY, _ARRAY_REF.pack(code, self.offset, count))
+            self.pending.append((self.offset, code, parts, count))
+            self.offset += (count + 7) // 8 if code == _BITS else count * _DTYPES[code].itemsize
+            return ref
         if isinstance(obj, np.generic):
             return obj.item()
         raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    def write(self, out: bytearray, base: int) -> None:
+        for offset, code, parts, _ in self.pending:
+            if code == _BITS:
+                bits = np.packbits(np.concatenate(parts) if len(parts) > 1 else parts[0])
+                np.frombuffer(out, np.uint8, count=bits.size, offset=base + offset)[:] = bits
+                continue
+            dtype, pos = _DTYPES[code], base + offset
+            for part in parts:
+                np.copyto(np.frombuffer(out, dtype, count=part.size, offset=pos), part, casting="unsafe")
+                pos += part.size * dtype.itemsize
 
 
 def _unpacker(data: memoryview):
@@ -104,15 +128,15 @@ def _unpacker(data: memoryview):
     return hook
 
 
-# A group's per-sample arrays travel as one concatenated array per field (plus the lengths): three
-# extension values per group instead of three per sample, which is most of the codec's cost.
+# A group's per-sample arrays travel as one array per field (plus the lengths): three references per
+# group instead of three per sample.
 _COLUMNS = ("token_ids", "loss_mask", "behaviour_logprobs")
 
 
 def _pack_columns(body: dict) -> None:
     samples = body["samples"]
     body["columns"] = {"lengths": [len(s["token_ids"]) for s in samples]} | {
-        name: np.concatenate([s.pop(name) for s in samples]) for name in _COLUMNS
+        name: _Column([s.pop(name) for s in samples]) for name in _COLUMNS
     }
 
 
@@ -137,7 +161,11 @@ def encode(message: Message) -> bytes:
         _pack_columns(body)
     packer = _Packer()
     meta = msgpack.packb(body, default=packer, use_bin_type=True)
-    return b"".join([_HEADER.pack(MAGIC, SCHEMA_VERSION, kind), _META_LEN.pack(len(meta)), meta, *packer.buffers])
+    head = _HEADER.pack(MAGIC, SCHEMA_VERSION, kind) + _META_LEN.pack(len(meta)) + meta
+    out = bytearray(len(head) + packer.offset)
+    out[: len(head)] = head
+    packer.write(out, len(head))
+    return bytes(out)
 
 
 def decode(payload: bytes, expected: type[M]) -> M:
