@@ -145,9 +145,9 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups", type=int, default=400)
+    parser.add_argument("--groups", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=16, help="groups produced before the consumer drains them")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     asyncio.run(main(parser.parse_args()))
