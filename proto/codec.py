@@ -123,7 +123,7 @@ def _unpacker(data: memoryview):
         arr = np.frombuffer(data, dtype=dtype, count=stored, offset=offset)
         if dtype_code == _BITS:
             return np.unpackbits(arr, count=count).astype(bool)
-        return arr.astype(np.int32) if dtype_code == 1 else arr
+        return arr
 
     return hook
 
@@ -152,7 +152,8 @@ def _unpack_columns(body: dict) -> None:
             sample[name] = column[start:end]
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message) -> memoryview:
+    """The frame, as a view of the one buffer it was written into (Redis clients take it as is)."""
     kind = _KIND_OF.get(type(message))
     if kind is None:
         raise TypeError(f"{type(message).__name__} is not a stream message")
@@ -165,7 +166,7 @@ def encode(message: Message) -> bytes:
     out = bytearray(len(head) + packer.offset)
     out[: len(head)] = head
     packer.write(out, len(head))
-    return bytes(out)
+    return memoryview(out)
 
 
 def decode(payload: bytes, expected: type[M]) -> M:

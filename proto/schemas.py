@@ -19,8 +19,8 @@ def _array(dtype: str) -> BeforeValidator:
     want = np.dtype(dtype)
 
     def convert(value: Any) -> np.ndarray:
-        if isinstance(value, np.ndarray) and value.dtype == want and value.ndim == 1:
-            return value  # the codec's output: already exact
+        if isinstance(value, np.ndarray) and value.ndim == 1 and np.can_cast(value.dtype, want, "safe"):
+            return value  # exact already, or losslessly narrower (the codec's uint16 token ids): no copy
         arr = np.asarray(value)
         if arr.ndim != 1:
             raise ValueError(f"expected a 1-D array, got shape {arr.shape}")
@@ -31,7 +31,7 @@ def _array(dtype: str) -> BeforeValidator:
     return BeforeValidator(convert)
 
 
-TokenIds = Annotated[np.ndarray, _array("int32")]
+TokenIds = Annotated[np.ndarray, _array("int32")]  # int32, or a narrower integer type that fits
 Mask = Annotated[np.ndarray, _array("bool")]
 Floats = Annotated[np.ndarray, _array("float32")]
 
