@@ -66,6 +66,9 @@ class GatewayConfig(Section):
     backends: list[ExpertBackend] = Field(default_factory=list)
     request_timeout_s: float = 60.0
     max_queries: int = Field(8, description="largest batch a consult request may carry")
+    health_interval_s: float = Field(5.0, gt=0, description="active GET /health on every backend this often")
+    eject_after_failures: int = Field(3, ge=1, description="consecutive failed requests that eject a backend")
+    eject_s: float = Field(10.0, gt=0, description="how long an ejected backend sits out before health checks")
 
 
 class RolloutConfig(Section):

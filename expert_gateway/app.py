@@ -10,6 +10,7 @@ backend of the pool within the request's deadline; 4xx answers are the client's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel
 
 from eapo.config import GatewayConfig
-from expert_gateway.pools import Backend, NoBackend, Pools
+from expert_gateway.pools import Backend, NoBackend, NoHealthyBackend, Pools
 from proto import ConsultRequest, ConsultResponse, ConsultResult
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,28 @@ class UpstreamFailed(RuntimeError):
 class BackendView(BaseModel):
     url: str
     model: str
+    state: str  # "available", "unhealthy" (failed its last check) or "ejected" (after failed requests)
     in_flight: int
     requests: int
     errors: int
+    consecutive_failures: int
     latency_ms: dict[str, float | None]
+    ejections: list[dict]
 
 
 class GatewayState:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.pools = Pools([Backend(url=b.url, model=b.model) for b in config.backends])
+
+    def record(self, backend: Backend, ok: bool, reason: str = "") -> None:
+        backend.record(ok, self.config.eject_after_failures, self.config.eject_s, reason)
+
+    async def health_loop(self) -> None:
+        """Active checks of every backend, forever (cancelled at shutdown)."""
+        while True:
+            await asyncio.gather(*(b.check() for b in self.pools.backends()))
+            await asyncio.sleep(self.config.health_interval_s)
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", **headers: str) -> JSONResponse:
@@ -84,15 +97,16 @@ async def call_pool(state: GatewayState, model: str, path: str, body: bytes, dea
                 try:
                     status, payload, ctype = await _attempt(backend, path, body, remaining)
                 except RETRYABLE as exc:
-                    backend.errors += 1
                     last = f"{backend.url}: {type(exc).__name__} {exc}".strip()
+                    state.record(backend, ok=False, reason=last)
                     RETRIES.labels(model).inc()
                     continue
                 if status >= 500:
-                    backend.errors += 1
                     last = f"{backend.url}: HTTP {status}"
+                    state.record(backend, ok=False, reason=last)
                     RETRIES.labels(model).inc()
                     continue
+                state.record(backend, ok=True)
                 return status, payload, ctype
         except NoBackend as exc:
             if not tried:
@@ -100,6 +114,11 @@ async def call_pool(state: GatewayState, model: str, path: str, body: bytes, dea
             last = f"{last}; {exc}"
             break
     raise UpstreamFailed(last)
+
+
+def retry_after(state: GatewayState) -> int:
+    """Seconds until the next health check may bring a backend back."""
+    return max(1, round(state.config.health_interval_s))
 
 
 def get_state(request: Request) -> GatewayState:
@@ -116,7 +135,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
         for b in state.pools.backends():
             b.open()
         app.state.gateway = state
+        checks = asyncio.create_task(state.health_loop())
         yield
+        checks.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await checks
         for b in state.pools.backends():
             await b.close()
 
@@ -137,6 +160,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return await stream(state, model, path, body, deadline, route)
         try:
             status, payload, ctype = await call_pool(state, model, path, body, deadline)
+        except NoHealthyBackend as exc:
+            REQUESTS.labels(route, "no_healthy_backend").inc()
+            return error(503, str(exc), "ServiceUnavailable", **{"Retry-After": str(retry_after(state))})
         except NoBackend as exc:
             REQUESTS.labels(route, "unknown_model").inc()
             return error(404, str(exc), "NotFoundError")
@@ -148,35 +174,40 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     async def stream(state: GatewayState, model: str, path: str, body: bytes, deadline: float, route: str) -> Response:
         """Open upstream (retrying before any byte is sent), then relay chunks as they come."""
-        stack = AsyncExitStack()
         tried: set[Backend] = set()
-        try:
-            while True:
+        while True:  # open upstream, retrying on another backend before any byte is sent
+            stack = AsyncExitStack()
+            try:
                 backend = await stack.enter_async_context(state.pools.lease(model, exclude=tried))
-                tried.add(backend)
-                assert backend.session is not None
-                try:
-                    resp = await stack.enter_async_context(
-                        backend.session.post(
-                            path,
-                            data=body,
-                            headers={"Content-Type": "application/json"},
-                            timeout=aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.001)),
-                        )
+            except NoBackend as exc:
+                if isinstance(exc, NoHealthyBackend) and not tried:
+                    REQUESTS.labels(route, "no_healthy_backend").inc()
+                    return error(503, str(exc), "ServiceUnavailable", **{"Retry-After": str(retry_after(state))})
+                REQUESTS.labels(route, "unknown_model" if not tried else "upstream_failed").inc()
+                if not tried:
+                    return error(404, str(exc), "NotFoundError")
+                return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
+            tried.add(backend)
+            assert backend.session is not None
+            try:
+                resp = await stack.enter_async_context(
+                    backend.session.post(
+                        path,
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        timeout=aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.001)),
                     )
-                except RETRYABLE:
-                    backend.errors += 1
-                    continue
-                if resp.status >= 500:
-                    backend.errors += 1
-                    continue
-                break
-        except NoBackend as exc:
-            await stack.aclose()
-            REQUESTS.labels(route, "unknown_model" if not tried else "upstream_failed").inc()
-            if not tried:
-                return error(404, str(exc), "NotFoundError")
-            return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
+                )
+            except RETRYABLE as exc:
+                state.record(backend, ok=False, reason=f"{backend.url}: {type(exc).__name__}")
+                await stack.aclose()
+                continue
+            if resp.status >= 500:
+                state.record(backend, ok=False, reason=f"{backend.url}: HTTP {resp.status}")
+                await stack.aclose()
+                continue
+            state.record(backend, ok=True)
+            break
 
         async def relay() -> AsyncIterator[bytes]:
             async with stack:  # lease and upstream released on end, error or client disconnect
@@ -216,14 +247,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/admin/backends", response_model=list[BackendView])
     async def backends(state: State) -> list[BackendView]:
+        now = time.monotonic()
         return [
             BackendView(
                 url=b.url,
                 model=b.model,
+                state="available" if b.available(now) else ("ejected" if now < b.ejected_until else "unhealthy"),
                 in_flight=b.in_flight,
                 requests=b.requests,
                 errors=b.errors,
+                consecutive_failures=b.consecutive_failures,
                 latency_ms=b.latency_percentiles(),
+                ejections=list(b.ejections),
             )
             for b in state.pools.backends()
         ]
@@ -234,7 +269,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(state: State) -> JSONResponse:
-        ready = bool(state.pools.backends())
+        now = time.monotonic()
+        ready = any(b.available(now) for b in state.pools.backends())
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics")

@@ -1,13 +1,17 @@
 """Backends and pools: where a request can go, and which backend of a pool it goes to.
 
 A pool is keyed by model name. Within it the default policy is least outstanding requests, ties
-broken at random. Each backend owns one aiohttp connection pool (keep-alive, no connection cap),
-never a client per request. In-flight counts rise at pick and fall in a ``finally``.
+broken at random, among *available* backends: healthy by the last active check and not ejected.
+A backend is ejected after consecutive failed requests (passive) and comes back once its ejection
+has run out and an active ``GET /health`` succeeds. Each backend owns one aiohttp connection pool
+(keep-alive, no connection cap), never a client per request. In-flight counts rise at pick and fall
+in a ``finally``.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +30,39 @@ class Backend:
     errors: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     session: aiohttp.ClientSession | None = None
+    healthy: bool = True
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    ejections: deque[dict] = field(default_factory=lambda: deque(maxlen=32))
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def record(self, ok: bool, eject_after: int, eject_s: float, reason: str = "") -> None:
+        """Passive health: a success resets the count; ``eject_after`` failures in a row eject."""
+        if ok:
+            self.consecutive_failures = 0
+            return
+        self.errors += 1
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= eject_after and time.monotonic() >= self.ejected_until:
+            self.ejected_until = time.monotonic() + eject_s
+            self.healthy = False  # back only through a successful active check
+            self.ejections.append({"at": time.time(), "reason": reason, "failures": self.consecutive_failures})
+
+    async def check(self, timeout_s: float = 2.0) -> bool:
+        """Active health: vLLM's ``GET /health``. Re-admits a backend whose ejection ran out."""
+        assert self.session is not None
+        try:
+            async with self.session.get("health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                ok = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        if ok and time.monotonic() >= self.ejected_until:
+            self.healthy, self.consecutive_failures = True, 0
+        elif not ok:
+            self.healthy = False
+        return ok
 
     def open(self) -> None:
         if self.session is None:
@@ -48,6 +85,10 @@ class NoBackend(LookupError):
     """The model has no pool, or its pool has no backend left to try."""
 
 
+class NoHealthyBackend(NoBackend):
+    """The pool exists but none of its backends is available now."""
+
+
 class Pools:
     def __init__(self, backends: list[Backend], seed: int = 0):
         self._pools: dict[str, list[Backend]] = {}
@@ -66,8 +107,11 @@ class Pools:
         """Least outstanding requests among the pool's backends not in ``exclude``."""
         if model not in self._pools:
             raise NoBackend(f"unknown model {model!r}; served models: {', '.join(self.models) or 'none'}")
-        candidates = [b for b in self._pools[model] if b not in exclude]
+        now = time.monotonic()
+        candidates = [b for b in self._pools[model] if b not in exclude and b.available(now)]
         if not candidates:
+            if not any(b.available(now) for b in self._pools[model]):
+                raise NoHealthyBackend(f"no healthy backend in pool {model!r}")
             raise NoBackend(f"no backend of pool {model!r} left to try")
         least = min(b.in_flight for b in candidates)
         return self._rng.choice([b for b in candidates if b.in_flight == least])
