@@ -72,48 +72,73 @@ def error(status: int, message: str, kind: str = "invalid_request_error", **head
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
-async def _attempt(backend: Backend, path: str, body: bytes, timeout_s: float) -> tuple[int, bytes, str]:
-    assert backend.session is not None
-    t0 = time.perf_counter()
-    async with backend.session.post(
-        path,
-        data=body,
-        headers={"Content-Type": "application/json"},
-        timeout=aiohttp.ClientTimeout(total=timeout_s),
-    ) as resp:
-        payload = await resp.read()
-    backend.latencies_ms.append((time.perf_counter() - t0) * 1000)
-    return resp.status, payload, resp.content_type
-
-
-async def call_pool(state: GatewayState, model: str, path: str, body: bytes, deadline: float) -> tuple[int, bytes, str]:
-    """Send to the least-loaded backend; on a retryable failure try another, until the deadline."""
-    tried: set[Backend] = set()
-    last = "no attempt made"
+async def open_upstream(
+    state: GatewayState, model: str, path: str, body: bytes, deadline: float, tried: set[Backend]
+) -> tuple[AsyncExitStack, Backend, aiohttp.ClientResponse]:
+    """Lease the least-loaded available backend and send; on a retryable failure (connection error,
+    timeout, 5xx) try another backend of the pool, until the deadline. Returns the response with its
+    headers read; the caller owns the stack (lease + response) and records the final outcome.
+    Raises ``NoBackend`` (unknown model, or no healthy backend) when nothing was tried, else ``UpstreamFailed``."""
+    last = "deadline passed before any attempt"
     while (remaining := deadline - time.monotonic()) > 0:
+        stack = AsyncExitStack()
         try:
-            async with state.pools.lease(model, exclude=tried) as backend:
-                tried.add(backend)
-                try:
-                    status, payload, ctype = await _attempt(backend, path, body, remaining)
-                except RETRYABLE as exc:
-                    last = f"{backend.url}: {type(exc).__name__} {exc}".strip()
-                    state.record(backend, ok=False, reason=last)
-                    RETRIES.labels(model).inc()
-                    continue
-                if status >= 500:
-                    last = f"{backend.url}: HTTP {status}"
-                    state.record(backend, ok=False, reason=last)
-                    RETRIES.labels(model).inc()
-                    continue
-                state.record(backend, ok=True)
-                return status, payload, ctype
+            backend = await stack.enter_async_context(state.pools.lease(model, exclude=tried))
         except NoBackend as exc:
             if not tried:
                 raise
-            last = f"{last}; {exc}"
-            break
+            raise UpstreamFailed(f"{last}; {exc}") from exc
+        tried.add(backend)
+        assert backend.session is not None
+        t0 = time.perf_counter()
+        try:
+            resp = await stack.enter_async_context(
+                backend.session.post(
+                    path,
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=remaining),
+                )
+            )
+        except RETRYABLE as exc:
+            last = f"{backend.url}: {type(exc).__name__} {exc}".strip()
+        else:
+            if resp.status < 500:
+                backend.latencies_ms.append((time.perf_counter() - t0) * 1000)  # time to response headers
+                return stack, backend, resp
+            last = f"{backend.url}: HTTP {resp.status}"
+        state.record(backend, ok=False, reason=last)
+        RETRIES.labels(model).inc()
+        await stack.aclose()
     raise UpstreamFailed(last)
+
+
+async def call_pool(state: GatewayState, model: str, path: str, body: bytes, deadline: float) -> tuple[int, bytes, str]:
+    """A whole non-streaming call: a body that fails to arrive is retried on another backend too."""
+    tried: set[Backend] = set()
+    while True:
+        stack, backend, resp = await open_upstream(state, model, path, body, deadline, tried)
+        async with stack:
+            try:
+                payload = await resp.read()
+            except RETRYABLE as exc:
+                state.record(backend, ok=False, reason=f"{backend.url}: {type(exc).__name__} {exc}".strip())
+                RETRIES.labels(model).inc()
+                continue
+        state.record(backend, ok=True)
+        return resp.status, payload, resp.content_type
+
+
+def upstream_error(state: GatewayState, exc: Exception, route: str) -> JSONResponse:
+    """The client's answer when no backend could serve the request."""
+    if isinstance(exc, NoHealthyBackend):
+        REQUESTS.labels(route, "no_healthy_backend").inc()
+        return error(503, str(exc), "ServiceUnavailable", **{"Retry-After": str(retry_after(state))})
+    if isinstance(exc, NoBackend):
+        REQUESTS.labels(route, "unknown_model").inc()
+        return error(404, str(exc), "NotFoundError")
+    REQUESTS.labels(route, "upstream_failed").inc()
+    return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
 
 
 def retry_after(state: GatewayState) -> int:
@@ -160,54 +185,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return await stream(state, model, path, body, deadline, route)
         try:
             status, payload, ctype = await call_pool(state, model, path, body, deadline)
-        except NoHealthyBackend as exc:
-            REQUESTS.labels(route, "no_healthy_backend").inc()
-            return error(503, str(exc), "ServiceUnavailable", **{"Retry-After": str(retry_after(state))})
-        except NoBackend as exc:
-            REQUESTS.labels(route, "unknown_model").inc()
-            return error(404, str(exc), "NotFoundError")
-        except UpstreamFailed as exc:
-            REQUESTS.labels(route, "upstream_failed").inc()
-            return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
+        except (NoBackend, UpstreamFailed) as exc:
+            return upstream_error(state, exc, route)
         REQUESTS.labels(route, str(status)).inc()
         return Response(payload, status_code=status, media_type=ctype)
 
     async def stream(state: GatewayState, model: str, path: str, body: bytes, deadline: float, route: str) -> Response:
         """Open upstream (retrying before any byte is sent), then relay chunks as they come."""
-        tried: set[Backend] = set()
-        while True:  # open upstream, retrying on another backend before any byte is sent
-            stack = AsyncExitStack()
-            try:
-                backend = await stack.enter_async_context(state.pools.lease(model, exclude=tried))
-            except NoBackend as exc:
-                if isinstance(exc, NoHealthyBackend) and not tried:
-                    REQUESTS.labels(route, "no_healthy_backend").inc()
-                    return error(503, str(exc), "ServiceUnavailable", **{"Retry-After": str(retry_after(state))})
-                REQUESTS.labels(route, "unknown_model" if not tried else "upstream_failed").inc()
-                if not tried:
-                    return error(404, str(exc), "NotFoundError")
-                return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
-            tried.add(backend)
-            assert backend.session is not None
-            try:
-                resp = await stack.enter_async_context(
-                    backend.session.post(
-                        path,
-                        data=body,
-                        headers={"Content-Type": "application/json"},
-                        timeout=aiohttp.ClientTimeout(total=max(deadline - time.monotonic(), 0.001)),
-                    )
-                )
-            except RETRYABLE as exc:
-                state.record(backend, ok=False, reason=f"{backend.url}: {type(exc).__name__}")
-                await stack.aclose()
-                continue
-            if resp.status >= 500:
-                state.record(backend, ok=False, reason=f"{backend.url}: HTTP {resp.status}")
-                await stack.aclose()
-                continue
-            state.record(backend, ok=True)
-            break
+        try:
+            stack, backend, resp = await open_upstream(state, model, path, body, deadline, set())
+        except (NoBackend, UpstreamFailed) as exc:
+            return upstream_error(state, exc, route)
+        state.record(backend, ok=True)
 
         async def relay() -> AsyncIterator[bytes]:
             async with stack:  # lease and upstream released on end, error or client disconnect
