@@ -209,7 +209,6 @@ class Learner:
                     pipe.sadd(self.names.trained, *group_ids)
                 pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
                 await pipe.execute()
-            kept = [entry.message for entry, _ in batch]
             record = {
                 "step": step + 1,
                 "time_s": round(time.monotonic() - t_start, 2),
@@ -220,8 +219,8 @@ class Learner:
                 "groups_trained": len(batch),
                 "idle_ratio": round(t_data / max(time.monotonic() - t0, 1e-9), 4),
                 "tokens_per_s": stats["policy_tokens"] / max(time.monotonic() - t0 - t_data, 1e-9),
-                "kept_calls_per_episode": rollout_stats(kept, step)["calls_per_episode"],
-                "stale_calls_per_episode": rollout_stats(stale, step)["calls_per_episode"] if stale else None,
+                "kept_calls_per_episode": calls_per_episode([entry.message for entry, _ in batch]),
+                "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
                 "group_ids": group_ids,
                 "dropped": dict(self.dropped),
                 **stats,
@@ -276,6 +275,11 @@ def _drive(cfg: EAPOConfig, redis_url: str, ranks: Ranks) -> None:
         ranks.call("stop")
 
 
+def calls_per_episode(groups: list[TrajectoryGroup]) -> float:
+    samples = [s for g in groups for s in g.samples]
+    return sum(len(s.consults) for s in samples) / max(len(samples), 1)
+
+
 def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, float]:
     """What the rollouts of this step looked like, over every group read (kept or dropped)."""
     samples = [s for g in groups for s in g.samples]
@@ -287,7 +291,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     return {
         "groups_read": len(groups),
         "accuracy": sum(s.score for s in samples) / n,
-        "calls_per_episode": len(consults) / n,
+        "calls_per_episode": calls_per_episode(groups),
         "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
         "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
         "answered_rate": sum(c.outcome == "answer" for c in consults) / max(len(consults), 1),
