@@ -39,8 +39,8 @@ class SampleResult:
 
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-    drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
     sorted_logits[drop] = float("-inf")
     return torch.empty_like(logits).scatter_(0, order, sorted_logits)
 

@@ -103,3 +103,13 @@ def test_eapo_eval_writes_a_report(tiny_world, tmp_path):
     assert report["summary"]["mean_score"] == pytest.approx(mean)
     assert out.with_suffix(".config.yaml").exists()
     assert "mean score" in proc.stdout
+
+
+def test_top_p_keeps_the_smallest_head_reaching_p():
+    import torch
+
+    from eapo.sampling import _filter_top_p
+
+    logits = torch.log(torch.tensor([0.15, 0.5, 0.05, 0.3]))
+    kept = torch.softmax(_filter_top_p(logits, 0.7), dim=-1)
+    assert kept.tolist() == pytest.approx([0.0, 0.625, 0.0, 0.375])
