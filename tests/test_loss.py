@@ -108,7 +108,7 @@ def test_masked_tokens_get_no_gradient_and_do_not_change_the_loss():
     old2 = old.clone()
     old2[~mask] = -1e3
     loss2, _ = dapo_loss(new2, old2, adv, mask)
-    assert float(loss2) == pytest.approx(float(loss))
+    assert float(loss2.detach()) == pytest.approx(float(loss.detach()))
 
 
 def test_token_logprobs_alignment():
