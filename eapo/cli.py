@@ -61,10 +61,15 @@ def cmd_gateway(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
     from expert_gateway.app import create_app
 
-    if not cfg.gateway.backends:
-        sys.exit("gateway.backends is empty: configure at least one {model, url} backend")
+    if not cfg.gateway.backends and not cfg.gateway.discovery:
+        sys.exit("the gateway has no backends: configure gateway.backends or gateway.discovery")
     uvicorn.run(
-        create_app(cfg.gateway), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning", access_log=False
+        create_app(cfg.gateway),
+        host=cfg.gateway.host,
+        port=cfg.gateway.port,
+        log_level="warning",
+        access_log=False,  # no per-request logging on the hot path; /metrics counts requests
+        timeout_graceful_shutdown=cfg.gateway.shutdown_grace_s,  # SIGTERM: in-flight requests finish
     )
     return 0
 

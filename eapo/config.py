@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -58,17 +58,46 @@ class ExpertServerConfig(Section):
 class ExpertBackend(Section):
     model: str
     url: str
+    weight: float = Field(1.0, gt=0, description="relative capacity (e.g. GPU slots): load is in-flight / weight")
+    max_in_flight: int | None = Field(None, ge=1, description="overrides gateway.max_in_flight_per_backend")
+
+
+class DnsPool(Section):
+    """A Kubernetes headless Service: every address its name resolves to is a backend of ``model``."""
+
+    model: str
+    host: str = Field(description="e.g. eapo-expert.eapo.svc.cluster.local (a headless Service)")
+    port: int = 8000
+    scheme: Literal["http", "https"] = "http"
+    weight: float = Field(1.0, gt=0)
 
 
 class GatewayConfig(Section):
     host: str = "127.0.0.1"
     port: int = 8000
     backends: list[ExpertBackend] = Field(default_factory=list)
+    discovery: list[DnsPool] = Field(default_factory=list, description="pools whose backends come from DNS")
+    discovery_interval_s: float = Field(10.0, gt=0, description="re-resolve the discovery names this often")
+    aliases: dict[str, str] = Field(default_factory=dict, description="alias -> served model name")
+    policy: Literal["least_outstanding", "power_of_two", "round_robin", "weighted"] = "least_outstanding"
+    sticky_episodes: bool = Field(False, description="later requests of an episode go to the same backend")
+    sticky_max_imbalance: float = Field(
+        4.0, ge=0, description="leave the sticky backend when its load exceeds the least loaded one's by this"
+    )
+    max_in_flight_per_backend: int | None = Field(None, ge=1, description="requests beyond it wait in the queue")
+    queue_size: int = Field(1024, ge=0, description="requests that may wait for a free backend; past it: 429")
+    queue_timeout_s: float = Field(10.0, gt=0, description="longest wait in the queue before 429")
     request_timeout_s: float = 60.0
     max_queries: int = Field(8, description="largest batch a consult request may carry")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies are refused with 413")
+    max_tokens_limit: int = Field(8192, ge=1, description="requests asking for more tokens are refused with 422")
+    api_token: SecretStr | None = Field(None, description="bearer token required on /v1/* (unset: open)")
+    admin_token: SecretStr | None = Field(None, description="bearer token required on /admin/* (unset: open)")
     health_interval_s: float = Field(5.0, gt=0, description="active GET /health on every backend this often")
     eject_after_failures: int = Field(3, ge=1, description="consecutive failed requests that eject a backend")
     eject_s: float = Field(10.0, gt=0, description="how long an ejected backend sits out before health checks")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight requests get this long at shutdown")
+    seed: int = Field(0, description="seeds the random tie-breaks and power-of-two draws")
 
 
 class RolloutConfig(Section):
@@ -188,8 +217,17 @@ class EAPOConfig(BaseSettings):
         return self.learner.checkpoint_dir or self.run_dir / "checkpoints"
 
     def dump_yaml(self, path: Path) -> None:
+        """The resolved config; secrets appear masked (``**********``): pass them with ``secret_env``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+    def secret_env(self) -> dict[str, str]:
+        """The environment that hands this config's secrets to a child process (never written to disk)."""
+        secrets = {
+            "EAPO_GATEWAY__API_TOKEN": self.gateway.api_token,
+            "EAPO_GATEWAY__ADMIN_TOKEN": self.gateway.admin_token,
+        }
+        return {name: value.get_secret_value() for name, value in secrets.items() if value is not None}
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> EAPOConfig:

@@ -149,13 +149,13 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
             )
             child.health_url = f"http://127.0.0.1:{port}/health"
             children.append(child)
-        gateway = _spawn("gateway", "gateway", config_file, logs, {})
+        gateway = _spawn("gateway", "gateway", config_file, logs, cfg.secret_env())
         gateway.health_url = f"http://127.0.0.1:{gateway_port}/readyz"
         children.append(gateway)
         _wait_healthy(children, timeout_s=120)
         print(f"[eapo up] experts and gateway healthy ({time.monotonic() - t0:.0f}s)", flush=True)
         learner = _spawn("learner", "learner", config_file, logs, {})
-        rollout = _spawn("rollout-0", "rollout", config_file, logs, {"OMP_NUM_THREADS": "1"})
+        rollout = _spawn("rollout-0", "rollout", config_file, logs, {"OMP_NUM_THREADS": "1", **cfg.secret_env()})
         children += [learner, rollout]
         shown = 0
         while learner.process.poll() is None:

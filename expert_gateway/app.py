@@ -2,9 +2,11 @@
 
 Data plane: OpenAI-compatible pass-through (``/v1/chat/completions``, ``/v1/completions``, streaming
 included, ``/v1/models``) and ``/v1/consult``, which fans a batch of ≤K queries out in parallel and
-answers per query (partial success is normal). Inspection: ``/admin/backends``, ``/healthz``,
-``/readyz``, ``/metrics``. A failed attempt (connection error, timeout, 5xx) is retried on another
-backend of the pool within the request's deadline; 4xx answers are the client's and pass through.
+answers per query (partial success is normal). A failed attempt (connection error, timeout, 5xx) is
+retried on another backend of the pool within the request's deadline, never once a stream has begun;
+4xx answers are the client's and pass through. A client that disconnects cancels its upstream call.
+Admin API (``expert_gateway.admin``): inspect, add, drain and remove backends. Probes: ``/healthz``,
+``/readyz``; Prometheus ``/metrics``.
 """
 
 from __future__ import annotations
@@ -14,58 +16,39 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated, Any
+from typing import Any, TypeVar
 
 import aiohttp
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
-from pydantic import BaseModel
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 
 from eapo.config import GatewayConfig
-from expert_gateway.pools import Backend, NoBackend, NoHealthyBackend, Pools
+from expert_gateway import admin
+from expert_gateway.pools import Backend, NoBackend, NoHealthyBackend, QueueFull
+from expert_gateway.security import REJECTED, BodyLimit, bearer_guard
+from expert_gateway.state import GatewayState, State
 from proto import ConsultRequest, ConsultResponse, ConsultResult
 
 log = logging.getLogger(__name__)
 
 REQUESTS = Counter("eapo_gateway_requests_total", "Client requests by route and outcome", ["route", "outcome"])
 RETRIES = Counter("eapo_gateway_retries_total", "Attempts retried on another backend", ["model"])
-REJECTED = Counter("eapo_gateway_rejected_total", "Requests rejected before routing", ["reason"])
 
 RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+T = TypeVar("T")
 
 
 class UpstreamFailed(RuntimeError):
     """Every backend tried failed (or the deadline passed); carries the last reason."""
 
 
-class BackendView(BaseModel):
-    url: str
-    model: str
-    state: str  # "available", "unhealthy" (failed its last check) or "ejected" (after failed requests)
-    in_flight: int
-    requests: int
-    errors: int
-    consecutive_failures: int
-    latency_ms: dict[str, float | None]
-    ejections: list[dict]
-
-
-class GatewayState:
-    def __init__(self, config: GatewayConfig):
-        self.config = config
-        self.pools = Pools([Backend(url=b.url, model=b.model) for b in config.backends])
-
-    def record(self, backend: Backend, ok: bool, reason: str = "") -> None:
-        backend.record(ok, self.config.eject_after_failures, self.config.eject_s, reason)
-
-    async def health_loop(self) -> None:
-        """Active checks of every backend, forever (cancelled at shutdown)."""
-        while True:
-            await asyncio.gather(*(b.check() for b in self.pools.backends()))
-            await asyncio.sleep(self.config.health_interval_s)
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its upstream call was cancelled."""
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", **headers: str) -> JSONResponse:
@@ -73,18 +56,27 @@ def error(status: int, message: str, kind: str = "invalid_request_error", **head
 
 
 async def open_upstream(
-    state: GatewayState, model: str, path: str, body: bytes, deadline: float, tried: set[Backend]
+    state: GatewayState,
+    model: str,
+    path: str,
+    body: bytes,
+    deadline: float,
+    tried: set[Backend],
+    episode: str | None = None,
 ) -> tuple[AsyncExitStack, Backend, aiohttp.ClientResponse]:
-    """Lease the least-loaded available backend and send; on a retryable failure (connection error,
-    timeout, 5xx) try another backend of the pool, until the deadline. Returns the response with its
-    headers read; the caller owns the stack (lease + response) and records the final outcome.
-    Raises ``NoBackend`` (unknown model, or no healthy backend) when nothing was tried, else ``UpstreamFailed``."""
+    """Lease a backend (the pool's policy; may wait in its queue) and send; on a retryable failure
+    (connection error, timeout, 5xx) try another backend of the pool, until the deadline. Returns the
+    response with its headers read; the caller owns the stack (lease + response) and records the final
+    outcome. Raises ``NoBackend`` (unknown model, no healthy backend) or ``QueueFull`` when nothing was
+    tried, else ``UpstreamFailed``."""
     last = "deadline passed before any attempt"
-    while (remaining := deadline - time.monotonic()) > 0:
+    while deadline > time.monotonic():
         stack = AsyncExitStack()
         try:
-            backend = await stack.enter_async_context(state.pools.lease(model, exclude=tried))
-        except NoBackend as exc:
+            backend = await stack.enter_async_context(
+                state.pools.lease(model, exclude=tried, episode=episode, deadline=deadline)
+            )
+        except (NoBackend, QueueFull) as exc:
             if not tried:
                 raise
             raise UpstreamFailed(f"{last}; {exc}") from exc
@@ -97,11 +89,14 @@ async def open_upstream(
                     path,
                     data=body,
                     headers={"Content-Type": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=remaining),
+                    timeout=aiohttp.ClientTimeout(total=deadline - time.monotonic()),
                 )
             )
         except RETRYABLE as exc:
             last = f"{backend.url}: {type(exc).__name__} {exc}".strip()
+        except BaseException:
+            await stack.aclose()  # cancelled (client gone, shutdown): give the slot back
+            raise
         else:
             if resp.status < 500:
                 backend.latencies_ms.append((time.perf_counter() - t0) * 1000)  # time to response headers
@@ -113,11 +108,13 @@ async def open_upstream(
     raise UpstreamFailed(last)
 
 
-async def call_pool(state: GatewayState, model: str, path: str, body: bytes, deadline: float) -> tuple[int, bytes, str]:
+async def call_pool(
+    state: GatewayState, model: str, path: str, body: bytes, deadline: float, episode: str | None = None
+) -> tuple[int, bytes, str]:
     """A whole non-streaming call: a body that fails to arrive is retried on another backend too."""
     tried: set[Backend] = set()
     while True:
-        stack, backend, resp = await open_upstream(state, model, path, body, deadline, tried)
+        stack, backend, resp = await open_upstream(state, model, path, body, deadline, tried, episode)
         async with stack:
             try:
                 payload = await resp.read()
@@ -129,6 +126,28 @@ async def call_pool(state: GatewayState, model: str, path: str, body: bytes, dea
         return resp.status, payload, resp.content_type
 
 
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` unless the client goes away first; then cancel it (aborting the upstream request,
+    which frees the expert's GPU slot) and raise ``ClientGone``."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone
+    return task.result()
+
+
 def upstream_error(state: GatewayState, exc: Exception, route: str) -> JSONResponse:
     """The client's answer when no backend could serve the request."""
     if isinstance(exc, NoHealthyBackend):
@@ -137,6 +156,9 @@ def upstream_error(state: GatewayState, exc: Exception, route: str) -> JSONRespo
     if isinstance(exc, NoBackend):
         REQUESTS.labels(route, "unknown_model").inc()
         return error(404, str(exc), "NotFoundError")
+    if isinstance(exc, QueueFull):
+        REQUESTS.labels(route, "queue_full").inc()
+        return error(429, str(exc), "RateLimitError", **{"Retry-After": "1"})
     REQUESTS.labels(route, "upstream_failed").inc()
     return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
 
@@ -146,11 +168,38 @@ def retry_after(state: GatewayState) -> int:
     return max(1, round(state.config.health_interval_s))
 
 
-def get_state(request: Request) -> GatewayState:
-    return request.app.state.gateway
+def parse_openai_body(body: bytes, state: GatewayState) -> tuple[dict[str, Any], str]:
+    """The request as JSON and its model; raises ``ValueError`` (→ 400) or ``LimitError`` (→ 422)."""
+    parsed = json.loads(body)
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str):
+        raise ValueError("the body must be a JSON object with a string 'model'")
+    for key in ("max_tokens", "max_completion_tokens"):
+        asked = parsed.get(key)
+        if isinstance(asked, int) and asked > state.config.max_tokens_limit:
+            raise LimitError(f"{key}={asked} exceeds this gateway's limit of {state.config.max_tokens_limit}")
+    return parsed, parsed["model"]
 
 
-State = Annotated[GatewayState, Depends(get_state)]
+class LimitError(ValueError):
+    pass
+
+
+class CompletionBody(BaseModel):
+    """What the gateway reads of an OpenAI request; every other field passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(description="pool name or alias")
+    stream: bool = Field(False, description="relay the backend's SSE stream chunk by chunk")
+    max_tokens: int | None = Field(None, ge=1, description="refused with 422 above gateway.max_tokens_limit")
+    messages: list[dict[str, Any]] | None = Field(None, description="chat completions")
+    prompt: str | list[str] | None = Field(None, description="text completions")
+
+
+OPENAI_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": CompletionBody.model_json_schema()}}},
+    "responses": {"404": {"description": "unknown model"}, "429": {"description": "queue full; see Retry-After"},
+                  "503": {"description": "no healthy backend, or all tried failed; see Retry-After"}},
+}  # fmt: skip
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -160,42 +209,78 @@ def create_app(config: GatewayConfig) -> FastAPI:
         for b in state.pools.backends():
             b.open()
         app.state.gateway = state
-        checks = asyncio.create_task(state.health_loop())
+        loops = [asyncio.create_task(state.health_loop())]
+        if config.discovery:
+            loops.append(asyncio.create_task(state.discovery_loop()))
         yield
-        checks.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await checks
+        for task in loops + list(state.retiring):
+            task.cancel()
+        await asyncio.gather(*loops, *state.retiring, return_exceptions=True)
         for b in state.pools.backends():
             await b.close()
 
     app = FastAPI(title="eapo expert gateway", lifespan=lifespan)
+    live = CollectorRegistry(auto_describe=False)
+    live.register(admin.LiveState(app))
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    data_plane = [Depends(bearer_guard(config.api_token, "data plane"))]
+    app.include_router(admin.router, prefix="/admin", dependencies=[Depends(bearer_guard(config.admin_token, "admin"))])
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        REJECTED.labels("invalid_schema").inc()
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error(422, f"invalid request: {problems}")
 
     async def passthrough(request: Request, state: GatewayState, path: str, route: str) -> Response:
         body = await request.body()
         try:
-            parsed = json.loads(body)
-            model = parsed["model"]
-            if not isinstance(model, str):
-                raise TypeError("model must be a string")
-        except (ValueError, KeyError, TypeError) as exc:
+            parsed, model = parse_openai_body(body, state)
+        except LimitError as exc:
+            REJECTED.labels("max_tokens").inc()
+            return error(422, str(exc))
+        except ValueError as exc:
             REJECTED.labels("bad_request").inc()
             return error(400, f"request body must be a JSON object with a string 'model': {exc}")
+        if model in state.pools.aliases:  # the backend only knows the served name
+            parsed["model"] = model = state.pools.resolve(model)
+            body = json.dumps(parsed).encode()
+        episode = request.headers.get("x-episode-id")
         deadline = time.monotonic() + state.config.request_timeout_s
         if parsed.get("stream"):
-            return await stream(state, model, path, body, deadline, route)
+            return await stream(request, state, model, path, body, deadline, route, episode)
         try:
-            status, payload, ctype = await call_pool(state, model, path, body, deadline)
-        except (NoBackend, UpstreamFailed) as exc:
+            status, payload, ctype = await unless_disconnected(
+                request, call_pool(state, model, path, body, deadline, episode)
+            )
+        except (NoBackend, UpstreamFailed, QueueFull) as exc:
             return upstream_error(state, exc, route)
+        except ClientGone:
+            REQUESTS.labels(route, "client_disconnected").inc()
+            return Response(status_code=499)
         REQUESTS.labels(route, str(status)).inc()
         return Response(payload, status_code=status, media_type=ctype)
 
-    async def stream(state: GatewayState, model: str, path: str, body: bytes, deadline: float, route: str) -> Response:
+    async def stream(
+        request: Request,
+        state: GatewayState,
+        model: str,
+        path: str,
+        body: bytes,
+        deadline: float,
+        route: str,
+        episode: str | None,
+    ) -> Response:
         """Open upstream (retrying before any byte is sent), then relay chunks as they come."""
         try:
-            stack, backend, resp = await open_upstream(state, model, path, body, deadline, set())
-        except (NoBackend, UpstreamFailed) as exc:
+            stack, backend, resp = await unless_disconnected(
+                request, open_upstream(state, model, path, body, deadline, set(), episode)
+            )
+        except (NoBackend, UpstreamFailed, QueueFull) as exc:
             return upstream_error(state, exc, route)
+        except ClientGone:
+            REQUESTS.labels(route, "client_disconnected").inc()
+            return Response(status_code=499)
         state.record(backend, ok=True)
 
         async def relay() -> AsyncIterator[bytes]:
@@ -206,75 +291,74 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
         return StreamingResponse(relay(), status_code=resp.status, media_type=resp.content_type)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=data_plane, openapi_extra=OPENAI_BODY)
     async def chat_completions(request: Request, state: State) -> Response:
+        """OpenAI chat completions, passed through to the model's pool (``stream: true`` relays SSE)."""
         return await passthrough(request, state, "v1/chat/completions", "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=data_plane, openapi_extra=OPENAI_BODY)
     async def completions(request: Request, state: State) -> Response:
+        """OpenAI text completions, passed through to the model's pool (``stream: true`` relays SSE)."""
         return await passthrough(request, state, "v1/completions", "completions")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=data_plane)
     async def models(state: State) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "owned_by": "eapo-gateway"} for m in state.pools.models],
-        }
+        """The union of the pools, aliases included."""
+        names = state.pools.models + sorted(state.pools.aliases)
+        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "eapo-gateway"} for m in names]}
 
-    @app.post("/v1/consult", response_model=ConsultResponse)
-    async def consult(req: ConsultRequest, state: State) -> ConsultResponse | JSONResponse:
+    @app.post("/v1/consult", response_model=ConsultResponse, dependencies=data_plane)
+    async def consult(req: ConsultRequest, request: Request, state: State) -> ConsultResponse | Response:
+        """≤K queries of one policy turn, answered in parallel and in order; each answer or its error."""
         if len(req.queries) > state.config.max_queries:
             REJECTED.labels("too_many_queries").inc()
             return error(413, f"{len(req.queries)} queries exceed the limit of {state.config.max_queries}")
-        if req.model not in state.pools.models:
+        if req.max_tokens > state.config.max_tokens_limit:
+            REJECTED.labels("max_tokens").inc()
+            return error(
+                422, f"max_tokens={req.max_tokens} exceeds this gateway's limit of {state.config.max_tokens_limit}"
+            )
+        try:
+            model = state.pools.pool(req.model).model
+        except NoBackend as exc:
             REJECTED.labels("unknown_model").inc()
-            return error(404, f"unknown model {req.model!r}; served: {', '.join(state.pools.models)}", "NotFoundError")
+            return error(404, str(exc), "NotFoundError")
         deadline = time.monotonic() + min(req.deadline_s, state.config.request_timeout_s)
-        results = await asyncio.gather(*(consult_one(state, req, i, q, deadline) for i, q in enumerate(req.queries)))
+        work = asyncio.gather(*(consult_one(state, req, model, i, q, deadline) for i, q in enumerate(req.queries)))
+        try:
+            results = await unless_disconnected(request, work)
+        except ClientGone:
+            REQUESTS.labels("consult", "client_disconnected").inc()
+            return Response(status_code=499)
         REQUESTS.labels("consult", "ok").inc()
         return ConsultResponse(model=req.model, results=list(results))
 
-    @app.get("/admin/backends", response_model=list[BackendView])
-    async def backends(state: State) -> list[BackendView]:
-        now = time.monotonic()
-        return [
-            BackendView(
-                url=b.url,
-                model=b.model,
-                state="available" if b.available(now) else ("ejected" if now < b.ejected_until else "unhealthy"),
-                in_flight=b.in_flight,
-                requests=b.requests,
-                errors=b.errors,
-                consecutive_failures=b.consecutive_failures,
-                latency_ms=b.latency_percentiles(),
-                ejections=list(b.ejections),
-            )
-            for b in state.pools.backends()
-        ]
-
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP."""
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz(state: State) -> JSONResponse:
+        """Readiness: at least one backend is available."""
         now = time.monotonic()
         ready = any(b.available(now) for b in state.pools.backends())
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus text format: the process's counters and every backend's and pool's live state."""
+        return Response(generate_latest() + generate_latest(live), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
 async def consult_one(
-    state: GatewayState, req: ConsultRequest, index: int, query: str, deadline: float
+    state: GatewayState, req: ConsultRequest, model: str, index: int, query: str, deadline: float
 ) -> ConsultResult:
     body = json.dumps(
         {
-            "model": req.model,
+            "model": model,
             "messages": [{"role": "user", "content": query}],
             "max_tokens": req.max_tokens,
             "temperature": req.temperature,
@@ -283,12 +367,14 @@ async def consult_one(
     ).encode()
     t0 = time.perf_counter()
     try:
-        status, payload, _ = await call_pool(state, req.model, "v1/chat/completions", body, deadline)
+        # Stickiness per (episode, query slot): the K queries of a turn still spread over the pool.
+        episode = None if req.episode_id is None else f"{req.episode_id}:{index}"
+        status, payload, _ = await call_pool(state, model, "v1/chat/completions", body, deadline, episode)
         if status != 200:
             raise UpstreamFailed(f"HTTP {status}: {payload[:200].decode(errors='replace')}")
         answer = json.loads(payload)["choices"][0]["message"]["content"]
         return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)
-    except (UpstreamFailed, NoBackend, ValueError, KeyError, IndexError, TypeError) as exc:
+    except (UpstreamFailed, NoBackend, QueueFull, ValueError, KeyError, IndexError, TypeError) as exc:
         return ConsultResult(
             index=index, error=str(exc) or type(exc).__name__, latency_ms=(time.perf_counter() - t0) * 1000
         )

@@ -1,42 +1,75 @@
 """Backends and pools: where a request can go, and which backend of a pool it goes to.
 
-A pool is keyed by model name. Within it the default policy is least outstanding requests, ties
-broken at random, among *available* backends: healthy by the last active check and not ejected.
-A backend is ejected after consecutive failed requests (passive) and comes back once its ejection
-has run out and an active ``GET /health`` succeeds. Each backend owns one aiohttp connection pool
-(keep-alive, no connection cap), never a client per request. In-flight counts rise at pick and fall
-in a ``finally``.
+A pool is keyed by model name (aliases map onto pools). A backend takes new requests while it is
+*available*: healthy by the last active check, not ejected, not draining. Among the available backends
+with room (below their in-flight limit) the pool's policy picks: least outstanding requests by default
+(load = in-flight / weight, so heterogeneous pools balance by capacity), power of two choices,
+round robin, or smooth weighted round robin; ties break at random from a seeded RNG. With stickiness
+on, an episode's later requests go to the backend that served it before while that backend is not
+overloaded (prefix-cache friendly).
+
+When every available backend is at its limit, a request waits in the pool's bounded FIFO queue for a
+slot; a full queue or a wait past its deadline is refused (``QueueFull`` → 429) — never unbounded
+queueing. In-flight counts rise at pick and fall in a ``finally`` that covers stream end, errors and
+client disconnects, and each fall wakes one waiter.
+
+Passive health: ``eject_after`` consecutive failed requests eject a backend; it comes back once the
+ejection has run out and an active ``GET /health`` succeeds. Each backend owns one aiohttp connection
+pool (keep-alive, no connection cap), never a client per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiohttp
 import numpy as np
+
+Policy = Literal["least_outstanding", "power_of_two", "round_robin", "weighted"]
+STICKY_EPISODES_KEPT = 100_000  # episode → backend entries kept (least recently used go first)
 
 
 @dataclass(eq=False)
 class Backend:
     url: str
     model: str
+    weight: float = 1.0
+    max_in_flight: int | None = None
+    source: str = "static"  # static (config), dns (discovery) or admin (added at run time)
     in_flight: int = 0
     requests: int = 0
     errors: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     session: aiohttp.ClientSession | None = None
     healthy: bool = True
+    draining: bool = False
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     ejections: deque[dict] = field(default_factory=lambda: deque(maxlen=32))
+    current_weight: float = 0.0  # smooth weighted round robin's running score
 
     def available(self, now: float) -> bool:
-        return self.healthy and now >= self.ejected_until
+        return self.healthy and not self.draining and now >= self.ejected_until
+
+    def state(self, now: float) -> str:
+        if self.draining:
+            return "draining"
+        if now < self.ejected_until:
+            return "ejected"
+        return "available" if self.healthy else "unhealthy"
+
+    def has_room(self) -> bool:
+        return self.max_in_flight is None or self.in_flight < self.max_in_flight
+
+    def load(self) -> float:
+        return self.in_flight / self.weight
 
     def record(self, ok: bool, eject_after: int, eject_s: float, reason: str = "") -> None:
         """Passive health: a success resets the count; ``eject_after`` failures in a row eject."""
@@ -89,39 +122,164 @@ class NoHealthyBackend(NoBackend):
     """The pool exists but none of its backends is available now."""
 
 
+class QueueFull(RuntimeError):
+    """Every available backend is at its limit and the admission queue is full or the wait ran out."""
+
+
+class Pool:
+    def __init__(self, model: str):
+        self.model = model
+        self.backends: list[Backend] = []
+        self.waiting = 0
+        self.rejected = 0
+        self.freed = asyncio.Condition()
+        self.next_rr = 0
+
+
 class Pools:
-    def __init__(self, backends: list[Backend], seed: int = 0):
-        self._pools: dict[str, list[Backend]] = {}
-        for b in backends:
-            self._pools.setdefault(b.model, []).append(b)
+    def __init__(
+        self,
+        backends: list[Backend] = (),  # type: ignore[assignment]
+        policy: Policy = "least_outstanding",
+        aliases: dict[str, str] | None = None,
+        sticky: bool = False,
+        sticky_max_imbalance: float = 4.0,
+        queue_size: int = 1024,
+        queue_timeout_s: float = 10.0,
+        seed: int = 0,
+    ):
+        self._pools: dict[str, Pool] = {}
+        self.aliases = dict(aliases or {})
+        self.policy, self.sticky, self.sticky_max_imbalance = policy, sticky, sticky_max_imbalance
+        self.queue_size, self.queue_timeout_s = queue_size, queue_timeout_s
+        self._sticky: OrderedDict[str, Backend] = OrderedDict()
         self._rng = random.Random(seed)
+        for b in backends:
+            self.add(b)
 
     @property
     def models(self) -> list[str]:
         return sorted(self._pools)
 
-    def backends(self) -> list[Backend]:
-        return [b for pool in self._pools.values() for b in pool]
+    def pools(self) -> list[Pool]:
+        return [self._pools[m] for m in self.models]
 
-    def pick(self, model: str, exclude: set[Backend] = frozenset()) -> Backend:  # type: ignore[assignment]
-        """Least outstanding requests among the pool's backends not in ``exclude``."""
-        if model not in self._pools:
-            raise NoBackend(f"unknown model {model!r}; served models: {', '.join(self.models) or 'none'}")
+    def backends(self) -> list[Backend]:
+        return [b for pool in self._pools.values() for b in pool.backends]
+
+    def resolve(self, model: str) -> str:
+        """The served model name behind ``model`` (itself or an alias's target)."""
+        return self.aliases.get(model, model)
+
+    def pool(self, model: str) -> Pool:
+        pool = self._pools.get(self.resolve(model))
+        if pool is None:
+            served = ", ".join(self.models + sorted(self.aliases)) or "none"
+            raise NoBackend(f"unknown model {model!r}; served models: {served}")
+        return pool
+
+    def find(self, url: str, model: str | None = None) -> list[Backend]:
+        url = url.rstrip("/")
+        return [b for b in self.backends() if b.url.rstrip("/") == url and (model is None or b.model == model)]
+
+    def add(self, backend: Backend) -> None:
+        if self.find(backend.url, backend.model):
+            raise ValueError(f"backend {backend.url} already serves {backend.model!r}")
+        self._pools.setdefault(backend.model, Pool(backend.model)).backends.append(backend)
+
+    def remove(self, backend: Backend) -> None:
+        """Forget a backend (callers drain it first); an emptied pool disappears."""
+        pool = self._pools[backend.model]
+        pool.backends.remove(backend)
+        if not pool.backends:
+            del self._pools[backend.model]
+        for episode in [e for e, b in self._sticky.items() if b is backend]:
+            del self._sticky[episode]
+
+    def _choose(self, pool: Pool, candidates: list[Backend]) -> Backend:
+        if self.policy == "round_robin":
+            pool.next_rr += 1
+            return candidates[pool.next_rr % len(candidates)]
+        if self.policy == "weighted":  # nginx's smooth weighted round robin
+            total = sum(b.weight for b in candidates)
+            for b in candidates:
+                b.current_weight += b.weight
+            best = max(candidates, key=lambda b: b.current_weight)
+            best.current_weight -= total
+            return best
+        if self.policy == "power_of_two" and len(candidates) > 2:
+            candidates = self._rng.sample(candidates, 2)
+        least = min(b.load() for b in candidates)
+        return self._rng.choice([b for b in candidates if b.load() == least])
+
+    def pick(self, model: str, exclude: set[Backend] = frozenset(), episode: str | None = None) -> Backend | None:  # type: ignore[assignment]
+        """A backend for the request, or None when every available one is at its in-flight limit."""
+        pool = self.pool(model)
         now = time.monotonic()
-        candidates = [b for b in self._pools[model] if b not in exclude and b.available(now)]
+        available = [b for b in pool.backends if b.available(now)]
+        if not available:
+            raise NoHealthyBackend(f"no healthy backend in pool {pool.model!r}")
+        candidates = [b for b in available if b not in exclude]
         if not candidates:
-            if not any(b.available(now) for b in self._pools[model]):
-                raise NoHealthyBackend(f"no healthy backend in pool {model!r}")
-            raise NoBackend(f"no backend of pool {model!r} left to try")
-        least = min(b.in_flight for b in candidates)
-        return self._rng.choice([b for b in candidates if b.in_flight == least])
+            raise NoBackend(f"no backend of pool {pool.model!r} left to try")
+        candidates = [b for b in candidates if b.has_room()]
+        if not candidates:
+            return None
+        if self.sticky and episode is not None:
+            held = self._sticky.get(episode)
+            if held in candidates and held.load() <= min(b.load() for b in candidates) + self.sticky_max_imbalance:
+                self._sticky.move_to_end(episode)
+                return held
+            chosen = self._choose(pool, candidates)
+            self._sticky[episode] = chosen
+            self._sticky.move_to_end(episode)
+            if len(self._sticky) > STICKY_EPISODES_KEPT:
+                self._sticky.popitem(last=False)
+            return chosen
+        return self._choose(pool, candidates)
+
+    async def _wait_for_room(self, pool: Pool, timeout_s: float, pick: Callable[[], Backend | None]) -> Backend:
+        """The admission queue: FIFO (asyncio.Condition wakes in order), bounded in size and in time."""
+        if pool.waiting >= self.queue_size:
+            pool.rejected += 1
+            raise QueueFull(f"pool {pool.model!r}: all backends busy and {pool.waiting} requests already queued")
+        pool.waiting += 1
+        deadline = time.monotonic() + timeout_s
+        try:
+            async with pool.freed:
+                while (backend := pick()) is None:
+                    await asyncio.wait_for(pool.freed.wait(), max(deadline - time.monotonic(), 0.0))
+            return backend
+        except TimeoutError:
+            pool.rejected += 1
+            raise QueueFull(f"pool {pool.model!r}: no backend slot freed within {timeout_s:.1f}s") from None
+        finally:
+            pool.waiting -= 1
 
     @asynccontextmanager
-    async def lease(self, model: str, exclude: set[Backend] = frozenset()) -> AsyncIterator[Backend]:  # type: ignore[assignment]
-        backend = self.pick(model, exclude)
+    async def lease(
+        self,
+        model: str,
+        exclude: set[Backend] = frozenset(),  # type: ignore[assignment]
+        episode: str | None = None,
+        deadline: float | None = None,
+    ) -> AsyncIterator[Backend]:
+        """Hold a slot on a backend for one upstream attempt; waits in the queue when all are busy."""
+        pool = self.pool(model)
+        backend = None if pool.waiting else self.pick(model, exclude, episode)  # no overtaking the queue
+        if backend is None:
+            wait = self.queue_timeout_s if deadline is None else min(self.queue_timeout_s, deadline - time.monotonic())
+            backend = await self._wait_for_room(pool, max(wait, 0.0), lambda: self.pick(model, exclude, episode))
         backend.in_flight += 1
         backend.requests += 1
         try:
             yield backend
         finally:
             backend.in_flight -= 1
+            if pool.waiting:
+                await self.wake(pool)
+
+    async def wake(self, pool: Pool, everyone: bool = False) -> None:
+        """A slot freed (one waiter may go) or the pool changed (every waiter re-checks)."""
+        async with pool.freed:
+            pool.freed.notify_all() if everyone else pool.freed.notify()

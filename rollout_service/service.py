@@ -120,7 +120,9 @@ class RolloutService:
         )
         slots = asyncio.Semaphore(rc.max_groups_in_flight)
         tasks: set[asyncio.Task] = set()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        token = self.cfg.gateway.api_token
+        auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else None
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=auth) as session:
             experts = (
                 ExpertClient(
                     session, rc.gateway_url.rstrip("/"), rc.expert_model, rc.expert_max_tokens, rc.expert_timeout_s

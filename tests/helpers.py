@@ -79,3 +79,48 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class FakeBackend:
+    """A fake vLLM pod (``expert_gateway.fake_backend``) in its own process, so it can be SIGKILLed."""
+
+    def __init__(self, name: str, model: str = "expert", latency_ms: float = 0.0):
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [sys.executable, "-m", "expert_gateway.fake_backend", "--port", str(self.port), "--name", name,
+                     "--model", model, "--latency-ms", str(latency_ms)]  # fmt: skip
+        self.process = None
+
+    def __enter__(self) -> FakeBackend:
+        import subprocess
+
+        import httpx
+
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fake backend {self.name} did not start: {self.process.stderr.read()!r}")
+            time.sleep(0.05)
+
+    def control(self, **settings) -> dict:
+        import httpx
+
+        return httpx.post(f"{self.url}/control", json=settings, timeout=5).json()
+
+    def counters(self) -> dict:
+        return self.control()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)

@@ -24,6 +24,17 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
 
+def test_secrets_never_reach_the_run_directory_but_reach_children(tmp_path, monkeypatch):
+    monkeypatch.setenv("EAPO_GATEWAY__API_TOKEN", "s3cret-data")
+    cfg = load_config(None, run_dir=str(tmp_path / "run"))
+    cfg.dump_yaml(tmp_path / "resolved.yaml")
+    assert "s3cret" not in (tmp_path / "resolved.yaml").read_text() and "s3cret" not in repr(cfg)
+    assert cfg.secret_env() == {"EAPO_GATEWAY__API_TOKEN": "s3cret-data"}
+    for name, value in cfg.secret_env().items():  # what `eapo up` hands its children
+        monkeypatch.setenv(name, value)
+    assert load_config(tmp_path / "resolved.yaml").gateway.api_token.get_secret_value() == "s3cret-data"
+
+
 @pytest.mark.parametrize(
     "data,match",
     [

@@ -1,62 +1,34 @@
-"""Gateway resilience against protocol-true fake backends whose health and failures the test controls."""
+"""Gateway resilience against fake vLLM pods in their own processes, whose health, latency and failures
+the test controls, and which it SIGKILLs."""
 
 import asyncio
+import contextlib
 import time
 
 import httpx
-import pytest
-from fastapi import FastAPI, Response
-from helpers import ServerThread
+from helpers import FakeBackend, ServerThread
 
 from eapo.config import ExpertBackend, GatewayConfig
 from eapo.redis_server import free_port
 from expert_gateway.app import create_app
 
-
-def fake_backend(name: str, state: dict) -> FastAPI:
-    """Speaks vLLM's subset: /health, /v1/chat/completions. ``state`` switches it: ok / 500 / unhealthy."""
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if state["healthy"] else 503)
-
-    @app.post("/v1/chat/completions")
-    async def chat() -> Response:
-        state["served"] += 1
-        await asyncio.sleep(state.get("latency", 0.0))
-        if state["fail"]:
-            return Response(status_code=500, content=b'{"error": "boom"}', media_type="application/json")
-        body = (
-            '{"id": "x", "object": "chat.completion", "created": 0, "model": "expert", "choices": '
-            f'[{{"index": 0, "message": {{"role": "assistant", "content": "{name}"}}, "finish_reason": "stop"}}]}}'
-        )
-        return Response(content=body, media_type="application/json")
-
-    return app
+CHAT = {"model": "expert", "messages": [{"role": "user", "content": "1"}]}
 
 
-def new_state() -> dict:
-    return {"healthy": True, "fail": False, "served": 0}
-
-
-def gateway_for(urls: list[str]) -> ServerThread:
+def gateway_for(urls: list[str], **settings) -> ServerThread:
     cfg = GatewayConfig(
         backends=[ExpertBackend(model="expert", url=u) for u in urls],
         health_interval_s=0.2,
         eject_after_failures=2,
         eject_s=0.6,
         request_timeout_s=10,
+        **settings,
     )
     return ServerThread(create_app(cfg), free_port())
 
 
 def ask(gw: str) -> httpx.Response:
-    return httpx.post(
-        f"{gw}/v1/chat/completions",
-        json={"model": "expert", "messages": [{"role": "user", "content": "1"}]},
-        timeout=10,
-    )
+    return httpx.post(f"{gw}/v1/chat/completions", json=CHAT, timeout=10)
 
 
 def backends(gw: str) -> dict[str, dict]:
@@ -71,62 +43,66 @@ def wait_until(predicate, timeout=5.0):
 
 
 def test_failing_backend_is_ejected_without_client_errors_and_readmitted_after_recovery():
-    good, bad = new_state(), new_state()
-    bad["fail"] = True
-    with (
-        ServerThread(fake_backend("good", good), free_port()) as a,
-        ServerThread(fake_backend("bad", bad), free_port()) as b,
-        gateway_for([a.url, b.url]) as gw,
-    ):
+    with FakeBackend("good") as good, FakeBackend("bad") as bad, gateway_for([good.url, bad.url]) as gw:
+        bad.control(fail=True)
         answers = [ask(gw.url) for _ in range(20)]
         assert all(r.status_code == 200 for r in answers)  # every failure was retried on the good one
         assert {r.json()["choices"][0]["message"]["content"] for r in answers} == {"good"}
-        view = backends(gw.url)[b.url]
+        view = backends(gw.url)[bad.url]
         assert view["state"] == "ejected" and view["ejections"] and "HTTP 500" in view["ejections"][0]["reason"]
-        served_while_ejected = bad["served"]
+        failed_while_ejected = bad.counters()["failed"]
         for _ in range(10):
             assert ask(gw.url).status_code == 200
-        assert bad["served"] == served_while_ejected  # an ejected backend gets no traffic
-        bad["fail"] = False  # recovers: back after the ejection runs out and a health check passes
-        wait_until(lambda: backends(gw.url)[b.url]["state"] == "available")
-        wait_until(lambda: (ask(gw.url), bad["served"] > served_while_ejected)[1])
+        assert bad.counters()["failed"] == failed_while_ejected  # an ejected backend gets no traffic
+        bad.control(fail=False)  # recovers: back after the ejection runs out and a health check passes
+        wait_until(lambda: backends(gw.url)[bad.url]["state"] == "available")
+        wait_until(lambda: (ask(gw.url), bad.counters()["served"] > 0)[1])
 
 
 def test_no_healthy_backend_answers_503_with_retry_after():
-    s = new_state()
-    with ServerThread(fake_backend("only", s), free_port()) as a, gateway_for([a.url]) as gw:
+    with FakeBackend("only") as only, gateway_for([only.url]) as gw:
         assert ask(gw.url).status_code == 200
-        s["healthy"] = False
-        wait_until(lambda: backends(gw.url)[a.url]["state"] == "unhealthy")
+        only.control(healthy=False)
+        wait_until(lambda: backends(gw.url)[only.url]["state"] == "unhealthy")
         r = ask(gw.url)
         assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
         assert "no healthy backend" in r.json()["error"]["message"]
         assert httpx.get(f"{gw.url}/readyz").status_code == 503
-        s["healthy"] = True
+        only.control(healthy=True)
         wait_until(lambda: ask(gw.url).status_code == 200)
 
 
-@pytest.mark.asyncio
-async def test_backend_killed_under_load_costs_no_client_request():
-    one, two = new_state(), new_state()
-    one["latency"] = two["latency"] = 0.02
-    survivor = ServerThread(fake_backend("one", one), free_port()).__enter__()
-    victim = ServerThread(fake_backend("two", two), free_port()).__enter__()
-    try:
-        with gateway_for([survivor.url, victim.url]) as gw:
-            async with httpx.AsyncClient(timeout=20) as client:
-                body = {"model": "expert", "messages": [{"role": "user", "content": "1"}]}
+async def test_backend_sigkilled_under_load_costs_no_client_request():
+    """600 requests, 200 at a time; one of the two backends is SIGKILLed while requests are in flight on it."""
+    with (
+        FakeBackend("survivor", latency_ms=20) as survivor,
+        FakeBackend("victim", latency_ms=20) as victim,
+        gateway_for([survivor.url, victim.url]) as gw,
+    ):
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
 
-                async def call():
-                    return await client.post(f"{gw.url}/v1/chat/completions", json=body)
+            async def call():
+                return await client.post(f"{gw.url}/v1/chat/completions", json=CHAT)
 
-                first = [asyncio.create_task(call()) for _ in range(150)]
-                await asyncio.sleep(0.05)
-                await asyncio.to_thread(victim.__exit__, None, None, None)  # killed mid-load
-                rest = [asyncio.create_task(call()) for _ in range(150)]
-                results = await asyncio.gather(*first, *rest)
-            assert [r.status_code for r in results].count(200) == 300
-            assert two["served"] > 0 and one["served"] >= 150  # both served before the kill
-            assert backends(gw.url)[victim.url]["state"] in ("ejected", "unhealthy")
-    finally:
-        survivor.__exit__(None, None, None)
+            calls = [asyncio.create_task(call()) for _ in range(600)]
+            await asyncio.to_thread(wait_until, lambda: backends(gw.url)[victim.url]["in_flight"] > 5)
+            victim.kill()  # with requests in flight on it
+            results = await asyncio.gather(*calls)
+        codes = [r.status_code for r in results]
+        assert codes.count(200) == 600, {c: codes.count(c) for c in set(codes)}
+        assert backends(gw.url)[victim.url]["state"] in ("ejected", "unhealthy")
+        assert backends(gw.url)[victim.url]["in_flight"] == 0
+
+
+async def test_client_disconnect_cancels_the_upstream_request():
+    with FakeBackend("slow", latency_ms=3000) as slow, gateway_for([slow.url]) as gw:
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            for body in (CHAT, CHAT | {"stream": True}):
+                with contextlib.suppress(httpx.ReadTimeout):
+                    await client.post(f"{gw.url}/v1/chat/completions", json=body)
+            consult = {"model": "expert", "queries": ["a", "b"]}
+            with contextlib.suppress(httpx.ReadTimeout):
+                await client.post(f"{gw.url}/v1/consult", json=consult)
+        await asyncio.to_thread(wait_until, lambda: slow.counters()["cancelled"] == 4)
+        assert backends(gw.url)[slow.url]["in_flight"] == 0
+        assert slow.counters()["served"] == 0

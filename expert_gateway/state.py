@@ -1,0 +1,100 @@
+"""The gateway's shared state: its pools, and the loops that keep them current (health, discovery).
+
+FastAPI handlers get it by dependency injection (``State``); it lives for the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from eapo.config import GatewayConfig
+from expert_gateway.discovery import discovered
+from expert_gateway.pools import Backend, Pools
+
+log = logging.getLogger(__name__)
+
+
+class GatewayState:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.pools = Pools(
+            [
+                Backend(url=b.url, model=b.model, weight=b.weight, max_in_flight=self.limit(b.max_in_flight))
+                for b in config.backends
+            ],
+            policy=config.policy,
+            aliases=config.aliases,
+            sticky=config.sticky_episodes,
+            sticky_max_imbalance=config.sticky_max_imbalance,
+            queue_size=config.queue_size,
+            queue_timeout_s=config.queue_timeout_s,
+            seed=config.seed,
+        )
+        self.retiring: set[asyncio.Task] = set()
+
+    def limit(self, own: int | None) -> int | None:
+        return own if own is not None else self.config.max_in_flight_per_backend
+
+    def record(self, backend: Backend, ok: bool, reason: str = "") -> None:
+        backend.record(ok, self.config.eject_after_failures, self.config.eject_s, reason)
+
+    async def add(self, backend: Backend) -> Backend:
+        self.pools.add(backend)  # raises ValueError on a duplicate
+        backend.open()
+        await self.pools.wake(self.pools.pool(backend.model), everyone=True)  # queued requests may go now
+        return backend
+
+    async def retire(self, backend: Backend, timeout_s: float | None = None) -> bool:
+        """Drain, wait until idle (up to ``timeout_s``), then forget the backend. True if it went idle."""
+        backend.draining = True  # no new requests; the ones in flight finish
+        deadline = time.monotonic() + (self.config.request_timeout_s if timeout_s is None else timeout_s)
+        while backend.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if backend in self.pools.backends():
+            self.pools.remove(backend)
+        await backend.close()
+        return backend.in_flight == 0
+
+    async def health_loop(self) -> None:
+        """Active checks of every backend, forever (cancelled at shutdown). Queued requests re-check
+        afterwards, so a backend coming back (or a lost wake-up) frees them within one interval."""
+        while True:
+            await asyncio.gather(*(b.check() for b in self.pools.backends() if b.session is not None))
+            for pool in self.pools.pools():
+                if pool.waiting:
+                    await self.pools.wake(pool, everyone=True)
+            await asyncio.sleep(self.config.health_interval_s)
+
+    async def discovery_loop(self) -> None:
+        """Keep the DNS-discovered backends equal to what the names resolve to now."""
+        while True:
+            found = await discovered(self.config.discovery)
+            if found is not None:
+                current = {(b.model, b.url): b for b in self.pools.backends() if b.source == "dns"}
+                for (model, url), entry in found.items():
+                    if (model, url) not in current and not self.pools.find(url, model):
+                        log.info("discovery: backend %s joins pool %s", url, model)
+                        await self.add(
+                            Backend(
+                                url=url, model=model, weight=entry.weight, source="dns", max_in_flight=self.limit(None)
+                            )
+                        )
+                for key, backend in current.items():
+                    if key not in found and not backend.draining:
+                        log.info("discovery: backend %s left pool %s; draining", backend.url, backend.model)
+                        task = asyncio.create_task(self.retire(backend))
+                        self.retiring.add(task)
+                        task.add_done_callback(self.retiring.discard)
+            await asyncio.sleep(self.config.discovery_interval_s)
+
+
+def get_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+State = Annotated[GatewayState, Depends(get_state)]
