@@ -88,6 +88,7 @@ class GatewayConfig(Section):
     queue_size: int = Field(1024, ge=0, description="requests that may wait for a free backend; past it: 429")
     queue_timeout_s: float = Field(10.0, gt=0, description="longest wait in the queue before 429")
     request_timeout_s: float = 60.0
+    max_attempts: int = Field(4, ge=1, description="upstream attempts per request (retries on 5xx/connect errors)")
     max_queries: int = Field(8, description="largest batch a consult request may carry")
     max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies are refused with 413")
     max_tokens_limit: int = Field(8192, ge=1, description="requests asking for more tokens are refused with 422")

@@ -120,7 +120,7 @@ async def add_backend(spec: BackendSpec, state: State) -> BackendView:
         source="admin",
     )
     try:
-        await state.add(backend)
+        state.add(backend)
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from exc
     return view(backend, time.monotonic())

@@ -3,7 +3,7 @@
 It speaks the subset of vLLM's OpenAI server the gateway uses (``GET /health``, ``GET /v1/models``,
 ``POST /v1/chat/completions`` and ``/v1/completions``, both also as SSE streams) with a latency and
 failure behaviour the caller controls — at start (``--latency-ms``), or live through
-``POST /control`` (``{"latency_ms": …, "fail": true, "healthy": false}``); ``GET /control`` returns
+``POST /control`` (``{"latency_ms": …, "fail": true, "fail_next": 2, "healthy": false}``); ``GET /control`` returns
 the counters (served, failed, cancelled: requests whose client went away before the answer).
 aiohttp, not FastAPI: in benchmarks it must never be the bottleneck.
 
@@ -21,7 +21,8 @@ from aiohttp import web
 
 
 def make_app(name: str, model: str, latency_ms: float = 0.0) -> web.Application:
-    state = {"latency_ms": latency_ms, "fail": False, "healthy": True, "served": 0, "failed": 0, "cancelled": 0}
+    state = {"latency_ms": latency_ms, "fail": False, "fail_next": 0, "healthy": True, "served": 0, "failed": 0,
+             "cancelled": 0}  # fmt: skip
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200 if state["healthy"] else 503)
@@ -40,7 +41,8 @@ def make_app(name: str, model: str, latency_ms: float = 0.0) -> web.Application:
         except asyncio.CancelledError:
             state["cancelled"] += 1
             raise
-        if state["fail"]:
+        if state["fail"] or state["fail_next"] > 0:
+            state["fail_next"] = max(state["fail_next"] - 1, 0)
             state["failed"] += 1
             return web.json_response({"error": {"message": "injected failure", "code": 500}}, status=500)
         state["served"] += 1
@@ -76,7 +78,9 @@ def make_app(name: str, model: str, latency_ms: float = 0.0) -> web.Application:
 
     async def control(request: web.Request) -> web.Response:
         if request.method == "POST":
-            state.update({k: v for k, v in (await request.json()).items() if k in ("latency_ms", "fail", "healthy")})
+            state.update(
+                {k: v for k, v in (await request.json()).items() if k in ("latency_ms", "fail", "fail_next", "healthy")}
+            )
         return web.json_response(state)
 
     app = web.Application()

@@ -21,11 +21,11 @@ pool (keep-alive, no connection cap), never a client per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -122,6 +122,10 @@ class NoHealthyBackend(NoBackend):
     """The pool exists but none of its backends is available now."""
 
 
+class AllTried(NoBackend):
+    """Every available backend of the pool was already tried for this request."""
+
+
 class QueueFull(RuntimeError):
     """Every available backend is at its limit and the admission queue is full or the wait ran out."""
 
@@ -130,10 +134,22 @@ class Pool:
     def __init__(self, model: str):
         self.model = model
         self.backends: list[Backend] = []
-        self.waiting = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()  # the admission queue, FIFO
         self.rejected = 0
-        self.freed = asyncio.Condition()
         self.next_rr = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self.waiters)
+
+    def wake(self, everyone: bool = False) -> None:
+        """A slot freed (the longest waiter re-checks) or the pool changed (every waiter re-checks)."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
 
 class Pools:
@@ -221,7 +237,7 @@ class Pools:
             raise NoHealthyBackend(f"no healthy backend in pool {pool.model!r}")
         candidates = [b for b in available if b not in exclude]
         if not candidates:
-            raise NoBackend(f"no backend of pool {pool.model!r} left to try")
+            raise AllTried(f"no backend of pool {pool.model!r} left to try")
         candidates = [b for b in candidates if b.has_room()]
         if not candidates:
             return None
@@ -239,47 +255,47 @@ class Pools:
         return self._choose(pool, candidates)
 
     async def _wait_for_room(self, pool: Pool, timeout_s: float, pick: Callable[[], Backend | None]) -> Backend:
-        """The admission queue: FIFO (asyncio.Condition wakes in order), bounded in size and in time."""
+        """The admission queue: FIFO, bounded in size and in time. A woken waiter that still finds no
+        room (the slot went to a backend it must not use) queues again at the back."""
         if pool.waiting >= self.queue_size:
             pool.rejected += 1
             raise QueueFull(f"pool {pool.model!r}: all backends busy and {pool.waiting} requests already queued")
-        pool.waiting += 1
         deadline = time.monotonic() + timeout_s
-        try:
-            async with pool.freed:
-                while (backend := pick()) is None:
-                    await asyncio.wait_for(pool.freed.wait(), max(deadline - time.monotonic(), 0.0))
-            return backend
-        except TimeoutError:
-            pool.rejected += 1
-            raise QueueFull(f"pool {pool.model!r}: no backend slot freed within {timeout_s:.1f}s") from None
-        finally:
-            pool.waiting -= 1
+        loop = asyncio.get_running_loop()
+        while (backend := pick()) is None:
+            waiter = loop.create_future()
+            pool.waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                pool.rejected += 1
+                raise QueueFull(f"pool {pool.model!r}: no backend slot freed within {timeout_s:.1f}s") from None
+            finally:
+                if not waiter.done() or waiter.cancelled():
+                    with contextlib.suppress(ValueError):
+                        pool.waiters.remove(waiter)
+        return backend
 
-    @asynccontextmanager
-    async def lease(
+    async def acquire(
         self,
         model: str,
         exclude: set[Backend] = frozenset(),  # type: ignore[assignment]
         episode: str | None = None,
         deadline: float | None = None,
-    ) -> AsyncIterator[Backend]:
-        """Hold a slot on a backend for one upstream attempt; waits in the queue when all are busy."""
+    ) -> Backend:
+        """A slot on a backend for one upstream attempt (waits in the queue when all are busy); the
+        caller gives it back with ``release`` in a ``finally``."""
         pool = self.pool(model)
-        backend = None if pool.waiting else self.pick(model, exclude, episode)  # no overtaking the queue
+        backend = None if pool.waiters else self.pick(model, exclude, episode)  # no overtaking the queue
         if backend is None:
             wait = self.queue_timeout_s if deadline is None else min(self.queue_timeout_s, deadline - time.monotonic())
             backend = await self._wait_for_room(pool, max(wait, 0.0), lambda: self.pick(model, exclude, episode))
         backend.in_flight += 1
         backend.requests += 1
-        try:
-            yield backend
-        finally:
-            backend.in_flight -= 1
-            if pool.waiting:
-                await self.wake(pool)
+        return backend
 
-    async def wake(self, pool: Pool, everyone: bool = False) -> None:
-        """A slot freed (one waiter may go) or the pool changed (every waiter re-checks)."""
-        async with pool.freed:
-            pool.freed.notify_all() if everyone else pool.freed.notify()
+    def release(self, backend: Backend) -> None:
+        backend.in_flight -= 1
+        pool = self._pools.get(backend.model)
+        if pool is not None and pool.waiters:
+            pool.wake()

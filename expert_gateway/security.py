@@ -46,8 +46,10 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send, int(declared))
+        if declared is not None and declared.isdigit():  # the HTTP server holds the body to this length
+            if int(declared) > self.max_bytes:
+                return await self._refuse(send, int(declared))
+            return await self.app(scope, receive, send)
         seen = 0
         started = False
 

@@ -43,10 +43,10 @@ class GatewayState:
     def record(self, backend: Backend, ok: bool, reason: str = "") -> None:
         backend.record(ok, self.config.eject_after_failures, self.config.eject_s, reason)
 
-    async def add(self, backend: Backend) -> Backend:
+    def add(self, backend: Backend) -> Backend:
         self.pools.add(backend)  # raises ValueError on a duplicate
         backend.open()
-        await self.pools.wake(self.pools.pool(backend.model), everyone=True)  # queued requests may go now
+        self.pools.pool(backend.model).wake(everyone=True)  # queued requests may go now
         return backend
 
     async def retire(self, backend: Backend, timeout_s: float | None = None) -> bool:
@@ -66,34 +66,37 @@ class GatewayState:
         while True:
             await asyncio.gather(*(b.check() for b in self.pools.backends() if b.session is not None))
             for pool in self.pools.pools():
-                if pool.waiting:
-                    await self.pools.wake(pool, everyone=True)
+                pool.wake(everyone=True)
             await asyncio.sleep(self.config.health_interval_s)
 
     async def discovery_loop(self) -> None:
         """Keep the DNS-discovered backends equal to what the names resolve to now."""
         while True:
-            found = await discovered(self.config.discovery)
-            if found is not None:
-                current = {(b.model, b.url): b for b in self.pools.backends() if b.source == "dns"}
-                for (model, url), entry in found.items():
-                    if (model, url) not in current and not self.pools.find(url, model):
-                        log.info("discovery: backend %s joins pool %s", url, model)
-                        await self.add(
-                            Backend(
-                                url=url, model=model, weight=entry.weight, source="dns", max_in_flight=self.limit(None)
-                            )
-                        )
-                for key, backend in current.items():
-                    if key not in found and not backend.draining:
-                        log.info("discovery: backend %s left pool %s; draining", backend.url, backend.model)
-                        task = asyncio.create_task(self.retire(backend))
-                        self.retiring.add(task)
-                        task.add_done_callback(self.retiring.discard)
+            try:
+                await self._rediscover()
+            except Exception:  # a bug here must not silently end discovery for the gateway's lifetime
+                log.exception("discovery round failed; retrying in %.0fs", self.config.discovery_interval_s)
             await asyncio.sleep(self.config.discovery_interval_s)
 
+    async def _rediscover(self) -> None:
+        found = await discovered(self.config.discovery)
+        if found is None:  # a failed lookup changes nothing
+            return
+        current = {(b.model, b.url): b for b in self.pools.backends() if b.source == "dns"}
+        for (model, url), entry in found.items():
+            if (model, url) not in current and not self.pools.find(url, model):
+                log.info("discovery: backend %s joins pool %s", url, model)
+                limit = self.limit(None)
+                self.add(Backend(url=url, model=model, weight=entry.weight, source="dns", max_in_flight=limit))
+        for key, backend in current.items():
+            if key not in found and not backend.draining:
+                log.info("discovery: backend %s left pool %s; draining", backend.url, backend.model)
+                task = asyncio.create_task(self.retire(backend))
+                self.retiring.add(task)
+                task.add_done_callback(self.retiring.discard)
 
-def get_state(request: Request) -> GatewayState:
+
+async def get_state(request: Request) -> GatewayState:  # async: FastAPI runs sync dependencies in a thread
     return request.app.state.gateway
 
 

@@ -16,14 +16,8 @@ CHAT = {"model": "expert", "messages": [{"role": "user", "content": "1"}]}
 
 
 def gateway_for(urls: list[str], **settings) -> ServerThread:
-    cfg = GatewayConfig(
-        backends=[ExpertBackend(model="expert", url=u) for u in urls],
-        health_interval_s=0.2,
-        eject_after_failures=2,
-        eject_s=0.6,
-        request_timeout_s=10,
-        **settings,
-    )
+    settings = {"health_interval_s": 0.2, "eject_after_failures": 2, "eject_s": 0.6, "request_timeout_s": 10} | settings
+    cfg = GatewayConfig(backends=[ExpertBackend(model="expert", url=u) for u in urls], **settings)
     return ServerThread(create_app(cfg), free_port())
 
 
@@ -57,6 +51,16 @@ def test_failing_backend_is_ejected_without_client_errors_and_readmitted_after_r
         bad.control(fail=False)  # recovers: back after the ejection runs out and a health check passes
         wait_until(lambda: backends(gw.url)[bad.url]["state"] == "available")
         wait_until(lambda: (ask(gw.url), bad.counters()["served"] > 0)[1])
+
+
+def test_a_lone_backend_gets_another_try_and_a_dead_pool_a_clear_503():
+    with FakeBackend("only") as only, gateway_for([only.url], max_attempts=3, eject_after_failures=10) as gw:
+        only.control(fail_next=1)  # one transient failure: retried on the same backend
+        assert ask(gw.url).status_code == 200 and only.counters()["failed"] == 1
+        only.control(fail_next=5)
+        r = ask(gw.url)  # three attempts, all failed
+        assert r.status_code == 503 and "all backends failed" in r.json()["error"]["message"]
+        assert only.counters()["failed"] == 4 and r.headers["Retry-After"]
 
 
 def test_no_healthy_backend_answers_503_with_retry_after():

@@ -77,9 +77,10 @@ def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
     assert cfg.expert_server.port == port(container(expert), "http")
     assert cfg.rollout.metrics_port == port(container(rollout), "metrics")
     assert cfg.learner.metrics_port == port(container(learner), "metrics")
-    for b in cfg.gateway.backends:
-        host, svc_port = b.url.removeprefix("http://").split(":")
-        assert services[host]["spec"]["ports"][0]["port"] == int(svc_port)
+    assert not cfg.gateway.backends and cfg.gateway.discovery  # pods are found through headless Services
+    for pool in cfg.gateway.discovery:
+        assert services[pool.host]["spec"]["clusterIP"] == "None"
+        assert services[pool.host]["spec"]["ports"][0]["port"] == pool.port
     host, gw_port = cfg.rollout.gateway_url.removeprefix("http://").split(":")
     assert services[host]["spec"]["ports"][0]["port"] == int(gw_port)
     assert str(cfg.world.dir) == "/data/world" and str(cfg.run_dir) == "/data/run"
@@ -106,8 +107,10 @@ def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
         "EAPO_METRICS_HOST": "127.0.0.1",
         "EAPO_GATEWAY__HOST": "127.0.0.1",
         "EAPO_GATEWAY__PORT": str(ports["gateway"]),
+        # what the headless Service would resolve to: every expert pod
+        "EAPO_GATEWAY__DISCOVERY": "[]",
         "EAPO_GATEWAY__BACKENDS": json.dumps(
-            [{"model": b.model, "url": f"http://127.0.0.1:{p}"} for b in cfg.gateway.backends for p in expert_ports]
+            [{"model": d.model, "url": f"http://127.0.0.1:{p}"} for d in cfg.gateway.discovery for p in expert_ports]
         ),
         "EAPO_EXPERT_SERVER__HOST": "127.0.0.1",
         "EAPO_ROLLOUT__GATEWAY_URL": f"http://127.0.0.1:{ports['gateway']}",
