@@ -92,11 +92,12 @@ def cmd_learner(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 def cmd_eval(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     from rollout_service.evaluate import run_eval
 
-    report = run_eval(cfg, args.model, args.dataset, args.layout, args.samples, args.out, args.limit)
+    report = run_eval(cfg, args.model, args.dataset, args.layout, args.samples, args.out, args.limit, args.mode)
     s = report["summary"]
     print(
-        f"{int(s['problems'])} problems x {int(s['samples_per_problem'])} samples: mean score "
-        f"{s['mean_score']:.4f}, variance {s['variance']:.4f}, pass@1 {s['pass@1']:.4f} -> {args.out}"
+        f"[{args.mode}] {int(s['problems'])} problems x {int(s['samples_per_problem'])} samples: mean score "
+        f"{s['mean_score']:.4f}, variance {s['variance']:.4f}, pass@1 {s['pass@1']:.4f}, "
+        f"expert calls/episode {report['expert_calls_per_episode']:.2f} -> {args.out}"
     )
     return 0
 
@@ -108,7 +109,7 @@ COMMANDS = {
     "gateway": (cmd_gateway, "run the expert gateway (FastAPI)"),
     "rollout": (cmd_rollout, "run one rollout replica"),
     "learner": (cmd_learner, "run the DeepSpeed learner (alone, or every rank under torchrun)"),
-    "eval": (cmd_eval, "a checkpoint answers a dataset alone, N samples per problem: mean@N, variance, pass@k"),
+    "eval": (cmd_eval, "a checkpoint answers a dataset (alone or a baseline workflow): mean@N, variance, pass@k"),
 }
 
 
@@ -132,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="field layout of the dataset's records",
             )
             p.add_argument("--samples", type=int, default=4, help="N samples per problem")
+            p.add_argument(
+                "--mode",
+                default="alone",
+                choices=["alone", "expert-assisted", "self-collaboration"],
+                help="alone; expert-assisted (experts via rollout.gateway_url, all accepted); "
+                "self-collaboration (the policy answers its own queries)",
+            )
             p.add_argument("--limit", type=int, default=None, help="only the first LIMIT problems")
             p.add_argument("--out", type=Path, default=Path("eval.json"), help="report file (JSON)")
     return parser

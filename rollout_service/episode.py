@@ -8,10 +8,13 @@ are recorded either way.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
+import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import numpy as np
@@ -83,9 +86,39 @@ class ExpertClient:
         return results
 
 
+class Experts(Protocol):
+    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+        """One answer or error per query, in order; never raises (a failure is that query's error)."""
+        ...
+
+
+@dataclass
+class PolicyExperts:
+    """Self-collaboration: the policy itself answers its consult queries, the way an expert server
+    would (chat template, greedy, stop at EOS) — the "experts = replicas of the policy" baseline."""
+
+    engine: PolicyEngine
+    max_tokens: int
+
+    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+        return list(await asyncio.gather(*(self._answer(i, q) for i, q in enumerate(queries))))
+
+    async def _answer(self, index: int, query: str) -> ConsultResult:
+        tok = self.engine.tokenizer
+        chat = tok.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True, tokenize=False)
+        t0 = time.perf_counter()
+        request = SampleRequest(
+            prompt_ids=tok.encode(chat), max_new_tokens=self.max_tokens, stop_ids=frozenset({tok.eos_token_id}),
+            temperature=0.0,
+        )  # fmt: skip
+        result, _ = await self.engine.sample(request)
+        answer = tok.decode(result.token_ids, skip_special_tokens=True)
+        return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)
+
+
 async def run_episode(
     engine: PolicyEngine,
-    experts: ExpertClient | None,
+    experts: Experts | None,
     task: PromptTask,
     anneal: AnnealState,
     cfg: RolloutConfig,

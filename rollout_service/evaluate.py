@@ -1,5 +1,11 @@
-"""``eapo eval``: a policy checkpoint answers a dataset alone (minimal prompt, no consult action),
-N samples per problem; writes mean@N, variance and pass@k with every sample's score."""
+"""``eapo eval``: a policy checkpoint answers a dataset, N samples per problem; writes mean@N, variance
+and pass@k with every sample's score. Modes (the paper's baselines):
+
+* ``alone`` — minimal prompt, no consult action (how a trained policy is judged);
+* ``expert-assisted`` — the training prompt, experts answer through the gateway and every answer is
+  accepted (p = 1, B = the budget's start), no training: the workflow EAPO is compared with;
+* ``self-collaboration`` — the same, but the policy answers its own queries (experts = the policy).
+"""
 
 from __future__ import annotations
 
@@ -8,39 +14,70 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
+
+import aiohttp
 
 from eapo.config import EAPOConfig
-from proto import AnnealState, PromptTask
+from proto import AnnealState, PromptTask, Trajectory
 from rollout_service.datasets import Layout, load_problems
 from rollout_service.engine import TransformersEngine
-from rollout_service.episode import run_episode
+from rollout_service.episode import ExpertClient, Experts, PolicyExperts, run_episode
 from rollout_service.metrics_eval import summarize
 
 log = logging.getLogger(__name__)
 
-# Evaluation is one uninterrupted answer: one turn, nothing to accept, nothing to charge.
+# Evaluation alone is one uninterrupted answer: one turn, nothing to accept, nothing to charge.
 EVAL_STATE = AnnealState(step=0, acceptance=0.0, budget=1, penalty=0.0)
+Mode = Literal["alone", "expert-assisted", "self-collaboration"]
+MODES: tuple[Mode, ...] = ("alone", "expert-assisted", "self-collaboration")
+
+
+def assisted_state(cfg: EAPOConfig) -> AnnealState:
+    """Every expert answer shown, the full turn budget, no penalty (nothing is trained)."""
+    return AnnealState(step=0, acceptance=1.0, budget=max(1, round(cfg.anneal.budget.start)), penalty=0.0)
 
 
 async def evaluate(
-    cfg: EAPOConfig, model: Path, dataset: Path, layout: str | Layout, samples: int, limit: int | None = None
+    cfg: EAPOConfig,
+    model: Path,
+    dataset: Path,
+    layout: str | Layout,
+    samples: int,
+    limit: int | None = None,
+    mode: Mode = "alone",
 ) -> dict:
     problems = load_problems(dataset, layout)[:limit]
     engine = TransformersEngine(model, version=0, max_batch=cfg.rollout.max_batch)
     slots = asyncio.Semaphore(cfg.rollout.max_batch)
     t0 = time.monotonic()
+    token = cfg.gateway.api_token
+    auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else None
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=auth) as session:
+        experts: Experts | None = None
+        state = EVAL_STATE
+        if mode == "expert-assisted":
+            rc = cfg.rollout
+            url = rc.gateway_url.rstrip("/")
+            experts = ExpertClient(session, url, rc.expert_model, rc.expert_max_tokens, rc.expert_timeout_s)
+            state = assisted_state(cfg)
+        elif mode == "self-collaboration":
+            experts, state = PolicyExperts(engine, cfg.rollout.expert_max_tokens), assisted_state(cfg)
 
-    async def one(task: PromptTask, i: int) -> float:
-        async with slots:
-            return (await run_episode(engine, None, task, EVAL_STATE, cfg.rollout, i)).score
+        async def one(task: PromptTask, i: int) -> Trajectory:
+            async with slots:
+                return await run_episode(engine, experts, task, state, cfg.rollout, i)
 
-    tasks = [PromptTask(prompt_id=p.id, problem=p.problem, answer=p.answer, tier=p.tier) for p in problems]
-    scores = await asyncio.gather(*(one(t, i) for t in tasks for i in range(samples)))
+        tasks = [PromptTask(prompt_id=p.id, problem=p.problem, answer=p.answer, tier=p.tier) for p in problems]
+        episodes = await asyncio.gather(*(one(t, i) for t in tasks for i in range(samples)))
     await engine.close()
+    scores = [e.score for e in episodes]
+    calls = [len(e.consults) for e in episodes]
     per_problem = {t.prompt_id: list(scores[j * samples : (j + 1) * samples]) for j, t in enumerate(tasks)}
     summary = summarize(per_problem, ks=tuple(sorted({1, samples})))
     log.info(
-        "evaluated %d problems x %d samples in %.0fs: mean %.3f",
+        "evaluated (%s) %d problems x %d samples in %.0fs: mean %.3f",
+        mode,
         len(tasks),
         samples,
         time.monotonic() - t0,
@@ -48,7 +85,9 @@ async def evaluate(
     )
     return {
         "model": str(model),
+        "mode": mode,
         "dataset": str(dataset),
+        "expert_calls_per_episode": sum(calls) / len(calls) if calls else 0.0,
         "seed": cfg.rollout.seed,
         "summary": summary,
         "scores": per_problem,
@@ -57,13 +96,17 @@ async def evaluate(
 
 
 def run_eval(
-    cfg: EAPOConfig, model: Path | None, dataset: Path | None, layout: str, samples: int, out: Path, limit: int | None
+    cfg: EAPOConfig,
+    model: Path | None,
+    dataset: Path | None,
+    layout: str,
+    samples: int,
+    out: Path,
+    limit: int | None,
+    mode: Mode = "alone",
 ) -> dict:
-    report = asyncio.run(
-        evaluate(
-            cfg, model or cfg.world.dir / "policy", dataset or cfg.world.dir / "eval.jsonl", layout, samples, limit
-        )
-    )
+    model, dataset = model or cfg.world.dir / "policy", dataset or cfg.world.dir / "eval.jsonl"
+    report = asyncio.run(evaluate(cfg, model, dataset, layout, samples, limit, mode))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     cfg.dump_yaml(out.with_suffix(".config.yaml"))  # the config next to the result

@@ -7,14 +7,15 @@ import aiohttp
 import numpy as np
 import pytest
 
-from eapo.config import RolloutConfig
+from eapo.config import RolloutConfig, load_config
 from eapo.sampling import SampleRequest, generate_batch
 from eapo.world.bootstrap import load_model
 from eapo.world.tasks import evaluate
 from proto import AnnealState, PromptTask
 from proto import episode_format as fmt
 from rollout_service.engine import TransformersEngine
-from rollout_service.episode import ExpertClient, run_episode
+from rollout_service.episode import ExpertClient, PolicyExperts, run_episode
+from rollout_service.evaluate import evaluate as evaluate_dataset
 
 TASKS = [
     PromptTask(prompt_id=f"t{i}", problem=p, answer=str(evaluate(p)))
@@ -64,6 +65,32 @@ async def test_eval_mode_never_consults(world_dir):
         assert traj.loss_mask[traj.prompt_len :].all()  # nothing was injected
         assert not tok.decode(traj.token_ids[: traj.prompt_len].tolist()).startswith(fmt.TOOLS)
         assert len(traj.turns) == 1
+
+
+@pytest.mark.asyncio
+async def test_self_collaboration_answers_queries_with_the_policy_itself(world_dir):
+    engine = TransformersEngine(world_dir / "policy", version=0)
+    experts = PolicyExperts(engine, max_tokens=12)
+    answers = await experts.consult(["2+3", "7*8"], "e0")
+    assert [a.index for a in answers] == [0, 1] and all(a.error is None and a.answer is not None for a in answers)
+    again = await experts.consult(["2+3"], "e1")  # greedy: the same query, the same answer
+    assert again[0].answer == answers[0].answer
+    cfg = RolloutConfig(max_new_tokens=40)
+    anneal = AnnealState(step=0, acceptance=1.0, budget=4, penalty=0.0)
+    trajs = await asyncio.gather(*(run_episode(engine, experts, t, anneal, cfg, i) for i, t in enumerate(TASKS * 4)))
+    await engine.close()
+    consults = [c for t in trajs for c in t.consults]
+    assert consults and all(c.accepted and c.outcome == "answer" for c in consults)  # p = 1, nothing failed
+
+
+@pytest.mark.parametrize("mode", ["expert-assisted", "self-collaboration"])
+async def test_eval_baselines_consult_and_report_the_call_rate(tiny_world, gateway, tmp_path, mode):
+    cfg = load_config(None, world=tiny_world.model_dump(mode="json"), rollout={"gateway_url": gateway})
+    report = await evaluate_dataset(cfg, tiny_world.dir / "policy", tiny_world.dir / "eval.jsonl", "world", 2, 6, mode)
+    assert report["mode"] == mode and report["summary"]["problems"] == 6
+    assert report["expert_calls_per_episode"] > 0  # the training prompt grants the consult action
+    alone = await evaluate_dataset(cfg, tiny_world.dir / "policy", tiny_world.dir / "eval.jsonl", "world", 2, 6)
+    assert alone["expert_calls_per_episode"] == 0
 
 
 def test_eapo_eval_writes_a_report(tiny_world, tmp_path):
