@@ -18,6 +18,7 @@ from typing import Protocol
 
 import aiohttp
 import numpy as np
+from transformers import PreTrainedTokenizerFast
 
 from eapo.config import RolloutConfig
 from eapo.sampling import SampleRequest
@@ -44,6 +45,17 @@ def episode_seed(base: int, prompt_id: str, sample_index: int) -> int:
     """Stable across processes and replicas (unlike ``hash``), so an episode can be replayed."""
     digest = hashlib.sha256(f"{base}:{prompt_id}:{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def token_ids(tok: PreTrainedTokenizerFast, text: str, start: bool = False) -> list[int]:
+    """Token ids straight from the Rust tokenizer (the ``transformers`` wrapper costs 60–120 µs a call).
+    Special tokens (a BOS) only at the ``start`` of a sequence, never in injected text."""
+    return tok.backend_tokenizer.encode(text, add_special_tokens=start).ids
+
+
+def token_text(tok: PreTrainedTokenizerFast, ids: list[int], skip_special_tokens: bool = False) -> str:
+    """The text of ``ids``, straight from the Rust tokenizer (the wrapper re-walks the list in Python)."""
+    return tok.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 @dataclass
@@ -108,11 +120,13 @@ class PolicyExperts:
         chat = tok.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True, tokenize=False)
         t0 = time.perf_counter()
         request = SampleRequest(
-            prompt_ids=tok.encode(chat), max_new_tokens=self.max_tokens, stop_ids=frozenset({tok.eos_token_id}),
+            prompt_ids=token_ids(tok, chat, start=True),
+            max_new_tokens=self.max_tokens,
+            stop_ids=frozenset({tok.eos_token_id}),
             temperature=0.0,
-        )  # fmt: skip
+        )
         result, _ = await self.engine.sample(request)
-        answer = tok.decode(result.token_ids, skip_special_tokens=True)
+        answer = token_text(tok, result.token_ids, skip_special_tokens=True)
         return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)
 
 
@@ -130,7 +144,7 @@ async def run_episode(
     rng = random.Random(seed)
     eos, close = tok.eos_token_id, tok.convert_tokens_to_ids(fmt.CONSULT_CLOSE)
     prompt = fmt.training_prompt(task.problem) if experts else fmt.eval_prompt(task.problem)
-    ids: list[int] = tok.encode(prompt)
+    ids = token_ids(tok, prompt, start=True)
     prompt_len = len(ids)
     mask = [False] * prompt_len
     logprobs = [0.0] * prompt_len
@@ -163,12 +177,12 @@ async def run_episode(
             turns.append(TurnRecord(start=start, end=len(ids), policy_version=version, finish="consult"))
             if turn == anneal.budget - 1:
                 break  # the budget is spent: no turn left to read the answers
-            parsed = parse_consult(tok.decode(result.token_ids), cfg.max_queries)
+            parsed = parse_consult(token_text(tok, result.token_ids), cfg.max_queries)
             for issue in parsed.issues:
                 PARSE_ISSUES.labels(issue).inc()
             if not parsed.queries:
                 rejected_blocks += 1
-                injected = tok.encode(fmt.expert_block(None))
+                injected = token_ids(tok, fmt.expert_block(None))
                 ids += injected
                 mask += [False] * len(injected)
                 logprobs += [0.0] * len(injected)
@@ -177,7 +191,7 @@ async def run_episode(
             for query, res in zip(parsed.queries, answers, strict=True):
                 draw = rng.random()
                 accepted = res.answer is not None and draw < anneal.acceptance
-                injected = tok.encode(fmt.expert_block(res.answer if accepted else None))
+                injected = token_ids(tok, fmt.expert_block(res.answer if accepted else None))
                 CONSULTS.labels(outcome="answer" if res.answer is not None else "error", accepted=str(accepted)).inc()
                 consults.append(
                     ConsultRecord(
@@ -199,7 +213,7 @@ async def run_episode(
         turns.append(TurnRecord(start=start, end=len(ids), policy_version=version, finish=ended))
         finish = ended
         break
-    final_text = tok.decode(ids[turns[-1].start : turns[-1].end]) if turns else ""
+    final_text = token_text(tok, ids[turns[-1].start : turns[-1].end]) if turns else ""
     answer = extract_boxed(final_text) if turns and turns[-1].finish != "consult" else None
     if answer is not None and finish == "eos":
         finish = "answer"
