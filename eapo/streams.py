@@ -57,6 +57,27 @@ class Entry(Generic[M]):
     message: M
 
 
+async def trim_acknowledged(client: aioredis.Redis, stream: str) -> int:
+    """Remove entries that every consumer group has acknowledged; returns how many were removed.
+    Long runs call this after each step so that the streams stay bounded in Redis memory."""
+    try:
+        infos = await client.xinfo_groups(stream)
+    except aioredis.ResponseError:
+        return 0
+    if not infos:
+        return 0
+    boundaries = []
+    for info in infos:
+        name = _s(info["name"])
+        if int(info["pending"]):
+            summary = await client.xpending(stream, name)
+            boundaries.append(_s(summary["min"]))
+        else:
+            boundaries.append(_next_id(_s(info["last-delivered-id"])))
+    minid = min(boundaries, key=lambda i: tuple(int(p) for p in i.split("-")))
+    return int(await client.xtrim(stream, minid=minid, approximate=False))
+
+
 class StreamProducer:
     """XADD with backpressure: waits while any consumer group's backlog is at ``high_water``.
 
@@ -118,25 +139,6 @@ class StreamProducer:
             self._credit = credit
         self._credit -= 1
         return _s(await self.client.xadd(self.stream, {FIELD: payload}))
-
-    async def trim_acknowledged(self) -> int:
-        """Remove entries that every group has acknowledged; returns how many were removed."""
-        try:
-            infos = await self.client.xinfo_groups(self.stream)
-        except aioredis.ResponseError:
-            return 0
-        if not infos:
-            return 0
-        boundaries = []
-        for info in infos:
-            name = _s(info["name"])
-            if int(info["pending"]):
-                summary = await self.client.xpending(self.stream, name)
-                boundaries.append(_s(summary["min"]))
-            else:
-                boundaries.append(_next_id(_s(info["last-delivered-id"])))
-        minid = min(boundaries, key=lambda i: tuple(int(p) for p in i.split("-")))
-        return int(await self.client.xtrim(self.stream, minid=minid, approximate=False))
 
 
 class StreamConsumer(Generic[M]):

@@ -23,7 +23,7 @@ import torch
 
 from eapo.config import EAPOConfig
 from eapo.metrics import StepGauges, serve_metrics
-from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group
+from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
 from eapo.world.tasks import read_jsonl
 from learner.anneal import anneal_state
 from learner.loss import group_advantages, shaped_rewards
@@ -209,6 +209,8 @@ class Learner:
                     pipe.sadd(self.names.trained, *group_ids)
                 pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
                 await pipe.execute()
+            for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs
+                await trim_acknowledged(self.client, stream)
             record = {
                 "step": step + 1,
                 "time_s": round(time.monotonic() - t_start, 2),

@@ -175,10 +175,16 @@ class Trainer:
         return stats
 
     def save_checkpoint(self, root: Path, step: int, client_state: dict, keep: int = 2) -> None:
-        """Model, optimizer and lr-scheduler state under ``root/step…``; DeepSpeed's ``latest`` file is
-        rewritten only after the tag is complete, so a kill mid-save resumes from the previous one."""
-        self.engine.save_checkpoint(str(root), tag=f"step{step:06d}", client_state=client_state)
+        """Model, optimizer and lr-scheduler state under ``root/step…``. The ``latest`` file naming it is
+        replaced atomically once the tag is complete (DeepSpeed's own write truncates it first, and a
+        kill in that instant left no loadable checkpoint), so a kill mid-save resumes from the previous one."""
+        tag = f"step{step:06d}"
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.distributed.barrier()  # every rank's shard of the tag is written
         if torch.distributed.get_rank() == 0:
+            tmp = Path(root) / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, Path(root) / "latest")
             for old in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
 

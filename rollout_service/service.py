@@ -14,7 +14,6 @@ import json
 import logging
 import signal
 import time
-import uuid
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -78,7 +77,9 @@ class RolloutService:
             )
         )
         group = TrajectoryGroup(
-            group_id=uuid.uuid4().hex,
+            # The prompt's entry id: a prompt reclaimed from a replica that died after pushing its group
+            # but before acknowledging the prompt yields the same group id, which the learner drops.
+            group_id=f"prompt-{entry.id}",
             prompt=entry.message,
             anneal=anneal,
             samples=list(samples),

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from eapo.streams import StreamConsumer, StreamProducer
+from eapo.streams import StreamConsumer, StreamProducer, trim_acknowledged
 from proto import PromptTask, decode
 
 pytestmark = pytest.mark.asyncio
@@ -125,12 +125,12 @@ async def test_trim_removes_only_what_every_group_acknowledged(redis_client, pre
     await fast.ack([e.id for e in got_fast])
     got_slow = await slow.read(count=4, block_ms=50)
     await slow.ack([e.id for e in got_slow[:2]])  # slow: 2 acked, 2 pending, 2 unread
-    assert await producer.trim_acknowledged() == 2
+    assert await trim_acknowledged(redis_client, stream) == 2
     assert await redis_client.xlen(stream) == 4
     remaining = await slow.read(count=10, block_ms=50)
     assert [e.message.prompt_id for e in remaining] == ["p4", "p5"]
     await slow.ack([e.id for e in got_slow[2:]] + [e.id for e in remaining])
-    assert await producer.trim_acknowledged() == 4
+    assert await trim_acknowledged(redis_client, stream) == 4
     assert await redis_client.xlen(stream) == 0
 
 
