@@ -41,7 +41,7 @@ def parse_consult(turn_text: str, max_queries: int, max_query_chars: int = 512) 
         queries = queries[:max_queries]
     if any(len(q) > max_query_chars for q in queries):
         issues.append("oversized")
-        queries = [q[:max_query_chars] for q in queries]
+        queries = [q[:max_query_chars].rstrip() for q in queries]
     if not queries:
         issues.append("no_query")
     return ParsedConsult(queries, issues)
