@@ -115,6 +115,11 @@ class RolloutConfig(Section):
     temperature: float = 1.0
     top_p: float = 1.0
     max_batch: int = 64
+    engine: Literal["transformers", "remote"] = Field(
+        "transformers", description="transformers: the policy in this process (CPU); remote: policy servers (vLLM)"
+    )
+    policy_urls: list[str] = Field(default_factory=list, description="remote engine: every policy server")
+    policy_model: str = Field("policy", description="remote engine: the served model name")
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
     seed: int = 7
     consult: bool = Field(True, description="grant the consult action (False: self-exploratory RL)")

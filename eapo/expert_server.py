@@ -2,13 +2,17 @@
 
 It speaks the subset of vLLM's API that the gateway and rollout use — ``/v1/completions``,
 ``/v1/chat/completions`` (both with SSE streaming), ``/v1/models``, ``/health`` — with temperature,
-top-p, max_tokens, stop strings, seed and log-probs. Concurrent requests share batched forward
-passes (``eapo.sampling.Batcher``).
+top-p, max_tokens, stop strings, seed and log-probs, plus what a remote policy server needs:
+token-id prompts, ``stop_token_ids``, ``return_tokens_as_token_ids`` and (with
+``VLLM_SERVER_DEV_MODE=1``) ``POST /collective_rpc`` running ``eapo_load_weights(path)``. Concurrent
+requests share batched forward passes (``eapo.sampling.Batcher``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
 import time
 import uuid
@@ -24,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from eapo.sampling import Batcher, SampleRequest, SampleResult
 from eapo.world.bootstrap import load_model
+from proto.weights import WeightsError, verify_version
 
 
 class SamplingFields(BaseModel):
@@ -38,8 +43,19 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str
+    prompt: str | list[int] = Field(description="text, or token ids (token-in, as vLLM accepts)")
     logprobs: int | None = Field(None, ge=0, le=5)
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extra: stop after any of these ids")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: log-prob tokens as 'token_id:N'")
+
+
+class CollectiveRpc(BaseModel):
+    """vLLM's dev-mode ``POST /collective_rpc``: call ``method`` on every worker."""
+
+    method: str
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    timeout: float | None = None
 
 
 class ChatMessage(BaseModel):
@@ -63,14 +79,16 @@ class ServedModel:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         self._rng = random.Random(seed)
 
-    async def complete(self, prompt_ids: list[int], body: SamplingFields, max_tokens: int) -> tuple[SampleResult, str]:
+    async def complete(
+        self, prompt_ids: list[int], body: SamplingFields, max_tokens: int, stop_ids: frozenset[int] = frozenset()
+    ) -> tuple[SampleResult, str]:
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a {self.max_context}-token context")
         request = SampleRequest(
             prompt_ids=prompt_ids,
             max_new_tokens=min(max_tokens, room),
-            stop_ids=frozenset({self.tokenizer.eos_token_id}),
+            stop_ids=frozenset({self.tokenizer.eos_token_id}) | stop_ids,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed if body.seed is not None else self._rng.getrandbits(63),
@@ -122,20 +140,42 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
     async def health() -> Response:
         return Response(status_code=200)
 
+    if os.environ.get("VLLM_SERVER_DEV_MODE") == "1":  # as vLLM: weight updates only in dev mode
+
+        @app.post("/collective_rpc", response_model=None)
+        async def collective_rpc(body: CollectiveRpc, m: Served) -> Response | dict:
+            """What ``rollout_service.vllm_worker.EAPOWorkerExtension`` does inside vLLM's workers."""
+            if body.method != "eapo_load_weights" or len(body.args) != 1:
+                return openai_error(400, f"unsupported collective_rpc {body.method!r}: only eapo_load_weights(path)")
+            path = Path(body.args[0])
+            try:
+                manifest = await asyncio.to_thread(verify_version, path)
+            except (OSError, WeightsError) as exc:
+                return openai_error(400, f"cannot load weights from {path}: {exc}")
+            model, _ = await asyncio.to_thread(load_model, path)
+            m.batcher.set_model(model, manifest.version)
+            return {"results": [None]}
+
     @app.get("/v1/models")
     async def models(m: Served) -> dict:
         return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "eapo"}]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, m: Served) -> Response | dict:
-        ids = m.tokenizer.encode(body.prompt)
-        outcome = await _generate(m, body, ids, body.max_tokens or 16)
+        ids = m.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
+        if any(not 0 <= i < len(m.tokenizer) for i in ids):
+            return openai_error(400, f"prompt token ids must lie in [0, {len(m.tokenizer)})")
+        outcome = await _generate(m, body, ids, body.max_tokens or 16, frozenset(body.stop_token_ids or ()))
         if isinstance(outcome, Response):
             return outcome
         result, text = outcome
         logprobs = None
         if body.logprobs is not None:
-            tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
+            tokens = (
+                [f"token_id:{i}" for i in result.token_ids]
+                if body.return_tokens_as_token_ids
+                else m.tokenizer.convert_ids_to_tokens(result.token_ids)
+            )
             logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None, "text_offset": None}
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish}
         return _respond(m, body, len(ids), result, choice, chat=False)
@@ -165,12 +205,12 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
 
 
 async def _generate(
-    m: ServedModel, body: SamplingFields, ids: list[int], max_tokens: int
+    m: ServedModel, body: SamplingFields, ids: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset()
 ) -> tuple[SampleResult, str] | Response:
     if body.model != m.name:
         return openai_error(404, f"The model `{body.model}` does not exist.", "NotFoundError")
     try:
-        return await m.complete(ids, body, max_tokens)
+        return await m.complete(ids, body, max_tokens, stop_ids)
     except ValueError as exc:
         return openai_error(400, str(exc))
 

@@ -2,7 +2,8 @@
 
 ``TransformersEngine`` is the CPU implementation: all concurrent episodes' generation requests share
 batched forward passes, and published weight versions are loaded from shared storage and swapped in
-between batches. A vLLM engine (in-process AsyncLLM or a policy server) implements the same protocol.
+between batches. ``RemotePolicyEngine`` (``rollout_service.remote_engine``) drives vLLM policy servers
+through the same protocol.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerFast
 
+from eapo.config import EAPOConfig
 from eapo.sampling import Batcher, SampleRequest, SampleResult
 from eapo.world.bootstrap import load_model
 from proto.weights import verify_version
@@ -57,3 +59,15 @@ class TransformersEngine:
 
     async def close(self) -> None:
         await self._batcher.close()
+
+
+async def open_engine(cfg: EAPOConfig, weights: Path, version: int) -> PolicyEngine:
+    """The configured engine, serving published version ``version`` (at ``weights``)."""
+    rc = cfg.rollout
+    if rc.engine == "remote":
+        from rollout_service.remote_engine import RemotePolicyEngine
+
+        engine = RemotePolicyEngine(rc.policy_urls, rc.policy_model, weights, version=-1)
+        await engine.load_version(version, weights)  # servers may hold any version: bring all to this one
+        return engine
+    return await asyncio.to_thread(TransformersEngine, weights, version, rc.max_batch)

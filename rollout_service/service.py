@@ -23,7 +23,7 @@ from eapo.metrics import serve_metrics
 from eapo.streams import Entry, StreamConsumer, StreamProducer
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, WeightManifest, decode
 from proto.weights import version_dir
-from rollout_service.engine import PolicyEngine, TransformersEngine
+from rollout_service.engine import PolicyEngine, open_engine
 from rollout_service.episode import ExpertClient, run_episode
 from rollout_service.metrics import GROUPS, POLICY_VERSION
 
@@ -102,9 +102,7 @@ class RolloutService:
         latest = await self._latest_weights()
         assert latest is not None
         await self._report_version(latest.version)
-        self.engine = await asyncio.to_thread(
-            TransformersEngine, version_dir(self.cfg.weights_dir, latest.version), latest.version, rc.max_batch
-        )
+        self.engine = await open_engine(self.cfg, version_dir(self.cfg.weights_dir, latest.version), latest.version)
         consumer = StreamConsumer(
             self.client,
             self.names.prompts,

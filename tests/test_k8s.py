@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eapo.config import load_config
+
 ROOT = Path(__file__).parent.parent
 K8S = ROOT / "k8s"
 CHART_CI = sorted((K8S / "helm" / "eapo" / "ci").glob("*-values.yaml"))
@@ -169,6 +171,22 @@ def test_secrets_by_reference_and_default_deny(source):
     assert not re.search(r"(?i)\b(password|token|api_?key)\b\s*[:=]", text)
     deny = [o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("default-deny")]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_rollout_reaches_every_policy_server_and_they_load_weights_through_the_extension():
+    objs = objects("helm:prod-values.yaml")
+    policy = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"].endswith("-policy"))
+    service = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == policy["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    cfg = load_config(None, **yaml.safe_load(cm["data"]["config.yaml"]))
+    name, svc = policy["metadata"]["name"], service["metadata"]["name"]
+    assert cfg.rollout.engine == "remote"
+    assert cfg.rollout.policy_urls == [f"http://{name}-{i}.{svc}:8000" for i in range(policy["spec"]["replicas"])]
+    args = policy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--worker-extension-cls") + 1] == "rollout_service.vllm_worker.EAPOWorkerExtension"
+    env = {e["name"]: e.get("value") for e in policy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
 
 
 def test_external_redis_comes_from_a_secret_reference():
