@@ -72,6 +72,8 @@ class RedisServer:
             str(self.data_dir.resolve()),
             "--appendonly",
             "yes",
+            "--appendfsync",  # every write on disk before the reply: a killed server loses nothing acknowledged
+            "always",
             "--save",
             "",
             "--maxmemory-policy",
