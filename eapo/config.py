@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, model_validator
@@ -223,9 +224,16 @@ class EAPOConfig(BaseSettings):
         return self.learner.checkpoint_dir or self.run_dir / "checkpoints"
 
     def dump_yaml(self, path: Path) -> None:
-        """The resolved config; secrets appear masked (``**********``): pass them with ``secret_env``."""
+        """The resolved config; secrets appear masked (tokens as ``**********``, a Redis password as
+        ``***``): pass them with ``secret_env``."""
+        data = self.model_dump(mode="json")
+        if data["redis"]["url"] and urlsplit(data["redis"]["url"]).password:
+            parts = urlsplit(data["redis"]["url"])
+            data["redis"]["url"] = urlunsplit(
+                parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
 
     def secret_env(self) -> dict[str, str]:
         """The environment that hands this config's secrets to a child process (never written to disk)."""
@@ -233,7 +241,10 @@ class EAPOConfig(BaseSettings):
             "EAPO_GATEWAY__API_TOKEN": self.gateway.api_token,
             "EAPO_GATEWAY__ADMIN_TOKEN": self.gateway.admin_token,
         }
-        return {name: value.get_secret_value() for name, value in secrets.items() if value is not None}
+        env = {name: value.get_secret_value() for name, value in secrets.items() if value is not None}
+        if self.redis.url and urlsplit(self.redis.url).password:
+            env["REDIS_URL"] = self.redis.url  # REDIS_URL beats the (masked) file
+        return env
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> EAPOConfig:

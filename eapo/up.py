@@ -154,7 +154,7 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
         children.append(gateway)
         _wait_healthy(children, timeout_s=120)
         print(f"[eapo up] experts and gateway healthy ({time.monotonic() - t0:.0f}s)", flush=True)
-        learner = _spawn("learner", "learner", config_file, logs, {})
+        learner = _spawn("learner", "learner", config_file, logs, cfg.secret_env())
         rollout = _spawn("rollout-0", "rollout", config_file, logs, {"OMP_NUM_THREADS": "1", **cfg.secret_env()})
         children += [learner, rollout]
         shown = 0

@@ -35,6 +35,14 @@ def test_secrets_never_reach_the_run_directory_but_reach_children(tmp_path, monk
     assert load_config(tmp_path / "resolved.yaml").gateway.api_token.get_secret_value() == "s3cret-data"
 
 
+def test_a_redis_password_is_masked_on_disk_and_handed_over_by_environment(tmp_path):
+    cfg = load_config(None, redis={"url": "redis://:hunter2@10.0.0.5:6379/0"})
+    cfg.dump_yaml(tmp_path / "resolved.yaml")
+    text = (tmp_path / "resolved.yaml").read_text()
+    assert "hunter2" not in text and "redis://:***@10.0.0.5:6379/0" in text
+    assert cfg.secret_env()["REDIS_URL"] == "redis://:hunter2@10.0.0.5:6379/0"
+
+
 @pytest.mark.parametrize(
     "data,match",
     [
