@@ -124,3 +124,18 @@ class FakeBackend:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
+
+
+def start_audit(client, names) -> None:
+    """A consumer group that sees every trajectory group produced; like any group, it keeps the
+    learner's trimming from removing what it has not read."""
+    client.xgroup_create(names.trajectories, "audit", id="0", mkstream=True)
+
+
+def audited(client, names) -> list[TrajectoryGroup]:
+    """Every group produced since ``start_audit``, in stream order (re-rolled prompts included)."""
+    from eapo.streams import FIELD
+    from proto import decode
+
+    reply = client.xreadgroup("audit", "auditor", {names.trajectories: ">"}) or []
+    return [decode(fields[FIELD], TrajectoryGroup) for _stream, entries in reply for _id, fields in entries]

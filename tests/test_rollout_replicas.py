@@ -14,9 +14,9 @@ from collections import defaultdict
 import pytest
 import redis
 import yaml
+from helpers import audited, start_audit
 
-from eapo.streams import FIELD
-from proto import Names, TrajectoryGroup, decode
+from proto import Names, TrajectoryGroup
 
 pytestmark = pytest.mark.e2e
 STEPS, BATCH = 6, 2
@@ -43,9 +43,7 @@ def held_by(client: redis.Redis, names: Names, consumer: str) -> set[str]:
 def test_a_killed_replica_loses_no_prompt_and_trains_none_twice(tiny_world, redis_server, gateway, tmp_path, prefix):
     names = Names(prefix)
     client = redis.Redis.from_url(redis_server.url)
-    # An audit group on the trajectory stream: it sees every group produced, and (like any group) it
-    # keeps the learner's trimming from removing what it has not read.
-    client.xgroup_create(names.trajectories, "audit", id="0", mkstream=True)
+    start_audit(client, names)
     run_dir = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -85,10 +83,8 @@ def test_a_killed_replica_loses_no_prompt_and_trains_none_twice(tiny_world, redi
                 p.kill()
 
     produced: dict[str, list[TrajectoryGroup]] = defaultdict(list)
-    for _stream, entries in client.xreadgroup("audit", "auditor", {names.trajectories: ">"}) or []:
-        for _id, fields in entries:
-            group = decode(fields[FIELD], TrajectoryGroup)
-            produced[group.group_id.removeprefix("prompt-")].append(group)
+    for group in audited(client, names):
+        produced[group.group_id.removeprefix("prompt-")].append(group)
     # The prompts rollout-a held when it died were reclaimed and rolled out by rollout-b.
     assert held_by_a and held_by_a <= set(produced)
     for prompt_entry in held_by_a:

@@ -93,5 +93,10 @@ async def test_rollout_episode_loop_at_ten_times_default_concurrency_stays_flat(
         gc.collect()
         traced.append(tracemalloc.get_traced_memory()[0] / 2**20)
     tracemalloc.stop()
-    print(f"\nepisode loop at {concurrency} episodes: traced MiB per round {[round(t, 2) for t in traced]}")
-    assert grows(traced) < 0.05, traced
+    third = len(traced) // 3
+    growth = (np.mean(traced[2 * third :]) - np.mean(traced[third : 2 * third])) * 2**20
+    per_episode = growth / (third * concurrency * 3)
+    print(f"\nepisode loop at {concurrency} episodes: traced MiB per round {[round(t, 3) for t in traced]}, "
+          f"{per_episode:.1f} B per episode")  # fmt: skip
+    # The Python heap holds a few hundred KiB at this load: judge growth per episode, not in percent.
+    assert per_episode < 64, traced
