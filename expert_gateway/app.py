@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from eapo.config import GatewayConfig
 from expert_gateway import admin
@@ -64,15 +65,40 @@ class Upstream:
     pools: Pools
     backend: Backend
     resp: aiohttp.ClientResponse
+    finished: bool = False
 
     def done(self) -> None:
-        """Give the slot back; the connection goes back to the pool after a full read, else it is
-        closed, which is how the backend learns to stop generating."""
+        """Give the slot back (once); the connection goes back to the pool after a full read, else it
+        is closed, which is how the backend learns to stop generating."""
+        if self.finished:
+            return
+        self.finished = True
         if self.resp.content.at_eof():
             self.resp.release()
         else:
             self.resp.close()
         self.pools.release(self.backend)
+
+
+class Relay(StreamingResponse):
+    """An upstream SSE stream relayed chunk by chunk. The slot is given back however the response
+    ends — including a client gone before the first chunk, when the body iterator never starts."""
+
+    def __init__(self, up: Upstream, route: str):
+        super().__init__(self._chunks(up, route), status_code=up.resp.status, media_type=up.resp.content_type)
+        self.up = up
+
+    @staticmethod
+    async def _chunks(up: Upstream, route: str) -> AsyncIterator[bytes]:
+        async for chunk in up.resp.content.iter_any():
+            yield chunk
+        REQUESTS.labels(route, str(up.resp.status)).inc()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.up.done()
 
 
 async def open_upstream(
@@ -310,16 +336,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             REQUESTS.labels(route, "client_disconnected").inc()
             return Response(status_code=499)
         state.record(up.backend, ok=True)
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:  # slot and connection given back on end, error or client disconnect
-                async for chunk in up.resp.content.iter_any():
-                    yield chunk
-            finally:
-                up.done()
-            REQUESTS.labels(route, str(up.resp.status)).inc()
-
-        return StreamingResponse(relay(), status_code=up.resp.status, media_type=up.resp.content_type)
+        return Relay(up, route)
 
     @app.post("/v1/chat/completions", dependencies=data_plane, openapi_extra=OPENAI_BODY)
     async def chat_completions(request: Request) -> Response:
