@@ -51,7 +51,8 @@ def _spawn(name: str, role: str, config: Path, logs: Path, env: dict[str, str]) 
     return Child(name, proc)
 
 
-def _healthy(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """True if a GET of ``url`` answers 200 within 2 s."""
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
             return resp.status == 200
@@ -64,7 +65,7 @@ def _wait_healthy(children: list[Child], timeout_s: float) -> None:
     for child in children:
         if child.health_url is None:
             continue
-        while not _healthy(child.health_url):
+        while not http_ok(child.health_url):
             if child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.process.returncode} before it was healthy")
             if time.monotonic() > deadline:

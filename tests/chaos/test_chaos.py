@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +27,12 @@ import yaml
 from helpers import audited, start_audit
 
 from eapo.redis_server import RedisServer, free_port
+from eapo.up import http_ok
 from proto import AnnealState, Names, WeightManifest, decode
 from proto.weights import verify_version, version_dir
 
 pytestmark = pytest.mark.e2e
 SEED, STEPS, FAULTS = 20261123, 120, 12
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @dataclass
