@@ -96,6 +96,7 @@ class GatewayConfig(Section):
     api_token: SecretStr | None = Field(None, description="bearer token required on /v1/* (unset: open)")
     admin_token: SecretStr | None = Field(None, description="bearer token required on /admin/* (unset: open)")
     health_interval_s: float = Field(5.0, gt=0, description="active GET /health on every backend this often")
+    unhealthy_after_checks: int = Field(2, ge=1, description="failed health checks in a row that take a backend out")
     eject_after_failures: int = Field(3, ge=1, description="consecutive failed requests that eject a backend")
     eject_s: float = Field(10.0, gt=0, description="how long an ejected backend sits out before health checks")
     shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight requests get this long at shutdown")

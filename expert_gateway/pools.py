@@ -51,6 +51,7 @@ class Backend:
     healthy: bool = True
     draining: bool = False
     consecutive_failures: int = 0
+    failed_checks: int = 0
     ejected_until: float = 0.0
     ejections: deque[dict] = field(default_factory=lambda: deque(maxlen=32))
     current_weight: float = 0.0  # smooth weighted round robin's running score
@@ -71,29 +72,34 @@ class Backend:
     def load(self) -> float:
         return self.in_flight / self.weight
 
-    def record(self, ok: bool, eject_after: int, eject_s: float, reason: str = "") -> None:
-        """Passive health: a success resets the count; ``eject_after`` failures in a row eject."""
+    def record(self, ok: bool, eject_after: int, eject_s: float, reason: str = "", may_eject: bool = True) -> None:
+        """Passive health: a success resets the count; ``eject_after`` failures in a row eject, unless
+        ``may_eject`` is false (the pool's last available backend: ejecting it would turn every request
+        into a 503, while retrying it may still succeed)."""
         if ok:
             self.consecutive_failures = 0
             return
         self.errors += 1
         self.consecutive_failures += 1
-        if self.consecutive_failures >= eject_after and time.monotonic() >= self.ejected_until:
+        if may_eject and self.consecutive_failures >= eject_after and time.monotonic() >= self.ejected_until:
             self.ejected_until = time.monotonic() + eject_s
             self.healthy = False  # back only through a successful active check
             self.ejections.append({"at": time.time(), "reason": reason, "failures": self.consecutive_failures})
 
-    async def check(self, timeout_s: float = 2.0) -> bool:
-        """Active health: vLLM's ``GET /health``. Re-admits a backend whose ejection ran out."""
+    async def check(self, unhealthy_after: int = 1, timeout_s: float = 2.0) -> bool:
+        """Active health: vLLM's ``GET /health``. ``unhealthy_after`` failed checks in a row take the
+        backend out (one slow answer under load does not); a success re-admits a backend whose ejection
+        ran out."""
         assert self.session is not None
         try:
             async with self.session.get("health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 ok = resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             ok = False
+        self.failed_checks = 0 if ok else self.failed_checks + 1
         if ok and time.monotonic() >= self.ejected_until:
             self.healthy, self.consecutive_failures = True, 0
-        elif not ok:
+        elif self.failed_checks >= unhealthy_after:
             self.healthy = False
         return ok
 
@@ -197,6 +203,11 @@ class Pools:
     def find(self, url: str, model: str | None = None) -> list[Backend]:
         url = url.rstrip("/")
         return [b for b in self.backends() if b.url.rstrip("/") == url and (model is None or b.model == model)]
+
+    def available_peers(self, backend: Backend) -> list[Backend]:
+        """The other backends of ``backend``'s pool that take requests now (none if it was removed)."""
+        pool, now = self._pools.get(backend.model), time.monotonic()
+        return [] if pool is None else [b for b in pool.backends if b is not backend and b.available(now)]
 
     def add(self, backend: Backend) -> None:
         if self.find(backend.url, backend.model):

@@ -41,7 +41,8 @@ class GatewayState:
         return own if own is not None else self.config.max_in_flight_per_backend
 
     def record(self, backend: Backend, ok: bool, reason: str = "") -> None:
-        backend.record(ok, self.config.eject_after_failures, self.config.eject_s, reason)
+        may_eject = bool(self.pools.available_peers(backend))
+        backend.record(ok, self.config.eject_after_failures, self.config.eject_s, reason, may_eject)
 
     def add(self, backend: Backend) -> Backend:
         self.pools.add(backend)  # raises ValueError on a duplicate
@@ -64,7 +65,8 @@ class GatewayState:
         """Active checks of every backend, forever (cancelled at shutdown). Queued requests re-check
         afterwards, so a backend coming back (or a lost wake-up) frees them within one interval."""
         while True:
-            await asyncio.gather(*(b.check() for b in self.pools.backends() if b.session is not None))
+            checks = self.config.unhealthy_after_checks
+            await asyncio.gather(*(b.check(checks) for b in self.pools.backends() if b.session is not None))
             for pool in self.pools.pools():
                 pool.wake(everyone=True)
             await asyncio.sleep(self.config.health_interval_s)
