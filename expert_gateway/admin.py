@@ -25,7 +25,7 @@ class BackendView(BaseModel):
     url: str
     model: str
     source: str = Field(description="static (config), dns (discovery) or admin (added at run time)")
-    state: str = Field(description="available, unhealthy (failed its last check), ejected or draining")
+    state: str = Field(description="available, unhealthy (failed its recent checks), ejected or draining")
     weight: float
     max_in_flight: int | None
     in_flight: int

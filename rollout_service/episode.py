@@ -20,7 +20,7 @@ import aiohttp
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from eapo.config import RolloutConfig
+from eapo.config import EAPOConfig, RolloutConfig
 from eapo.sampling import SampleRequest
 from proto import (
     AnnealState,
@@ -58,6 +58,13 @@ def token_text(tok: PreTrainedTokenizerFast, ids: list[int], skip_special_tokens
     return tok.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+def gateway_session(cfg: EAPOConfig) -> aiohttp.ClientSession:
+    """One connection pool to the gateway (no connection cap), with the data-plane token when set."""
+    token = cfg.gateway.api_token
+    auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else None
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=auth)
+
+
 @dataclass
 class ExpertClient:
     """Sends one consult block to the gateway as one batch; failures become per-query errors."""
@@ -67,6 +74,10 @@ class ExpertClient:
     model: str
     max_tokens: int
     timeout_s: float
+
+    @classmethod
+    def for_rollout(cls, session: aiohttp.ClientSession, rc: RolloutConfig) -> ExpertClient:
+        return cls(session, rc.gateway_url.rstrip("/"), rc.expert_model, rc.expert_max_tokens, rc.expert_timeout_s)
 
     async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
         req = ConsultRequest(

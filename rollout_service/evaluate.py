@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import aiohttp
-
 from eapo.config import EAPOConfig
 from proto import AnnealState, PromptTask, Trajectory
 from rollout_service.datasets import Layout, load_problems
 from rollout_service.engine import TransformersEngine
-from rollout_service.episode import ExpertClient, Experts, PolicyExperts, run_episode
+from rollout_service.episode import ExpertClient, Experts, PolicyExperts, gateway_session, run_episode
 from rollout_service.metrics_eval import summarize
 
 log = logging.getLogger(__name__)
@@ -51,16 +49,11 @@ async def evaluate(
     engine = TransformersEngine(model, version=0, max_batch=cfg.rollout.max_batch)
     slots = asyncio.Semaphore(cfg.rollout.max_batch)
     t0 = time.monotonic()
-    token = cfg.gateway.api_token
-    auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else None
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=auth) as session:
+    async with gateway_session(cfg) as session:
         experts: Experts | None = None
         state = EVAL_STATE
         if mode == "expert-assisted":
-            rc = cfg.rollout
-            url = rc.gateway_url.rstrip("/")
-            experts = ExpertClient(session, url, rc.expert_model, rc.expert_max_tokens, rc.expert_timeout_s)
-            state = assisted_state(cfg)
+            experts, state = ExpertClient.for_rollout(session, cfg.rollout), assisted_state(cfg)
         elif mode == "self-collaboration":
             experts, state = PolicyExperts(engine, cfg.rollout.expert_max_tokens), assisted_state(cfg)
 

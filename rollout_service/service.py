@@ -15,7 +15,6 @@ import logging
 import signal
 import time
 
-import aiohttp
 import redis.asyncio as aioredis
 
 from eapo.config import EAPOConfig
@@ -24,7 +23,7 @@ from eapo.streams import Entry, StreamConsumer, StreamProducer
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, WeightManifest, decode
 from proto.weights import version_dir
 from rollout_service.engine import PolicyEngine, open_engine
-from rollout_service.episode import ExpertClient, run_episode
+from rollout_service.episode import ExpertClient, gateway_session, run_episode
 from rollout_service.metrics import GROUPS, POLICY_VERSION
 
 log = logging.getLogger(__name__)
@@ -119,16 +118,8 @@ class RolloutService:
         )
         slots = asyncio.Semaphore(rc.max_groups_in_flight)
         tasks: set[asyncio.Task] = set()
-        token = self.cfg.gateway.api_token
-        auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else None
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=auth) as session:
-            experts = (
-                ExpertClient(
-                    session, rc.gateway_url.rstrip("/"), rc.expert_model, rc.expert_max_tokens, rc.expert_timeout_s
-                )
-                if rc.consult
-                else None
-            )
+        async with gateway_session(self.cfg) as session:
+            experts = ExpertClient.for_rollout(session, rc) if rc.consult else None
             log.info("rollout %s serving with policy version %d", rc.replica, self.engine.version)
             while not self.stop.is_set():
                 if await self.client.exists(self.names.done):
