@@ -94,13 +94,13 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = new_model(
-            len(tok), world.policy_hidden, world.policy_layers, max(world.max_positions, args.tokens), tok
+            len(tok), world.policy.hidden, world.policy.layers, max(world.max_positions, args.tokens), tok
         )
         model.save_pretrained(root / "policy")
         tok.save_pretrained(root / "policy")
         trainer = Trainer(cfg, root / "policy")
         plain = new_model(
-            len(tok), world.policy_hidden, world.policy_layers, max(world.max_positions, args.tokens), tok
+            len(tok), world.policy.hidden, world.policy.layers, max(world.max_positions, args.tokens), tok
         )
         plain.load_state_dict(model.state_dict())
         plain.train()

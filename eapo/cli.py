@@ -102,6 +102,29 @@ def cmd_eval(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
+    from eapo.experiment import load_experiment, run_experiment
+    from eapo.report import table, write_report
+
+    exp = load_experiment(args.config)
+    run_experiment(exp)
+    summary = write_report(exp.out)
+    print(table(summary, exp.eval_samples))
+    print(f"[eapo experiment] report at {exp.out / 'report.md'}", flush=True)
+    return 0
+
+
+def cmd_report(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
+    from eapo.report import table, write_report
+
+    summary = write_report(args.dir)
+    print(table(summary, int(summary["eval_samples"])))
+    return 0
+
+
+# These read their own file, not a run config.
+OWN_CONFIG = {"experiment", "report"}
+
 COMMANDS = {
     "up": (cmd_up, "bring up the whole local stack (Redis, experts, gateway, learner, rollout), train, stop"),
     "bootstrap": (cmd_bootstrap, "build the tiny CPU world: tasks, tokenizer, policy and expert models"),
@@ -110,6 +133,8 @@ COMMANDS = {
     "rollout": (cmd_rollout, "run one rollout replica"),
     "learner": (cmd_learner, "run the DeepSpeed learner (alone, or every rank under torchrun)"),
     "eval": (cmd_eval, "a checkpoint answers a dataset (alone or a baseline workflow): mean@N, variance, pass@k"),
+    "experiment": (cmd_experiment, "run an experiment's arms x seeds one after another, then write its report"),
+    "report": (cmd_report, "rebuild an experiment's report (Markdown, PNG, JSON) from its run directories"),
 }
 
 
@@ -120,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
+        if name == "experiment":
+            p.add_argument("--config", type=Path, default=Path("configs/experiment.yaml"), help="experiment file")
+        elif name == "report":
+            p.add_argument("dir", type=Path, help="the experiment's output directory")
+        else:
+            p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
         if name == "bootstrap":
             p.add_argument("--force", action="store_true", help="rebuild even if the cached world matches")
         if name == "eval":
@@ -147,12 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
-        cfg = load_config(args.config)
+        if args.command == "experiment":
+            from eapo.experiment import load_experiment
+
+            load_experiment(args.config)  # checked before anything starts
+        elif args.command not in OWN_CONFIG:
+            cfg = load_config(args.config)
     except Exception as exc:  # a bad config is the user's to fix: say what is wrong, no traceback
         print(f"eapo {args.command}: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    setup_logging(os.environ.get("EAPO_ROLE", args.command), cfg.log_level)
+    setup_logging(os.environ.get("EAPO_ROLE", args.command), cfg.log_level if cfg else "INFO")
     handler, _ = COMMANDS[args.command]
     return handler(cfg, args)
 

@@ -7,6 +7,7 @@ Precedence, highest first: ``EAPO_…`` environment variables (nested with ``__`
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,18 @@ class RedisConfig(Section):
     max_deliveries: int = Field(5, description="an entry delivered this often is dead-lettered")
 
 
+class ModelSpec(Section):
+    """One tiny-world model: its size, and how long it is trained on which curriculum."""
+
+    curriculum: Literal["policy", "solver", "calculator"] = Field(
+        description="policy: the EAPO trace mixture; solver: whole problems; calculator: single operations"
+    )
+    hidden: int
+    layers: int
+    sft_steps: int = Field(ge=3)
+    lr: float = 3e-3
+
+
 class WorldConfig(Section):
     """The bundled tiny world: synthetic arithmetic tasks and tiny CPU models."""
 
@@ -36,15 +49,15 @@ class WorldConfig(Section):
     seed: int = 1234
     train_problems: int = 2000
     eval_problems: int = 200
-    policy_hidden: int = 64
-    policy_layers: int = 2
-    policy_sft_steps: int = 500
-    policy_lr: float = 3e-3
-    expert_hidden: int = 96
-    expert_layers: int = 4
-    expert_sft_steps: int = 1000
-    expert_lr: float = 5e-3
-    sft_batch: int = 32
+    policy: ModelSpec = ModelSpec(curriculum="policy", hidden=64, layers=2, sft_steps=800)
+    experts: dict[str, ModelSpec] = Field(
+        default_factory=lambda: {
+            "expert": ModelSpec(curriculum="solver", hidden=96, layers=4, sft_steps=1000, lr=5e-3),
+            "calculator": ModelSpec(curriculum="calculator", hidden=96, layers=3, sft_steps=800, lr=5e-3),
+        },
+        description="expert checkpoints by name: heterogeneous, each good at something else",
+    )
+    sft_batch: int = 64
     max_positions: int = 384
 
 
@@ -53,6 +66,12 @@ class ExpertServerConfig(Section):
     port: int = 8100
     model: str = Field("expert", description="model name served (the world's model dir name)")
     model_path: Path | None = Field(None, description="checkpoint dir; default: the world's model")
+    pool: list[str] = Field(
+        default_factory=lambda: ["expert", "calculator"],
+        min_length=1,
+        description="`eapo up`: world checkpoints served, one server each, under the name `model` "
+        "(a heterogeneous pool; name one checkpoint twice for a homogeneous one)",
+    )
     max_batch: int = 32
 
 
@@ -246,6 +265,45 @@ class EAPOConfig(BaseSettings):
         if self.redis.url and urlsplit(self.redis.url).password:
             env["REDIS_URL"] = self.redis.url  # REDIS_URL beats the (masked) file
         return env
+
+
+class ArmConfig(Section):
+    """One arm of an experiment: a way to produce a policy, then how it is judged."""
+
+    train: bool = Field(True, description="train with EAPO's loop (False: judge the world's initial policy)")
+    eval_mode: Literal["alone", "expert-assisted", "self-collaboration"] = "alone"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="merged into the shared `run` config")
+
+
+class ExperimentConfig(Section):
+    """``eapo experiment``: arms × seeds on one task suite and learner-step budget."""
+
+    out: Path = Field(Path("runs/experiment"), description="one directory per arm and seed below it")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    eval_samples: int = Field(4, ge=1, description="N samples per held-out problem (mean@N, variance)")
+    eval_every: int = Field(10, ge=1, description="learner steps between held-out evaluations")
+    eval_limit: int | None = Field(None, ge=1, description="only the first problems of the held-out split")
+    run: dict[str, Any] = Field(default_factory=dict, description="the run config every arm shares")
+    arms: dict[str, ArmConfig] = Field(min_length=1)
+    compare: tuple[str, str] = Field(("eapo", "self-exploratory-rl"), description="the headline: first minus second")
+
+    def arm_config(self, arm: str, seed: int) -> EAPOConfig:
+        """The full run config of ``arm`` with ``seed``: shared config, then the arm's overrides."""
+        data = merge(merge({}, self.run), self.arms[arm].overrides)
+        merge(data, {"seed": seed, "run_dir": str(self.out / arm / f"seed-{seed}")})
+        merge(data, {"rollout": {"seed": seed}, "learner": {"seed": seed}})
+        return EAPOConfig(**data)
+
+
+def merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of nested mappings, ``update`` winning (as ``helm -f a.yaml -f b.yaml``); returns
+    ``into``, which never shares a mutable value with ``update``."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> EAPOConfig:

@@ -1,10 +1,10 @@
 """``eapo up``: the whole loop on one machine, every service a real process.
 
-Bootstraps the tiny world, starts a private Redis (unless ``REDIS_URL``/``redis.url``), two CPU
-expert servers, the gateway, the learner and one rollout replica; waits for health; prints progress
-from the learner's metrics; and stops everything — after the learner's last step, on failure, or on
-Ctrl-C. The run directory gets the resolved config, metrics.jsonl, per-process logs, the weight
-versions and summary.json.
+Bootstraps the tiny world, starts a private Redis (unless ``REDIS_URL``/``redis.url``), one CPU
+expert server per checkpoint of ``expert_server.pool``, the gateway, the learner and one rollout
+replica; waits for health; prints progress from the learner's metrics; and stops everything — after
+the learner's last step, on failure, or on Ctrl-C. The run directory gets the resolved config,
+metrics.jsonl, per-process logs, the weight versions and summary.json.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,6 @@ from eapo.redis_server import RedisServer, free_port, resolve_redis_url
 from eapo.world.bootstrap import bootstrap
 
 log = logging.getLogger(__name__)
-
-NUM_EXPERT_SERVERS = 2
 
 
 @dataclass
@@ -107,6 +107,52 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def resolve_ports(cfg: EAPOConfig) -> EAPOConfig:
+    """A copy of ``cfg`` with free loopback ports for the expert servers and the gateway, wired together."""
+    resolved = cfg.model_copy(deep=True)
+    resolved.gateway.port = free_port()
+    resolved.gateway.backends = [
+        ExpertBackend(model=cfg.expert_server.model, url=f"http://127.0.0.1:{free_port()}")
+        for _ in cfg.expert_server.pool
+    ]
+    resolved.rollout.gateway_url = f"http://127.0.0.1:{resolved.gateway.port}"
+    return resolved
+
+
+def spawn_expert_pool(resolved: EAPOConfig, config_file: Path, logs: Path) -> list[Child]:
+    """One expert server per checkpoint of ``expert_server.pool``, all under one served name, and the
+    gateway in front of them (ports from ``resolve_ports``)."""
+    children = []
+    for i, (checkpoint, backend) in enumerate(zip(resolved.expert_server.pool, resolved.gateway.backends, strict=True)):
+        port = backend.url.rsplit(":", 1)[1]
+        env = {
+            "EAPO_EXPERT_SERVER__PORT": port,
+            "EAPO_EXPERT_SERVER__MODEL_PATH": str(resolved.world.dir / checkpoint),
+            "OMP_NUM_THREADS": "1",
+        }
+        child = _spawn(f"expert-{i}", "expert-server", config_file, logs, env)
+        child.health_url = f"{backend.url}/health"
+        children.append(child)
+    gateway = _spawn("gateway", "gateway", config_file, logs, resolved.secret_env())
+    gateway.health_url = f"{resolved.rollout.gateway_url}/readyz"
+    return [*children, gateway]
+
+
+@contextmanager
+def expert_pool(cfg: EAPOConfig) -> Iterator[EAPOConfig]:
+    """The expert servers and the gateway, healthy, for work outside a training run (the baselines of
+    ``eapo experiment``); yields the config that points at them. Logs go to ``cfg.run_dir/logs``."""
+    resolved = resolve_ports(cfg)
+    config_file = cfg.run_dir / "pool-config.yaml"
+    resolved.dump_yaml(config_file)
+    children = spawn_expert_pool(resolved, config_file, cfg.run_dir / "logs")
+    try:
+        _wait_healthy(children, timeout_s=120)
+        yield resolved
+    finally:
+        _stop(children)
+
+
 def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
     t0 = time.monotonic()
@@ -124,15 +170,8 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
         redis_server = RedisServer(run_dir / "redis").start()
         url = redis_server.url
         print(f"[eapo up] private Redis ({redis_server.executable}) on {url}", flush=True)
-    expert_ports = [free_port() for _ in range(NUM_EXPERT_SERVERS)]
-    gateway_port = free_port()
-    resolved = cfg.model_copy(deep=True)
+    resolved = resolve_ports(cfg)
     resolved.redis.url = url
-    resolved.gateway.port = gateway_port
-    resolved.gateway.backends = [
-        ExpertBackend(model=cfg.expert_server.model, url=f"http://127.0.0.1:{p}") for p in expert_ports
-    ]
-    resolved.rollout.gateway_url = f"http://127.0.0.1:{gateway_port}"
     config_file = run_dir / "config.yaml"
     resolved.dump_yaml(config_file)
 
@@ -140,19 +179,7 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
     children: list[Child] = []
     code = 1
     try:
-        for i, port in enumerate(expert_ports):
-            child = _spawn(
-                f"expert-{i}",
-                "expert-server",
-                config_file,
-                logs,
-                {"EAPO_EXPERT_SERVER__PORT": str(port), "OMP_NUM_THREADS": "1"},
-            )
-            child.health_url = f"http://127.0.0.1:{port}/health"
-            children.append(child)
-        gateway = _spawn("gateway", "gateway", config_file, logs, cfg.secret_env())
-        gateway.health_url = f"http://127.0.0.1:{gateway_port}/readyz"
-        children.append(gateway)
+        children += spawn_expert_pool(resolved, config_file, logs)
         _wait_healthy(children, timeout_s=120)
         print(f"[eapo up] experts and gateway healthy ({time.monotonic() - t0:.0f}s)", flush=True)
         learner = _spawn("learner", "learner", config_file, logs, cfg.secret_env())

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from helpers import ServerThread
 
-from eapo.config import WorldConfig
+from eapo.config import ModelSpec, WorldConfig
 from eapo.redis_server import RedisServer
 from eapo.world.bootstrap import bootstrap
 
@@ -40,10 +40,11 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> WorldConfig:
         dir=tmp_path_factory.mktemp("world"),
         train_problems=64,
         eval_problems=16,
-        policy_sft_steps=30,
-        expert_sft_steps=30,
-        expert_hidden=64,
-        expert_layers=2,
+        policy=ModelSpec(curriculum="policy", hidden=64, layers=2, sft_steps=30),
+        experts={
+            "expert": ModelSpec(curriculum="solver", hidden=64, layers=2, sft_steps=30),
+            "calculator": ModelSpec(curriculum="calculator", hidden=32, layers=1, sft_steps=10),
+        },
         sft_batch=16,
     )
     bootstrap(cfg)

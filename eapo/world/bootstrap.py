@@ -5,8 +5,10 @@ Models are transformers Qwen2 causal LMs saved with ``save_pretrained`` (safeten
 with ``from_pretrained``, so the same loading code serves a real checkpoint.
 
 The policy is small and briefly trained on a mixture of the three paradigms (self-resolution,
-direct consultation, decomposition) plus traces where the expert was unavailable; the expert is
-larger and trained longer on worked solutions only, so it is better but not perfect on the top tier.
+direct consultation, decomposition) plus traces where the expert was unavailable. The experts are
+heterogeneous: the solver is larger and trained on worked solutions of whole problems; the
+calculator is trained on single operations only (the sub-queries of a decomposition), so it is
+nearly exact there and of no use on a whole problem.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from eapo.config import WorldConfig
+from eapo.config import ModelSpec, WorldConfig
+from eapo.logs import setup_logging
 from eapo.world.tasks import TIERS, make_problem, make_split, solution_steps, worked_solution, write_jsonl
 from proto import episode_format as fmt
 
@@ -48,11 +54,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-def expert_sample(rng: random.Random) -> Sample:
-    """A worked solution for a random problem or a single operation (a decomposition sub-query)."""
-    tier = rng.choice(TIERS)
-    p = make_problem(rng, tier, 0, "sft")
-    expr = p.problem if rng.random() < 0.7 else solution_steps(p.problem)[0][0]
+def solver_sample(rng: random.Random) -> Sample:
+    """The solver expert: worked solutions of whole problems, every tier."""
+    expr = make_problem(rng, rng.choice(TIERS), 0, "sft").problem
+    return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
+
+
+def calculator_sample(rng: random.Random) -> Sample:
+    """The calculator expert: single operations, as they occur inside solutions (decomposition
+    sub-queries, multi-digit intermediate results included) — exact there, lost on whole problems."""
+    steps = solution_steps(make_problem(rng, rng.choice(TIERS), 0, "sft").problem)
+    expr = rng.choice(steps)[0]
     return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
 
 
@@ -107,7 +119,7 @@ def sft(
     """Supervised fine-tuning on freshly drawn samples; loss on completion tokens only."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps))
     model.train()
     loss_value, t0 = float("nan"), time.monotonic()
     for step in range(steps):
@@ -133,6 +145,25 @@ def sft(
     return loss_value
 
 
+CURRICULA: dict[str, Callable[[random.Random], Sample]] = {
+    "policy": policy_sample,
+    "solver": solver_sample,
+    "calculator": calculator_sample,
+}
+
+
+def _train(root: Path, name: str, spec: ModelSpec, cfg: WorldConfig) -> float:
+    """SFT one model from its spec and save it (with the tokenizer) under ``root/name``."""
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer()
+    model = new_model(len(tok), spec.hidden, spec.layers, cfg.max_positions, tok)
+    loss = sft(model, tok, CURRICULA[spec.curriculum], spec.sft_steps, cfg.sft_batch, cfg.seed, lr=spec.lr, name=name)
+    model.save_pretrained(root / name, safe_serialization=True)
+    tok.save_pretrained(root / name)
+    return loss
+
+
 def _fingerprint(cfg: WorldConfig) -> str:
     data = cfg.model_dump(mode="json", exclude={"dir"})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -147,21 +178,16 @@ def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
         log.info("tiny world at %s is up to date", root)
         return root
     t0 = time.monotonic()
-    torch.manual_seed(cfg.seed)
     root.mkdir(parents=True, exist_ok=True)
     write_jsonl(make_split(cfg.seed, cfg.train_problems, "train"), root / "train.jsonl")
     write_jsonl(make_split(cfg.seed, cfg.eval_problems, "eval"), root / "eval.jsonl")
-    tok = build_tokenizer()
-    losses = {}
-    for name, hidden, layers, steps, lr, make_sample in (
-        ("expert", cfg.expert_hidden, cfg.expert_layers, cfg.expert_sft_steps, cfg.expert_lr, expert_sample),
-        ("policy", cfg.policy_hidden, cfg.policy_layers, cfg.policy_sft_steps, cfg.policy_lr, policy_sample),
-    ):
-        torch.manual_seed(cfg.seed)
-        model = new_model(len(tok), hidden, layers, cfg.max_positions, tok)
-        losses[name] = sft(model, tok, make_sample, steps, cfg.sft_batch, cfg.seed, lr=lr, name=name)
-        model.save_pretrained(root / name, safe_serialization=True)
-        tok.save_pretrained(root / name)
+    specs = {"policy": cfg.policy, **cfg.experts}
+    # One process per model, one thread each: tiny models leave cores idle when trained one by one.
+    workers = min(len(specs), os.cpu_count() or 1)
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    with ProcessPoolExecutor(workers, get_context("spawn"), setup_logging, ("bootstrap", level)) as pool:
+        futures = {name: pool.submit(_train, root, name, spec, cfg) for name, spec in specs.items()}
+        losses = {name: future.result() for name, future in futures.items()}
     manifest.write_text(
         json.dumps(
             {

@@ -1,9 +1,10 @@
 """The bundled synthetic task family: multi-step integer arithmetic with exact, verifiable answers.
 
-Difficulty is graded by tier: tier t has t operators and operands with up to 1 + (t ≥ 3) digits, so the
-top tiers need several carried multiplications — where a tiny policy fails and a stronger expert
-(or a decomposition into single operations) helps. Evaluation follows normal precedence (× before
-+/−, then left to right); the worked solution rewrites one operation per step.
+Difficulty is graded by tier: tier t has t operators on single-digit operands, so tier 1 is one
+table lookup and the top tier chains four operations with products carried into multi-digit
+numbers: there a tiny policy fails, and a stronger expert (or a decomposition into single
+operations) helps. Evaluation follows normal precedence (× before +/−, then left to right); the
+worked solution rewrites one operation per step.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ class Problem:
 
 
 def _tokens(expr: str) -> list[str]:
+    """Operands and operators; a ``-`` where an operand starts is its sign (``-14+3``, ``5--7``)."""
     out, num = [], ""
     for ch in expr:
-        if ch.isdigit():
+        if ch.isdigit() or (ch == "-" and not num):
             num += ch
         else:
             out += [num, ch]
@@ -64,8 +66,7 @@ def worked_solution(expr: str) -> str:
 
 
 def make_problem(rng: random.Random, tier: int, index: int, split: str) -> Problem:
-    digits = 2 if tier >= 3 else 1
-    operands = [str(rng.randint(2, 10**digits - 1)) for _ in range(tier + 1)]
+    operands = [str(rng.randint(2, 9)) for _ in range(tier + 1)]
     ops = [rng.choice("+-*") for _ in range(tier)]
     expr = operands[0] + "".join(op + x for op, x in zip(ops, operands[1:], strict=True))
     return Problem(id=f"{split}-{index}", problem=expr, answer=str(evaluate(expr)), tier=tier)

@@ -1,0 +1,136 @@
+"""``eapo experiment``: does EAPO beat self-exploratory RL here?
+
+Every arm × seed runs one after another with the real services (``eapo up`` for the arms that train)
+and gets its own run directory under ``out/ARM/seed-S``. A trained arm's weight versions are kept,
+and every ``eval_every``-th is judged on the held-out split, alone, N samples per problem: the learning
+curve. ``result.json`` marks an arm × seed as finished; a rerun skips it, and an interrupted one
+starts over (its partial directory is moved aside). The report (``eapo.report``) is then rebuilt
+from the run directories alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from eapo.config import EAPOConfig, ExperimentConfig
+from eapo.up import expert_pool, run_stack
+from eapo.world.bootstrap import bootstrap
+from eapo.world.tasks import read_jsonl
+from proto.weights import prune, version_dir
+from rollout_service.evaluate import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def load_experiment(path: Path) -> ExperimentConfig:
+    """Read and check an experiment file: every arm × seed must make a valid run config, so a typo
+    fails now rather than 40 minutes in."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    exp = ExperimentConfig(**data)
+    for arm in exp.arms:
+        for seed in exp.seeds:
+            exp.arm_config(arm, seed)
+    return exp
+
+
+def eval_steps(steps: int, every: int) -> list[int]:
+    """The learner steps whose weights are judged: 0, every, 2·every, …, and always the last."""
+    return sorted({*range(0, steps, every), steps})
+
+
+def per_tier(report: dict, tiers: dict[str, int]) -> dict[str, float]:
+    scores: dict[int, list[float]] = defaultdict(list)
+    for problem_id, values in report["scores"].items():
+        scores[tiers[problem_id]] += values
+    return {str(t): sum(v) / len(v) for t, v in sorted(scores.items())}
+
+
+def judge(cfg: EAPOConfig, exp: ExperimentConfig, model: Path, mode: str, step: int) -> dict:
+    """One held-out evaluation, written to ``run_dir/eval/step-NNNNNN.json``."""
+    dataset = cfg.world.dir / "eval.jsonl"
+    report = asyncio.run(evaluate(cfg, model, dataset, "world", exp.eval_samples, exp.eval_limit, mode))  # type: ignore[arg-type]
+    report["step"] = step
+    report["per_tier"] = per_tier(report, {p.id: p.tier for p in read_jsonl(dataset)})
+    out = cfg.run_dir / "eval" / f"step-{step:06d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
+    """Train (if the arm trains) and judge one arm × seed; returns its ``result.json``."""
+    spec, cfg = exp.arms[arm], exp.arm_config(arm, seed)
+    result_path = cfg.run_dir / "result.json"
+    if result_path.exists():
+        log.info("%s seed %d: finished earlier, skipped", arm, seed)
+        return json.loads(result_path.read_text())
+    if cfg.run_dir.exists():  # interrupted: keep what it left for inspection, start over
+        aside = cfg.run_dir.with_name(f"{cfg.run_dir.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.run_dir.rename(aside)
+        log.warning("%s seed %d: an interrupted attempt was moved to %s; starting over", arm, seed, aside)
+    t0 = time.monotonic()
+    bootstrap(cfg.world)
+    if spec.train:
+        cfg.learner.keep_versions = cfg.learner.steps + 1  # the learning curve judges old versions
+        if run_stack(cfg) != 0:
+            raise RuntimeError(f"{arm} seed {seed}: training failed; see {cfg.run_dir}/logs")
+        evals = [
+            judge(cfg, exp, version_dir(cfg.weights_dir, step), spec.eval_mode, step)
+            for step in eval_steps(cfg.learner.steps, exp.eval_every)
+        ]
+        prune(cfg.weights_dir, keep=1)  # the curve is judged: only the final policy is kept
+    else:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.dump_yaml(cfg.run_dir / "config.yaml")
+        model = cfg.world.dir / "policy"
+        if spec.eval_mode == "alone":
+            evals = [judge(cfg, exp, model, spec.eval_mode, 0)]
+        else:
+            with expert_pool(cfg) as served:
+                evals = [judge(served, exp, model, spec.eval_mode, 0)]
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "train": spec.train,
+        "eval_mode": spec.eval_mode,
+        "steps": cfg.learner.steps if spec.train else 0,
+        "curve": [
+            {
+                "step": e["step"],
+                **{k: e["summary"][k] for k in ("mean_score", "variance", "pass@1")},
+                "per_tier": e["per_tier"],
+                "expert_calls_per_episode": e["expert_calls_per_episode"],
+            }
+            for e in evals
+        ],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_experiment(exp: ExperimentConfig, config_path: Path | None = None) -> None:
+    exp.out.mkdir(parents=True, exist_ok=True)
+    (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
+    t0, runs = time.monotonic(), [(arm, seed) for arm in exp.arms for seed in exp.seeds]
+    for i, (arm, seed) in enumerate(runs, 1):
+        print(
+            f"[eapo experiment] {i}/{len(runs)}: {arm}, seed {seed} ({time.monotonic() - t0:.0f}s so far)", flush=True
+        )
+        result = run_arm(exp, arm, seed)
+        final = result["curve"][-1]
+        print(
+            f"[eapo experiment] {arm} seed {seed}: held-out mean score {final['mean_score']:.4f} "
+            f"after {result['steps']} steps ({result['seconds']:.0f}s)",
+            flush=True,
+        )
+    print(f"[eapo experiment] all {len(runs)} runs done in {time.monotonic() - t0:.0f}s", flush=True)

@@ -1,0 +1,243 @@
+"""``eapo report DIR``: an experiment's report, rebuilt from its run directories alone.
+
+Reads ``DIR/experiment.yaml`` and every ``DIR/ARM/seed-S/{result.json,metrics.jsonl}``; writes
+``report.md`` (the Table-1-style comparison and the headline numbers), ``report.json`` (the same
+numbers) and PNG plots: held-out score vs learner step and vs wall time, expert call and accepted
+rates, response length and the paradigm mix over training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import fmean, stdev
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+PARADIGMS = ("self_resolution", "direct_consultation", "decomposition")
+
+
+def load_runs(out: Path) -> dict[str, list[dict]]:
+    """Arm → its finished seeds' results, each with its learner metrics (``[]`` for arms that do not train)."""
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(out.glob("*/seed-*/result.json")):
+        result = json.loads(path.read_text())
+        metrics = path.parent / "metrics.jsonl"
+        result["metrics"] = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        runs[result["arm"]].append(result)
+    return runs
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": fmean(values),
+        "std": stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: per-step rollout statistics over 16 episodes are noisy."""
+    return [fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
+    arms = {}
+    for arm, results in runs.items():
+        finals = [r["curve"][-1] for r in results]
+        tiers = sorted({t for f in finals for t in f["per_tier"]})
+        arms[arm] = {
+            "seeds": [r["seed"] for r in results],
+            "train": results[0]["train"],
+            "eval_mode": results[0]["eval_mode"],
+            "steps": results[0]["steps"],
+            "mean_score": spread([f["mean_score"] for f in finals]),
+            "variance": spread([f["variance"] for f in finals]),
+            "per_tier": {t: fmean(f["per_tier"].get(t, 0.0) for f in finals) for t in tiers},
+            "eval_calls_per_episode": fmean(f["expert_calls_per_episode"] for f in finals),
+            "seconds": spread([r["seconds"] for r in results]),
+        }
+        if results[0]["metrics"]:
+            k = max(1, results[0]["steps"] // 5)
+            first = [fmean(m["calls_per_episode"] for m in r["metrics"][:k]) for r in results]
+            last = [fmean(m["calls_per_episode"] for m in r["metrics"][-k:]) for r in results]
+            arms[arm]["train_calls_per_episode"] = {"first_fifth": fmean(first), "last_fifth": fmean(last)}
+    a, b = compare
+    headline = None
+    if a in runs and b in runs:
+        by_seed = {r["seed"]: r["curve"][-1] for r in runs[b]}
+        paired = [(r["curve"][-1], by_seed[r["seed"]]) for r in runs[a] if r["seed"] in by_seed]
+        if paired:
+            headline = {
+                "arms": [a, b],
+                "gap": spread([x["mean_score"] - y["mean_score"] for x, y in paired]),
+                "variance_gap": spread([x["variance"] - y["variance"] for x, y in paired]),
+                "calls_fell": (
+                    arms[a]["train_calls_per_episode"]["last_fifth"] < arms[a]["train_calls_per_episode"]["first_fifth"]
+                    if "train_calls_per_episode" in arms[a]
+                    else None
+                ),
+            }
+    return {"arms": arms, "headline": headline}
+
+
+def _step_time(result: dict, step: int) -> float:
+    """Wall time (s) of the learner when it finished ``step`` (0 before the first step)."""
+    times = {m["step"]: m["time_s"] for m in result["metrics"]}
+    return times.get(step, 0.0)
+
+
+def plot_curves(runs: dict[str, list[dict]], out: Path) -> list[str]:
+    files = []
+    for x_name, x_label in (("step", "learner step"), ("time", "learner wall time (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, results in runs.items():
+            score = [fmean(r["curve"][i]["mean_score"] for r in results) for i in range(len(results[0]["curve"]))]
+            if not results[0]["train"]:
+                ax.axhline(score[-1], linestyle="--", linewidth=1, label=f"{arm} (no training)")
+                continue
+            steps = [c["step"] for c in results[0]["curve"]]
+            xs = steps if x_name == "step" else [fmean(_step_time(r, s) for r in results) for s in steps]
+            low = [min(r["curve"][i]["mean_score"] for r in results) for i in range(len(steps))]
+            high = [max(r["curve"][i]["mean_score"] for r in results) for i in range(len(steps))]
+            (line,) = ax.plot(xs, score, marker="o", label=f"{arm} (mean of {len(results)} seeds, band: min–max)")
+            ax.fill_between(xs, low, high, alpha=0.15, color=line.get_color())
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("held-out mean score, alone")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        name = f"heldout_vs_{x_name}.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def plot_training(runs: dict[str, list[dict]], out: Path) -> list[str]:
+    """Rollout statistics over training (mean over seeds, trailing moving average)."""
+    trained = {arm: results for arm, results in runs.items() if results[0]["metrics"]}
+    if not trained:
+        return []
+    panels = [
+        ("calls_per_episode", "expert calls per episode"),
+        ("accepted_rate", "accepted rate of consults"),
+        ("response_tokens", "policy tokens per episode"),
+        ("accuracy", "training reward: accuracy"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
+        for arm, results in trained.items():
+            n = min(len(r["metrics"]) for r in results)
+            values = [fmean(r["metrics"][i][key] for r in results) for i in range(n)]
+            ax.plot(range(1, n + 1), smooth(values, max(1, n // 10)), label=arm)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("learner step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(trained), figsize=(4.5 * len(trained), 3.6), squeeze=False)
+    for ax, (arm, results) in zip(axes[0], trained.items(), strict=True):
+        n = min(len(r["metrics"]) for r in results)
+        for kind in PARADIGMS:
+            values = [fmean(r["metrics"][i][f"paradigm_{kind}"] for r in results) for i in range(n)]
+            ax.plot(range(1, n + 1), smooth(values, max(1, n // 10)), label=kind.replace("_", " "))
+        ax.set_title(f"paradigm mix: {arm}", fontsize=9)
+        ax.set_xlabel("learner step", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "paradigms.png", dpi=110)
+    plt.close(fig)
+    return ["training.png", "paradigms.png"]
+
+
+def _pm(s: dict[str, float]) -> str:
+    return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+
+
+def table(summary: dict, eval_samples: int) -> str:
+    arms = summary["arms"]
+    tiers = sorted({t for a in arms.values() for t in a["per_tier"]})
+    head = (
+        f"| arm | judged | steps | mean@{eval_samples} (± seed std [min, max]) | variance | "
+        + " | ".join(f"tier {t}" for t in tiers)
+        + " | calls/ep (eval) |"
+    )
+    lines = [head, "|" + "---|" * (6 + len(tiers))]
+    for arm, a in arms.items():
+        lines.append(
+            f"| {arm} | {a['eval_mode']} | {a['steps']} | {_pm(a['mean_score'])} | {a['variance']['mean']:.4f} | "
+            + " | ".join(f"{a['per_tier'].get(t, 0.0):.3f}" for t in tiers)
+            + f" | {a['eval_calls_per_episode']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def headline_text(summary: dict) -> str:
+    h = summary["headline"]
+    if h is None:
+        return "The compared arms have no seeds in common yet: no headline."
+    a, b = h["arms"]
+    gap, var_gap = h["gap"], h["variance_gap"]
+    calls = summary["arms"][a].get("train_calls_per_episode")
+    lines = [
+        f"- **{a} − {b}**, held-out mean score alone, paired by seed ({gap['n']} seeds): "
+        f"**{gap['mean']:+.4f}** (seed std {gap['std']:.4f}, range [{gap['min']:+.4f}, {gap['max']:+.4f}]).",
+        f"- Variance ({a} − {b}): {var_gap['mean']:+.4f} (range [{var_gap['min']:+.4f}, {var_gap['max']:+.4f}]); "
+        f"lower for {a}: {'yes' if var_gap['mean'] < 0 else 'no'}.",
+    ]
+    if calls is not None:
+        lines.append(
+            f"- {a}'s expert calls per training episode: {calls['first_fifth']:.2f} in the first fifth of training, "
+            f"{calls['last_fifth']:.2f} in the last; fell: {'yes' if h['calls_fell'] else 'no'}."
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path) -> dict:
+    exp = yaml.safe_load((out / "experiment.yaml").read_text())
+    runs = load_runs(out)
+    if not runs:
+        raise SystemExit(f"{out}: no finished runs (ARM/seed-S/result.json)")
+    order = [arm for arm in exp["arms"] if arm in runs]
+    runs = {arm: sorted(runs[arm], key=lambda r: r["seed"]) for arm in order}
+    summary = {"eval_samples": exp["eval_samples"], **summarize(runs, tuple(exp["compare"]))}
+    images = plot_curves(runs, out) + plot_training(runs, out)
+    missing = [
+        f"{arm}/seed-{s}"
+        for arm in exp["arms"]
+        for s in exp["seeds"]
+        if s not in summary["arms"].get(arm, {}).get("seeds", [])
+    ]
+    md = [
+        "# EAPO experiment report",
+        "",
+        f"Regenerate with `eapo report {out}`. Held-out split: `eval.jsonl` of the world; every policy is "
+        f"judged alone (minimal prompt, no consult action) unless the arm says otherwise, "
+        f"{exp['eval_samples']} samples per problem.",
+        "",
+        "## Result",
+        "",
+        headline_text(summary),
+        "",
+        table(summary, exp["eval_samples"]),
+        "",
+        *(f"![{name}]({name})\n" for name in images),
+    ]
+    if missing:
+        md += ["", f"Not finished (excluded above): {', '.join(missing)}."]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,96 @@
+"""The experiment harness end to end on the tiny test world: a base arm and an EAPO arm, each a real
+run (services as processes), resumable, and a report rebuilt from the run directories alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from eapo.config import ExperimentConfig
+from eapo.experiment import eval_steps, load_experiment, run_experiment
+from eapo.report import spread, write_report
+
+
+def test_eval_steps_always_include_the_start_and_the_last_step():
+    assert eval_steps(40, 10) == [0, 10, 20, 30, 40]
+    assert eval_steps(7, 5) == [0, 5, 7]
+
+
+def test_arm_overrides_merge_into_the_shared_run_without_touching_it(tmp_path):
+    exp = ExperimentConfig(
+        out=tmp_path,
+        run={"learner": {"steps": 9, "lr": 1e-3}, "anneal": {"acceptance": {"kind": "linear", "start": 1, "end": 0}}},
+        arms={
+            "a": {"overrides": {"learner": {"steps": 3}, "anneal": {"acceptance": {"end": 0.5}}}},
+            "b": {"train": False},
+        },
+    )
+    a, b = exp.arm_config("a", 2), exp.arm_config("b", 2)
+    assert (a.learner.steps, a.learner.lr, a.anneal.acceptance.end) == (3, 1e-3, 0.5)
+    assert (b.learner.steps, b.anneal.acceptance.end) == (9, 0.0)
+    assert (a.seed, a.rollout.seed, a.learner.seed) == (2, 2, 2) and a.run_dir == tmp_path / "a" / "seed-2"
+
+
+def test_a_typo_in_any_arm_fails_before_anything_runs(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"ok": {}, "bad": {"overrides": {"learner": {"stepz": 3}}}}}))
+    with pytest.raises(ValueError, match="stepz"):
+        load_experiment(path)
+
+
+def test_spread_of_one_seed_has_no_std():
+    assert spread([0.5]) == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 1}
+
+
+@pytest.mark.e2e
+def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tmp_path, capsys):
+    exp = ExperimentConfig(
+        out=tmp_path / "exp",
+        seeds=[0],
+        eval_samples=2,
+        eval_every=2,
+        eval_limit=8,
+        run={
+            "world": tiny_world.model_dump(mode="json"),
+            "learner": {"steps": 3, "batch_groups": 1, "max_dropped_per_step": 4},
+            "rollout": {"group_size": 2, "max_groups_in_flight": 2, "max_new_tokens": 16, "max_context": 160},
+            # the test world's policy never solves a problem: only a consult penalty tells samples apart
+            "anneal": {"penalty": {"kind": "constant", "start": 0.1, "end": 0.1}},
+        },
+        arms={"base": {"train": False}, "eapo": {}},
+        compare=("eapo", "base"),
+    )
+    run_experiment(exp)
+    eapo = json.loads((exp.out / "eapo" / "seed-0" / "result.json").read_text())
+    assert [c["step"] for c in eapo["curve"]] == [0, 2, 3]
+    assert sorted(p.name for p in (exp.out / "eapo" / "seed-0" / "eval").iterdir()) == [
+        "step-000000.json",
+        "step-000002.json",
+        "step-000003.json",
+    ]
+    assert [p.name for p in (exp.out / "eapo" / "seed-0" / "weights").glob("v*")] == ["v000003"]
+    base = json.loads((exp.out / "base" / "seed-0" / "result.json").read_text())
+    # step 0 of a trained arm is the untouched SFT policy, judged with the same seeds: the base arm
+    assert eapo["curve"][0]["mean_score"] == base["curve"][0]["mean_score"]
+
+    # resumable: a finished arm x seed is skipped, an interrupted one starts over with its remains set aside
+    (exp.out / "base" / "seed-0" / "result.json").unlink()
+    first = (exp.out / "eapo" / "seed-0" / "result.json").stat().st_mtime_ns
+    run_experiment(exp)
+    assert (exp.out / "eapo" / "seed-0" / "result.json").stat().st_mtime_ns == first
+    assert (
+        list((exp.out / "base").glob("seed-0.interrupted-*")) and (exp.out / "base" / "seed-0" / "result.json").exists()
+    )
+    assert "eapo seed 0: held-out mean score" in capsys.readouterr().out
+
+    summary = write_report(exp.out)
+    report = (exp.out / "report.md").read_text()
+    assert "**eapo − base**" in report and "| base | alone | 0 |" in report
+    for image in ("heldout_vs_step.png", "heldout_vs_time.png", "training.png", "paradigms.png"):
+        assert (exp.out / image).stat().st_size > 1000 and f"]({image})" in report
+    gap = summary["headline"]["gap"]["mean"]
+    rerun_base = json.loads((exp.out / "base" / "seed-0" / "result.json").read_text())
+    assert gap == pytest.approx(eapo["curve"][-1]["mean_score"] - rerun_base["curve"][-1]["mean_score"])
+    assert json.loads((exp.out / "report.json").read_text())["headline"]["gap"]["mean"] == pytest.approx(gap)
