@@ -68,12 +68,14 @@ async def trim_acknowledged(client: aioredis.Redis, stream: str) -> int:
         return 0
     boundaries = []
     for info in infos:
-        name = _s(info["name"])
+        boundary = _next_id(_s(info["last-delivered-id"]))
         if int(info["pending"]):
-            summary = await client.xpending(stream, name)
-            boundaries.append(_s(summary["min"]))
-        else:
-            boundaries.append(_next_id(_s(info["last-delivered-id"])))
+            # A consumer may acknowledge everything between the two calls: then nothing is pending,
+            # and the (older, so smaller) last-delivered id above is still a safe boundary.
+            first = (await client.xpending(stream, _s(info["name"])))["min"]
+            if first is not None:
+                boundary = _s(first)
+        boundaries.append(boundary)
     minid = min(boundaries, key=lambda i: tuple(int(p) for p in i.split("-")))
     return int(await client.xtrim(stream, minid=minid, approximate=False))
 

@@ -72,7 +72,10 @@ def test_cli_reports_a_bad_experiment_without_a_traceback(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("arms: {eapo: {overrides: {rollout: {group_size: many}}}}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "eapo.cli", "experiment", "--config", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "eapo.cli", "experiment", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr and "group_size" in proc.stderr and "Traceback" not in proc.stderr

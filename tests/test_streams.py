@@ -134,6 +134,30 @@ async def test_trim_removes_only_what_every_group_acknowledged(redis_client, pre
     assert await redis_client.xlen(stream) == 0
 
 
+async def test_trim_survives_everything_being_acknowledged_between_its_two_reads(redis_client, prefix):
+    """Seen in a real run: XINFO GROUPS reported pending entries, the consumer acknowledged them, and
+    XPENDING then had no minimum. Trimming must fall back to the last delivered id, not crash."""
+    stream = f"{prefix}:s"
+    c = consumer(redis_client, stream, "c1")
+    await c.ensure_group()
+    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
+    for i in range(4):
+        await producer.send(task(i))
+    got = await c.read(count=3, block_ms=50)
+    stale = await redis_client.xinfo_groups(stream)  # 3 pending, as the trimmer first sees it
+    await c.ack([e.id for e in got])
+
+    class StaleInfo:
+        def __getattr__(self, name):
+            return getattr(redis_client, name)
+
+        async def xinfo_groups(self, name):
+            return stale
+
+    assert await trim_acknowledged(StaleInfo(), stream) == 3
+    assert [e.message.prompt_id for e in await c.read(count=10, block_ms=50)] == ["p3"]
+
+
 async def test_restart_under_the_same_name_rereads_its_own_pending_first(redis_client, prefix):
     stream = f"{prefix}:s"
     before = consumer(redis_client, stream, "learner-0")
