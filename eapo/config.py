@@ -171,6 +171,12 @@ class LearnerConfig(Section):
     max_version_lag: int | None = Field(
         None, description="hard limit: drop (counted) groups whose oldest turn is this many versions behind"
     )
+    dedup_horizon_s: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="a group whose prompt was admitted longer ago is dropped (counted 'expired'); trained ids "
+        "are remembered this long, so the duplicate ledger stays bounded",
+    )
     version_report_ttl_s: float = Field(600.0, description="how long a rollout's version report spares it")
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
     lr: float = 1e-4

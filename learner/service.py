@@ -1,7 +1,8 @@
 """``eapo learner``: consume trajectory groups, update the policy, publish weights and AnnealState.
 
 Per step: read groups (XREADGROUP; entries a dead learner left pending are reclaimed), drop duplicate
-deliveries and zero-signal groups (counted, acknowledged), take ``batch_groups`` informative groups,
+deliveries (``learner/ledger.py``), groups past the ledger's horizon and zero-signal groups (counted,
+acknowledged), take ``batch_groups`` informative groups,
 step, publish weight version ``step+1`` atomically and announce it, publish the next AnnealState,
 and only then acknowledge the groups used. The learner also feeds the prompts stream, admitting at
 most ``(step + max_staleness + 1) · batch_groups`` prompts (plus those dropped) — staleness is bounded
@@ -26,6 +27,7 @@ from eapo.metrics import StepGauges, serve_metrics
 from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
 from eapo.world.tasks import read_jsonl
 from learner.anneal import anneal_state
+from learner.ledger import Ledger
 from learner.loss import group_advantages, shaped_rewards
 from learner.trainer import Ranks, Trainer, TrainSample
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, encode
@@ -64,7 +66,7 @@ class PromptFeeder:
 class Learner:
     def __init__(self, cfg: EAPOConfig, client: aioredis.Redis):
         self.cfg, self.client, self.names = cfg, client, Names(cfg.redis.prefix)
-        self.seen: set[str] = set()
+        self.ledger = Ledger(client, self.names.trained, cfg.learner.dedup_horizon_s)
         self.dropped: Counter[str] = Counter()
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
         self.gauges = StepGauges("eapo_learner")
@@ -107,16 +109,17 @@ class Learner:
         seen_groups: list[TrajectoryGroup] = []
         stale: list[TrajectoryGroup] = []
         dropped_now = 0
+        await self.ledger.tick()
         while len(batch) < lc.batch_groups:
             await feeder.fill((step + lc.max_staleness + 1) * lc.batch_groups + sum(self.dropped.values()), step)
             if dropped_now >= lc.max_dropped_per_step and batch:
                 break
             for entry in await consumer.read(count=lc.batch_groups - len(batch), block_ms=1000):
                 group = entry.message
-                if group.group_id in self.seen:
-                    await self._drop(consumer, entry, "duplicate")
+                verdict = self.ledger.verdict(group.group_id)
+                if verdict != "new":  # trained before, or too old for the ledger to tell
+                    await self._drop(consumer, entry, verdict)
                     continue
-                self.seen.add(group.group_id)
                 seen_groups.append(group)
                 if lc.max_version_lag is not None and step - group.min_policy_version > lc.max_version_lag:
                     stale.append(group)  # counted and reported: dropping biases against slow (consulting) groups
@@ -141,15 +144,14 @@ class Learner:
     async def _resume(self, ranks: Ranks, feeder: PromptFeeder) -> int:
         """Restore step, optimizer and bookkeeping from the last checkpoint and Redis; returns the step."""
         state = await asyncio.to_thread(ranks.call, "load_checkpoint", self.cfg.checkpoint_dir) or {}
-        if state.get("group_ids"):  # killed after the checkpoint, before recording what it trained
-            await self.client.sadd(self.names.trained, *state["group_ids"])
-        self.seen = {m.decode() for m in await self.client.smembers(self.names.trained)}
+        # group_ids: the checkpoint's step may have been killed before recording what it trained
+        remembered = await self.ledger.load(state.get("group_ids", []))
         counters = {k.decode(): int(v) for k, v in (await self.client.hgetall(self.names.counters)).items()}
         self.dropped = Counter({k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("dropped:")})
         feeder.admitted = counters.get("admitted", 0)
         step = int(state.get("step", 0))
         if step:
-            log.info("resuming at step %d (%d groups already trained)", step, len(self.seen))
+            log.info("resuming at step %d (%d trained group ids remembered)", step, remembered)
         return step
 
     async def run(self, ranks: Ranks) -> None:
@@ -205,8 +207,7 @@ class Learner:
             )
             await self._publish(ranks, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
             async with self.client.pipeline(transaction=True) as pipe:
-                if group_ids:
-                    pipe.sadd(self.names.trained, *group_ids)
+                self.ledger.record_trained(pipe, group_ids)
                 pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
                 await pipe.execute()
             for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs

@@ -47,7 +47,8 @@ class Names:
 
     @property
     def trained(self) -> str:
-        """Set of trajectory group ids the learner has trained on (duplicate deliveries are skipped)."""
+        """Sorted set of the group ids the learner trained on, scored by their prompt's admission time
+        (ms); ids older than ``learner.dedup_horizon_s`` are removed (``learner/ledger.py``)."""
         return f"{self.prefix}:trained"
 
     @property

@@ -84,7 +84,7 @@ def test_killed_learner_resumes_without_loss_or_double_training(tiny_world, redi
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # continued, never repeated
     trained_ids = [gid for r in records for gid in r["group_ids"]]
     assert len(trained_ids) == len(set(trained_ids))  # nothing trained twice
-    trained = {m.decode() for m in client.smembers(names.trained)}
+    trained = {m.decode() for m in client.zrange(names.trained, 0, -1)}
     assert len(trained) == STEPS * BATCH and set(trained_ids) <= trained
     assert trained <= {g.group_id for g in informative}
     counters = {k.decode(): int(v) for k, v in client.hgetall(names.counters).items()}

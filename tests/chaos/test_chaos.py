@@ -245,7 +245,7 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
     assert len(trained) == len(set(trained))  # nothing trained twice
     # The learner's own record of what it trained (a step killed after its checkpoint, before its
     # metrics line, is in it): a superset of the metrics lines, and all of it was produced.
-    trained_set = {m.decode() for m in client.smembers(names.trained)}
+    trained_set = {m.decode() for m in client.zrange(names.trained, 0, -1)}
     assert set(trained) <= trained_set <= set(produced)
     counters = {k.decode(): int(v) for k, v in client.hgetall(names.counters).items()}
     dropped = sum(v for k, v in counters.items() if k.startswith("dropped:"))
