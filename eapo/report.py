@@ -9,6 +9,7 @@ rates, response length and the paradigm mix over training.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import fmean, stdev
@@ -44,8 +45,21 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average: per-step rollout statistics over 16 episodes are noisy."""
-    return [fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    """Trailing moving average (per-step rollout statistics over a few groups are noisy); NaN entries
+    (nothing to measure that step) are skipped, and a window of only NaN stays NaN."""
+    return [nanmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return fmean(kept) if kept else math.nan
+
+
+def step_value(metrics: dict, key: str) -> float:
+    """A rollout statistic of one step; the accepted rate is undefined (NaN) in a step without consults."""
+    if key == "accepted_rate" and not metrics["calls_per_episode"]:
+        return math.nan
+    return metrics[key]
 
 
 def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
@@ -128,7 +142,7 @@ def plot_training(runs: dict[str, list[dict]], out: Path) -> list[str]:
         return []
     panels = [
         ("calls_per_episode", "expert calls per episode"),
-        ("accepted_rate", "accepted rate of consults"),
+        ("accepted_rate", "accepted rate of consults (steps with consults)"),
         ("response_tokens", "policy tokens per episode"),
         ("accuracy", "training reward: accuracy"),
     ]
@@ -136,7 +150,8 @@ def plot_training(runs: dict[str, list[dict]], out: Path) -> list[str]:
     for ax, (key, label) in zip(axes.flat, panels, strict=True):
         for arm, results in trained.items():
             n = min(len(r["metrics"]) for r in results)
-            values = [fmean(r["metrics"][i][key] for r in results) for i in range(n)]
+            per_seed = [[step_value(r["metrics"][i], key) for r in results] for i in range(n)]
+            values = [nanmean(vs) for vs in per_seed]
             ax.plot(range(1, n + 1), smooth(values, max(1, n // 10)), label=arm)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("learner step", fontsize=8)
