@@ -112,17 +112,18 @@ def plot_curves(runs: dict[str, list[dict]], out: Path) -> list[str]:
     files = []
     for x_name, x_label in (("step", "learner step"), ("time", "learner wall time (s)")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for arm, results in runs.items():
+        for k, (arm, results) in enumerate(runs.items()):
+            color = f"C{k}"  # one colour per arm, the same in every plot
             score = [fmean(r["curve"][i]["mean_score"] for r in results) for i in range(len(results[0]["curve"]))]
             if not results[0]["train"]:
-                ax.axhline(score[-1], linestyle="--", linewidth=1, label=f"{arm} (no training)")
+                ax.axhline(score[-1], color=color, linestyle="--", linewidth=1, label=f"{arm} (no training)")
                 continue
             steps = [c["step"] for c in results[0]["curve"]]
             xs = steps if x_name == "step" else [fmean(_step_time(r, s) for r in results) for s in steps]
             low = [min(r["curve"][i]["mean_score"] for r in results) for i in range(len(steps))]
             high = [max(r["curve"][i]["mean_score"] for r in results) for i in range(len(steps))]
-            (line,) = ax.plot(xs, score, marker="o", label=f"{arm} (mean of {len(results)} seeds, band: min–max)")
-            ax.fill_between(xs, low, high, alpha=0.15, color=line.get_color())
+            ax.plot(xs, score, color=color, marker="o", label=f"{arm} (mean of {len(results)} seeds, band: min–max)")
+            ax.fill_between(xs, low, high, alpha=0.15, color=color)
         ax.set_xlabel(x_label)
         ax.set_ylabel("held-out mean score, alone")
         ax.legend(fontsize=7)
@@ -150,9 +151,10 @@ def plot_training(runs: dict[str, list[dict]], out: Path) -> list[str]:
     for ax, (key, label) in zip(axes.flat, panels, strict=True):
         for arm, results in trained.items():
             n = min(len(r["metrics"]) for r in results)
+            color = f"C{list(runs).index(arm)}"
             per_seed = [[step_value(r["metrics"][i], key) for r in results] for i in range(n)]
             values = [nanmean(vs) for vs in per_seed]
-            ax.plot(range(1, n + 1), smooth(values, max(1, n // 10)), label=arm)
+            ax.plot(range(1, n + 1), smooth(values, max(1, n // 10)), color=color, label=arm)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("learner step", fontsize=8)
         ax.grid(alpha=0.3)
