@@ -10,8 +10,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
-from eapo.config import EAPOConfig, load_config
+from eapo.config import EAPOConfig, EvalMode, load_config
 from eapo.logs import setup_logging
 
 log = logging.getLogger("eapo")
@@ -103,10 +104,10 @@ def cmd_eval(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
-    from eapo.experiment import load_experiment, run_experiment
+    from eapo.experiment import run_experiment
     from eapo.report import table, write_report
 
-    exp = load_experiment(args.config)
+    exp = args.experiment  # loaded and checked by main()
     run_experiment(exp)
     summary = write_report(exp.out)
     print(table(summary, exp.eval_samples))
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--mode",
                 default="alone",
-                choices=["alone", "expert-assisted", "self-collaboration"],
+                choices=get_args(EvalMode),
                 help="alone; expert-assisted (experts via rollout.gateway_url, all accepted); "
                 "self-collaboration (the policy answers its own queries)",
             )
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "experiment":
             from eapo.experiment import load_experiment
 
-            load_experiment(args.config)  # checked before anything starts
+            args.experiment = load_experiment(args.config)  # checked before anything starts
         elif args.command not in OWN_CONFIG:
             cfg = load_config(args.config)
     except Exception as exc:  # a bad config is the user's to fix: say what is wrong, no traceback

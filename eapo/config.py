@@ -273,11 +273,15 @@ class EAPOConfig(BaseSettings):
         return env
 
 
+# How a policy is judged: alone (the minimal prompt), or in the expert-assisted / self-collaboration workflow.
+EvalMode = Literal["alone", "expert-assisted", "self-collaboration"]
+
+
 class ArmConfig(Section):
     """One arm of an experiment: a way to produce a policy, then how it is judged."""
 
     train: bool = Field(True, description="train with EAPO's loop (False: judge the world's initial policy)")
-    eval_mode: Literal["alone", "expert-assisted", "self-collaboration"] = "alone"
+    eval_mode: EvalMode = "alone"
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged into the shared `run` config")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from eapo.config import EAPOConfig, ExperimentConfig
+from eapo.config import EAPOConfig, EvalMode, ExperimentConfig
 from eapo.up import expert_pool, run_stack
 from eapo.world.bootstrap import bootstrap
 from eapo.world.tasks import read_jsonl
@@ -54,10 +54,10 @@ def per_tier(report: dict, tiers: dict[str, int]) -> dict[str, float]:
     return {str(t): sum(v) / len(v) for t, v in sorted(scores.items())}
 
 
-def judge(cfg: EAPOConfig, exp: ExperimentConfig, model: Path, mode: str, step: int) -> dict:
+def judge(cfg: EAPOConfig, exp: ExperimentConfig, model: Path, mode: EvalMode, step: int) -> dict:
     """One held-out evaluation, written to ``run_dir/eval/step-NNNNNN.json``."""
     dataset = cfg.world.dir / "eval.jsonl"
-    report = asyncio.run(evaluate(cfg, model, dataset, "world", exp.eval_samples, exp.eval_limit, mode))  # type: ignore[arg-type]
+    report = asyncio.run(evaluate(cfg, model, dataset, "world", exp.eval_samples, exp.eval_limit, mode))
     report["step"] = step
     report["per_tier"] = per_tier(report, {p.id: p.tier for p in read_jsonl(dataset)})
     out = cfg.run_dir / "eval" / f"step-{step:06d}.json"
@@ -78,7 +78,6 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
         cfg.run_dir.rename(aside)
         log.warning("%s seed %d: an interrupted attempt was moved to %s; starting over", arm, seed, aside)
     t0 = time.monotonic()
-    bootstrap(cfg.world)
     if spec.train:
         cfg.learner.keep_versions = cfg.learner.steps + 1  # the learning curve judges old versions
         if run_stack(cfg) != 0:
@@ -89,6 +88,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
         ]
         prune(cfg.weights_dir, keep=1)  # the curve is judged: only the final policy is kept
     else:
+        bootstrap(cfg.world)  # `eapo up` builds it for the arms that train
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.dump_yaml(cfg.run_dir / "config.yaml")
         model = cfg.world.dir / "policy"
@@ -118,7 +118,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     return result
 
 
-def run_experiment(exp: ExperimentConfig, config_path: Path | None = None) -> None:
+def run_experiment(exp: ExperimentConfig) -> None:
     exp.out.mkdir(parents=True, exist_ok=True)
     (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     t0, runs = time.monotonic(), [(arm, seed) for arm in exp.arms for seed in exp.seeds]

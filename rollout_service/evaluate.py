@@ -14,9 +14,8 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
 
-from eapo.config import EAPOConfig
+from eapo.config import EAPOConfig, EvalMode
 from proto import AnnealState, PromptTask, Trajectory
 from rollout_service.datasets import Layout, load_problems
 from rollout_service.engine import TransformersEngine
@@ -27,8 +26,6 @@ log = logging.getLogger(__name__)
 
 # Evaluation alone is one uninterrupted answer: one turn, nothing to accept, nothing to charge.
 EVAL_STATE = AnnealState(step=0, acceptance=0.0, budget=1, penalty=0.0)
-Mode = Literal["alone", "expert-assisted", "self-collaboration"]
-MODES: tuple[Mode, ...] = ("alone", "expert-assisted", "self-collaboration")
 
 
 def assisted_state(cfg: EAPOConfig) -> AnnealState:
@@ -43,7 +40,7 @@ async def evaluate(
     layout: str | Layout,
     samples: int,
     limit: int | None = None,
-    mode: Mode = "alone",
+    mode: EvalMode = "alone",
 ) -> dict:
     problems = load_problems(dataset, layout)[:limit]
     engine = TransformersEngine(model, version=0, max_batch=cfg.rollout.max_batch)
@@ -96,7 +93,7 @@ def run_eval(
     samples: int,
     out: Path,
     limit: int | None,
-    mode: Mode = "alone",
+    mode: EvalMode = "alone",
 ) -> dict:
     model, dataset = model or cfg.world.dir / "policy", dataset or cfg.world.dir / "eval.jsonl"
     report = asyncio.run(evaluate(cfg, model, dataset, layout, samples, limit, mode))
