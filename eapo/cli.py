@@ -110,7 +110,7 @@ def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
     exp = args.experiment  # loaded and checked by main()
     run_experiment(exp)
     summary = write_report(exp.out)
-    print(table(summary, exp.eval_samples))
+    print(table(summary))
     print(f"[eapo experiment] report at {exp.out / 'report.md'}", flush=True)
     return 0
 
@@ -119,7 +119,7 @@ def cmd_report(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
     from eapo.report import table, write_report
 
     summary = write_report(args.dir)
-    print(table(summary, int(summary["eval_samples"])))
+    print(table(summary))
     return 0
 
 

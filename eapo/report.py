@@ -184,11 +184,11 @@ def _pm(s: dict[str, float]) -> str:
     return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
 
 
-def table(summary: dict, eval_samples: int) -> str:
+def table(summary: dict) -> str:
     arms = summary["arms"]
     tiers = sorted({t for a in arms.values() for t in a["per_tier"]})
     head = (
-        f"| arm | judged | steps | mean@{eval_samples} (± seed std [min, max]) | variance | "
+        f"| arm | judged | steps | mean@{summary['eval_samples']} (± seed std [min, max]) | variance | "
         + " | ".join(f"tier {t}" for t in tiers)
         + " | calls/ep (eval) |"
     )
@@ -249,7 +249,7 @@ def write_report(out: Path) -> dict:
         "",
         headline_text(summary),
         "",
-        table(summary, exp["eval_samples"]),
+        table(summary),
         "",
         *(f"![{name}]({name})\n" for name in images),
     ]
