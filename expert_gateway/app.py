@@ -20,20 +20,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import aiohttp
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from eapo.config import GatewayConfig
 from expert_gateway import admin
 from expert_gateway.pools import AllTried, Backend, NoBackend, NoHealthyBackend, Pools, QueueFull
-from expert_gateway.security import REJECTED, BodyLimit, bearer_guard
+from expert_gateway.security import REJECTED, BearerToken, BodyLimit, bearer_guard
 from expert_gateway.state import GatewayState, State
+from expert_gateway.upstream import BackendResponse, UpstreamError
 from proto import ConsultRequest, ConsultResponse, ConsultResult
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 REQUESTS = Counter("eapo_gateway_requests_total", "Client requests by route and outcome", ["route", "outcome"])
 RETRIES = Counter("eapo_gateway_retries_total", "Attempts retried on another backend", ["model"])
 
-JSON_HEADERS = {"Content-Type": "application/json"}
-RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 T = TypeVar("T")
 
 
@@ -64,7 +61,7 @@ class Upstream:
 
     pools: Pools
     backend: Backend
-    resp: aiohttp.ClientResponse
+    resp: BackendResponse
     finished: bool = False
 
     def done(self) -> None:
@@ -73,32 +70,8 @@ class Upstream:
         if self.finished:
             return
         self.finished = True
-        if self.resp.content.at_eof():
-            self.resp.release()
-        else:
-            self.resp.close()
+        self.resp.release()
         self.pools.release(self.backend)
-
-
-class Relay(StreamingResponse):
-    """An upstream SSE stream relayed chunk by chunk. The slot is given back however the response
-    ends — including a client gone before the first chunk, when the body iterator never starts."""
-
-    def __init__(self, up: Upstream, route: str):
-        super().__init__(self._chunks(up, route), status_code=up.resp.status, media_type=up.resp.content_type)
-        self.up = up
-
-    @staticmethod
-    async def _chunks(up: Upstream, route: str) -> AsyncIterator[bytes]:
-        async for chunk in up.resp.content.iter_any():
-            yield chunk
-        REQUESTS.labels(route, str(up.resp.status)).inc()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.up.done()
 
 
 async def open_upstream(
@@ -131,24 +104,19 @@ async def open_upstream(
             raise UpstreamFailed(f"{last}; {exc}") from exc
         tried.add(backend)
         attempts += 1
-        assert backend.session is not None
+        assert backend.http is not None
         handed_over = False
         t0 = time.perf_counter()
         try:
-            resp = await backend.session.post(
-                path,
-                data=body,
-                headers=JSON_HEADERS,
-                timeout=aiohttp.ClientTimeout(total=deadline - time.monotonic()),
-            )
+            resp = await backend.http.request("POST", path, body, timeout_s=deadline - time.monotonic())
             if resp.status < 500:
                 backend.latencies_ms.append((time.perf_counter() - t0) * 1000)  # time to response headers
                 handed_over = True
                 return Upstream(state.pools, backend, resp)
-            resp.close()
+            resp.release()
             last = f"{backend.url}: HTTP {resp.status}"
-        except RETRYABLE as exc:
-            last = f"{backend.url}: {type(exc).__name__} {exc}".strip()
+        except UpstreamError as exc:
+            last = f"{backend.url}: {exc}"
         finally:
             if not handed_over:  # failed, or cancelled (client gone, shutdown): give the slot back
                 state.pools.release(backend)
@@ -159,15 +127,15 @@ async def open_upstream(
 
 async def call_pool(
     state: GatewayState, model: str, path: str, body: bytes, deadline: float, episode: str | None = None
-) -> tuple[int, bytes, str]:
+) -> tuple[int, bytes, bytes]:
     """A whole non-streaming call: a body that fails to arrive is retried on another backend too."""
     tried: set[Backend] = set()
     while True:
         up = await open_upstream(state, model, path, body, deadline, tried, episode)
         try:
             payload = await up.resp.read()
-        except RETRYABLE as exc:
-            state.record(up.backend, ok=False, reason=f"{up.backend.url}: {type(exc).__name__} {exc}".strip())
+        except UpstreamError as exc:
+            state.record(up.backend, ok=False, reason=f"{up.backend.url}: {exc}")
             RETRIES.labels(model).inc()
             continue
         finally:
@@ -176,16 +144,17 @@ async def call_pool(
         return up.resp.status, payload, up.resp.content_type
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     """Await ``work`` unless the client goes away first; then cancel it (aborting the upstream request,
-    which frees the expert's GPU slot) and raise ``ClientGone``. One watcher task per request."""
+    which frees the expert's GPU slot) and raise ``ClientGone``. One watcher task per request; the
+    request body must have been read already."""
     handler = asyncio.current_task()
     assert handler is not None
     gone = False
 
     async def watch() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
         gone = True
         handler.cancel()
@@ -256,7 +225,113 @@ OPENAI_BODY = {
 }  # fmt: skip
 
 
-def create_app(config: GatewayConfig) -> FastAPI:
+PASSTHROUGH = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # path → route label
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (``BodyLimit`` has already bounded it)."""
+    message = await receive()
+    body = message.get("body", b"")
+    while message.get("more_body"):
+        message = await receive()
+        body += message.get("body", b"")
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    return body
+
+
+async def relay(
+    state: GatewayState, model: str, path: str, body: bytes, deadline: float, episode: str | None, send: Send
+) -> Upstream:
+    """Open upstream (retrying before any byte is sent), then relay its SSE chunks as they come. The
+    caller ends the response and gives the slot back."""
+    up = await open_upstream(state, model, path, body, deadline, set(), episode)
+    try:
+        state.record(up.backend, ok=True)
+        headers = [(b"content-type", up.resp.content_type)]
+        await send({"type": "http.response.start", "status": up.resp.status, "headers": headers})
+        async for chunk in up.resp.chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except BaseException:
+        up.done()
+        raise
+    return up
+
+
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI app, with the two OpenAI pass-through routes served straight on ASGI.
+
+    Proxying is the hot path, and FastAPI's middleware stack, routing and request objects cost about
+    as much CPU as the proxying itself (docs/decisions.md). ``__call__`` hands those routes to
+    ``passthrough`` (behind the same body limit) before FastAPI sees the request; they are declared as
+    FastAPI routes too, for the OpenAPI schema only. Everything else is plain FastAPI."""
+
+    def __init__(self, config: GatewayConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.data_token = BearerToken(config.api_token, "data plane")
+        self.admin_token = BearerToken(config.admin_token, "admin")
+        self.fast = BodyLimit(self.passthrough, max_bytes=config.max_body_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PASSTHROUGH:
+            await self.fast(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An OpenAI request passed through to the model's pool; ``stream: true`` relays SSE."""
+        route, path = PASSTHROUGH[scope["path"]], scope["path"][1:]
+        state: GatewayState = self.state.gateway
+        headers = dict(scope["headers"])
+        if not self.data_token.admits(headers.get(b"authorization")):
+            reply = error(401, self.data_token.refusal, "AuthenticationError", **{"WWW-Authenticate": "Bearer"})
+            return await reply(scope, receive, send)
+        try:
+            body = await read_body(receive)
+            parsed, model = parse_openai_body(body, state)
+        except ClientGone:
+            REQUESTS.labels(route, "client_disconnected").inc()
+            return
+        except LimitError as exc:
+            REJECTED.labels("max_tokens").inc()
+            return await error(422, str(exc))(scope, receive, send)
+        except ValueError as exc:
+            REJECTED.labels("bad_request").inc()
+            reply = error(400, f"request body must be a JSON object with a string 'model': {exc}")
+            return await reply(scope, receive, send)
+        if model in state.pools.aliases:  # the backend only knows the served name
+            parsed["model"] = model = state.pools.resolve(model)
+            body = json.dumps(parsed).encode()
+        episode = headers.get(b"x-episode-id")
+        episode_id = episode.decode("latin-1") if episode is not None else None
+        deadline = time.monotonic() + state.config.request_timeout_s
+        try:
+            if parsed.get("stream"):
+                up = await unless_disconnected(receive, relay(state, model, path, body, deadline, episode_id, send))
+                try:
+                    await send({"type": "http.response.body", "body": b""})
+                finally:
+                    up.done()
+                REQUESTS.labels(route, str(up.resp.status)).inc()
+                return
+            work = call_pool(state, model, path, body, deadline, episode_id)
+            status, payload, ctype = await unless_disconnected(receive, work)
+        except (NoBackend, UpstreamFailed, QueueFull) as exc:  # raised before any byte went to the client
+            return await upstream_error(state, exc, route)(scope, receive, send)
+        except ClientGone:
+            REQUESTS.labels(route, "client_disconnected").inc()
+            return
+        except UpstreamError:  # the backend broke off a stream: the client's connection is closed too
+            REQUESTS.labels(route, "stream_broken").inc()
+            raise
+        REQUESTS.labels(route, str(status)).inc()
+        length = b"%d" % len(payload)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", ctype), (b"content-length", length)]})  # fmt: skip
+        await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(config: GatewayConfig) -> GatewayApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = GatewayState(config)
@@ -271,14 +346,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
             task.cancel()
         await asyncio.gather(*loops, *state.retiring, return_exceptions=True)
         for b in state.pools.backends():
-            await b.close()
+            b.close()
 
-    app = FastAPI(title="eapo expert gateway", lifespan=lifespan)
+    app = GatewayApp(config, title="eapo expert gateway", lifespan=lifespan)
     live = CollectorRegistry(auto_describe=False)
     live.register(admin.LiveState(app))
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    data_guard = bearer_guard(config.api_token, "data plane")
-    data_plane = [Depends(data_guard)] if config.api_token else []
+    data_plane = [Depends(bearer_guard(app.data_token))] if config.api_token else []
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -286,67 +360,24 @@ def create_app(config: GatewayConfig) -> FastAPI:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return error(422, f"invalid request: {problems}")
 
-    async def passthrough(request: Request, path: str, route: str) -> Response:
-        await data_guard(request)
-        state: GatewayState = request.app.state.gateway
-        body = await request.body()
-        try:
-            parsed, model = parse_openai_body(body, state)
-        except LimitError as exc:
-            REJECTED.labels("max_tokens").inc()
-            return error(422, str(exc))
-        except ValueError as exc:
-            REJECTED.labels("bad_request").inc()
-            return error(400, f"request body must be a JSON object with a string 'model': {exc}")
-        if model in state.pools.aliases:  # the backend only knows the served name
-            parsed["model"] = model = state.pools.resolve(model)
-            body = json.dumps(parsed).encode()
-        episode = request.headers.get("x-episode-id")
-        deadline = time.monotonic() + state.config.request_timeout_s
-        if parsed.get("stream"):
-            return await stream(request, state, model, path, body, deadline, route, episode)
-        try:
-            status, payload, ctype = await unless_disconnected(
-                request, call_pool(state, model, path, body, deadline, episode)
-            )
-        except (NoBackend, UpstreamFailed, QueueFull) as exc:
-            return upstream_error(state, exc, route)
-        except ClientGone:
-            REQUESTS.labels(route, "client_disconnected").inc()
-            return Response(status_code=499)
-        REQUESTS.labels(route, str(status)).inc()
-        return Response(payload, status_code=status, media_type=ctype)
+    async def served_by_passthrough() -> None:
+        """Never called: ``GatewayApp.__call__`` serves this path before FastAPI routes."""
+        raise AssertionError("GatewayApp.__call__ serves the pass-through routes")
 
-    async def stream(
-        request: Request,
-        state: GatewayState,
-        model: str,
-        path: str,
-        body: bytes,
-        deadline: float,
-        route: str,
-        episode: str | None,
-    ) -> Response:
-        """Open upstream (retrying before any byte is sent), then relay chunks as they come."""
-        try:
-            up = await unless_disconnected(request, open_upstream(state, model, path, body, deadline, set(), episode))
-        except (NoBackend, UpstreamFailed, QueueFull) as exc:
-            return upstream_error(state, exc, route)
-        except ClientGone:
-            REQUESTS.labels(route, "client_disconnected").inc()
-            return Response(status_code=499)
-        state.record(up.backend, ok=True)
-        return Relay(up, route)
-
-    @app.post("/v1/chat/completions", dependencies=data_plane, openapi_extra=OPENAI_BODY)
-    async def chat_completions(request: Request) -> Response:
-        """OpenAI chat completions, passed through to the model's pool (``stream: true`` relays SSE)."""
-        return await passthrough(request, "v1/chat/completions", "chat")
-
-    @app.post("/v1/completions", dependencies=data_plane, openapi_extra=OPENAI_BODY)
-    async def completions(request: Request) -> Response:
-        """OpenAI text completions, passed through to the model's pool (``stream: true`` relays SSE)."""
-        return await passthrough(request, "v1/completions", "completions")
+    for path, doc in (
+        ("/v1/chat/completions", "OpenAI chat completions, passed through to the model's pool"),
+        ("/v1/completions", "OpenAI text completions, passed through to the model's pool"),
+    ):
+        app.add_api_route(
+            path,
+            served_by_passthrough,
+            methods=["POST"],
+            dependencies=data_plane,
+            openapi_extra=OPENAI_BODY,
+            summary=doc.split(",")[0],
+            description=f"{doc} (``stream: true`` relays SSE chunk by chunk).",
+            operation_id=PASSTHROUGH[path],
+        )
 
     @app.get("/v1/models", dependencies=data_plane)
     async def models(state: State) -> dict[str, Any]:
@@ -373,7 +404,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         deadline = time.monotonic() + min(req.deadline_s, state.config.request_timeout_s)
         work = asyncio.gather(*(consult_one(state, req, model, i, q, deadline) for i, q in enumerate(req.queries)))
         try:
-            results = await unless_disconnected(request, work)
+            results = await unless_disconnected(request.receive, work)
         except ClientGone:
             REQUESTS.labels("consult", "client_disconnected").inc()
             return Response(status_code=499)
@@ -397,13 +428,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         """Prometheus text format: the process's counters and every backend's and pool's live state."""
         return Response(generate_latest() + generate_latest(live), media_type=CONTENT_TYPE_LATEST)
 
-    # The pass-through routes are served by plain Starlette routes matched first: FastAPI's dependency
-    # solving and query parsing were ~20% of a proxied request's CPU (benchmarks/gateway.py). The
-    # FastAPI routes above, never matched, keep them in the OpenAPI schema. The admin routes go last so
-    # that data-plane requests do not scan them.
-    for path, endpoint in (("/v1/chat/completions", chat_completions), ("/v1/completions", completions)):
-        app.router.routes.insert(0, Route(path, endpoint, methods=["POST"]))
-    app.include_router(admin.router, prefix="/admin", dependencies=[Depends(bearer_guard(config.admin_token, "admin"))])
+    admin_guard = Depends(bearer_guard(app.admin_token))
+    app.include_router(admin.router, prefix="/admin", dependencies=[admin_guard])
     return app
 
 

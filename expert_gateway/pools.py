@@ -14,8 +14,8 @@ queueing. In-flight counts rise at pick and fall in a ``finally`` that covers st
 client disconnects, and each fall wakes one waiter.
 
 Passive health: ``eject_after`` consecutive failed requests eject a backend; it comes back once the
-ejection has run out and an active ``GET /health`` succeeds. Each backend owns one aiohttp connection
-pool (keep-alive, no connection cap), never a client per request.
+ejection has run out and an active ``GET /health`` succeeds. Each backend owns one connection pool
+(``expert_gateway.upstream``: keep-alive, no connection cap), never a client per request.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import aiohttp
 import numpy as np
+
+from expert_gateway.upstream import HttpPool, UpstreamError
 
 Policy = Literal["least_outstanding", "power_of_two", "round_robin", "weighted"]
 STICKY_EPISODES_KEPT = 100_000  # episode → backend entries kept (least recently used go first)
@@ -47,7 +48,7 @@ class Backend:
     requests: int = 0
     errors: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
-    session: aiohttp.ClientSession | None = None
+    http: HttpPool | None = None
     healthy: bool = True
     draining: bool = False
     consecutive_failures: int = 0
@@ -90,11 +91,15 @@ class Backend:
         """Active health: vLLM's ``GET /health``. ``unhealthy_after`` failed checks in a row take the
         backend out (one slow answer under load does not); a success re-admits a backend whose ejection
         ran out."""
-        assert self.session is not None
+        assert self.http is not None
         try:
-            async with self.session.get("health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                ok = resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+            resp = await self.http.request("GET", "health", timeout_s=timeout_s)
+            try:
+                await resp.read()
+            finally:
+                resp.release()
+            ok = resp.status == 200
+        except UpstreamError:
             ok = False
         self.failed_checks = 0 if ok else self.failed_checks + 1
         if ok and time.monotonic() >= self.ejected_until:
@@ -104,14 +109,13 @@ class Backend:
         return ok
 
     def open(self) -> None:
-        if self.session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-            self.session = aiohttp.ClientSession(base_url=self.url.rstrip("/") + "/", connector=connector)
+        if self.http is None:
+            self.http = HttpPool(self.url)
 
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
 
     def latency_percentiles(self) -> dict[str, float | None]:
         if not self.latencies_ms:
@@ -236,20 +240,32 @@ class Pools:
             return best
         if self.policy == "power_of_two" and len(candidates) > 2:
             candidates = self._rng.sample(candidates, 2)
-        least = min(b.load() for b in candidates)
-        return self._rng.choice([b for b in candidates if b.load() == least])
+        least, tied = float("inf"), []
+        for b in candidates:  # one pass: this runs on every request
+            load = b.in_flight / b.weight
+            if load < least:
+                least, tied = load, [b]
+            elif load == least:
+                tied.append(b)
+        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
 
     def pick(self, model: str, exclude: set[Backend] = frozenset(), episode: str | None = None) -> Backend | None:  # type: ignore[assignment]
         """A backend for the request, or None when every available one is at its in-flight limit."""
         pool = self.pool(model)
         now = time.monotonic()
-        available = [b for b in pool.backends if b.available(now)]
+        available = untried = 0
+        candidates = []
+        for b in pool.backends:  # one pass: this runs on every request
+            if b.available(now):
+                available += 1
+                if b not in exclude:
+                    untried += 1
+                    if b.has_room():
+                        candidates.append(b)
         if not available:
             raise NoHealthyBackend(f"no healthy backend in pool {pool.model!r}")
-        candidates = [b for b in available if b not in exclude]
-        if not candidates:
+        if not untried:
             raise AllTried(f"no backend of pool {pool.model!r} left to try")
-        candidates = [b for b in candidates if b.has_room()]
         if not candidates:
             return None
         if self.sticky and episode is not None:

@@ -19,19 +19,36 @@ from pydantic import SecretStr
 REJECTED = Counter("eapo_gateway_rejected_total", "Requests rejected before routing", ["reason"])
 
 
-def bearer_guard(token: SecretStr | None, scope: str) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that admits a request only with ``Authorization: Bearer <token>``."""
-    expected = token.get_secret_value().encode() if token is not None else None
+class BearerToken:
+    """``Authorization: Bearer <token>`` against one expected token (none: everyone is admitted)."""
+
+    def __init__(self, token: SecretStr | None, scope: str):
+        self.expected = token.get_secret_value().encode() if token is not None else None
+        self.scope = scope
+
+    def admits(self, authorization: str | bytes | None) -> bool:
+        """True if admitted; a refusal is counted."""
+        if self.expected is None:
+            return True
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode("latin-1")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.expected):
+            return True
+        REJECTED.labels(f"unauthorized_{self.scope}").inc()
+        return False
+
+    @property
+    def refusal(self) -> str:
+        return f"missing or wrong bearer token for the {self.scope} API"
+
+
+def bearer_guard(token: BearerToken) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency that admits a request only with the right bearer token."""
 
     async def guard(request: Request) -> None:
-        if expected is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            REJECTED.labels(f"unauthorized_{scope}").inc()
-            raise HTTPException(
-                401, f"missing or wrong bearer token for the {scope} API", headers={"WWW-Authenticate": "Bearer"}
-            )
+        if not token.admits(request.headers.get("authorization")):
+            raise HTTPException(401, token.refusal, headers={"WWW-Authenticate": "Bearer"})
 
     return guard
 
@@ -45,7 +62,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
         if declared is not None and declared.isdigit():  # the HTTP server holds the body to this length
             if int(declared) > self.max_bytes:
                 return await self._refuse(send, int(declared))

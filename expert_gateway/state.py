@@ -58,7 +58,7 @@ class GatewayState:
             await asyncio.sleep(0.05)
         if backend in self.pools.backends():
             self.pools.remove(backend)
-        await backend.close()
+        backend.close()
         return backend.in_flight == 0
 
     async def health_loop(self) -> None:
@@ -66,7 +66,7 @@ class GatewayState:
         afterwards, so a backend coming back (or a lost wake-up) frees them within one interval."""
         while True:
             checks = self.config.unhealthy_after_checks
-            await asyncio.gather(*(b.check(checks) for b in self.pools.backends() if b.session is not None))
+            await asyncio.gather(*(b.check(checks) for b in self.pools.backends() if b.http is not None))
             for pool in self.pools.pools():
                 pool.wake(everyone=True)
             await asyncio.sleep(self.config.health_interval_s)
