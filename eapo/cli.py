@@ -60,18 +60,22 @@ def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 def cmd_gateway(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from eapo.gc_tuning import tune_gc
     from expert_gateway.app import create_app
 
     if not cfg.gateway.backends and not cfg.gateway.discovery:
         sys.exit("the gateway has no backends: configure gateway.backends or gateway.discovery")
+    app = create_app(cfg.gateway)
+    tune_gc()
     uvicorn.run(
-        create_app(cfg.gateway),
+        app,
         host=cfg.gateway.host,
         port=cfg.gateway.port,
         log_level="warning",
         access_log=False,  # no per-request logging on the hot path; /metrics counts requests
         proxy_headers=False,  # client addresses are never used: skip the per-request header rewrite
         timeout_graceful_shutdown=cfg.gateway.shutdown_grace_s,  # SIGTERM: in-flight requests finish
+        timeout_keep_alive=cfg.gateway.keep_alive_s,
     )
     return 0
 

@@ -119,6 +119,12 @@ class GatewayConfig(Section):
     eject_after_failures: int = Field(3, ge=1, description="consecutive failed requests that eject a backend")
     eject_s: float = Field(10.0, gt=0, description="how long an ejected backend sits out before health checks")
     shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight requests get this long at shutdown")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        description="idle client connections are closed after this; longer than clients' own idle "
+        "timeouts (httpx 5 s, aiohttp 15 s), so that a client never sends on a connection the gateway is closing",
+    )
     seed: int = Field(0, description="seeds the random tie-breaks and power-of-two draws")
 
 
