@@ -5,7 +5,6 @@ can be overridden by an ``EAPO_…`` environment variable (nested with ``__``, e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -81,9 +80,13 @@ def cmd_gateway(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    import uvloop
+
+    from eapo.gc_tuning import tune_gc
     from rollout_service.service import serve
 
-    asyncio.run(serve(cfg, _redis_url(cfg)))
+    tune_gc()  # after the imports (torch, transformers), before any model: weight versions stay collectable
+    uvloop.run(serve(cfg, _redis_url(cfg)))
     return 0
 
 

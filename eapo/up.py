@@ -188,7 +188,9 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
         shown = 0
         while learner.process.poll() is None:
             for child in children:
-                if child is not learner and child.process.poll() is not None:
+                code_now = child.process.poll()
+                drained = child is rollout and code_now == 0  # it saw the learner's done flag first
+                if child is not learner and code_now is not None and not drained:
                     raise RuntimeError(
                         f"{child.name} exited early with code {child.process.returncode}; "
                         f"see {logs / (child.name + '.log')}"

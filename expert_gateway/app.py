@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from eapo.config import GatewayConfig
+from eapo.metrics import labelled
 from expert_gateway import admin
 from expert_gateway.pools import AllTried, Backend, NoBackend, NoHealthyBackend, Pools, QueueFull
 from expert_gateway.security import REJECTED, BearerToken, BodyLimit, bearer_guard
@@ -174,15 +175,15 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
 def upstream_error(state: GatewayState, exc: Exception, route: str) -> JSONResponse:
     """The client's answer when no backend could serve the request."""
     if isinstance(exc, NoHealthyBackend):
-        REQUESTS.labels(route, "no_healthy_backend").inc()
+        labelled(REQUESTS, route, "no_healthy_backend").inc()
         return error(503, str(exc), "ServiceUnavailable", **{"Retry-After": str(retry_after(state))})
     if isinstance(exc, NoBackend):
-        REQUESTS.labels(route, "unknown_model").inc()
+        labelled(REQUESTS, route, "unknown_model").inc()
         return error(404, str(exc), "NotFoundError")
     if isinstance(exc, QueueFull):
-        REQUESTS.labels(route, "queue_full").inc()
+        labelled(REQUESTS, route, "queue_full").inc()
         return error(429, str(exc), "RateLimitError", **{"Retry-After": "1"})
-    REQUESTS.labels(route, "upstream_failed").inc()
+    labelled(REQUESTS, route, "upstream_failed").inc()
     return error(503, f"all backends failed: {exc}", "ServiceUnavailable", **{"Retry-After": "1"})
 
 
@@ -290,7 +291,7 @@ class GatewayApp(FastAPI):
             body = await read_body(receive)
             parsed, model = parse_openai_body(body, state)
         except ClientGone:
-            REQUESTS.labels(route, "client_disconnected").inc()
+            labelled(REQUESTS, route, "client_disconnected").inc()
             return
         except LimitError as exc:
             REJECTED.labels("max_tokens").inc()
@@ -312,19 +313,19 @@ class GatewayApp(FastAPI):
                     await send({"type": "http.response.body", "body": b""})
                 finally:
                     up.done()
-                REQUESTS.labels(route, str(up.resp.status)).inc()
+                labelled(REQUESTS, route, str(up.resp.status)).inc()
                 return
             work = call_pool(state, model, path, body, deadline, episode_id)
             status, payload, ctype = await unless_disconnected(receive, work)
         except (NoBackend, UpstreamFailed, QueueFull) as exc:  # raised before any byte went to the client
             return await upstream_error(state, exc, route)(scope, receive, send)
         except ClientGone:
-            REQUESTS.labels(route, "client_disconnected").inc()
+            labelled(REQUESTS, route, "client_disconnected").inc()
             return
         except UpstreamError:  # the backend broke off a stream: the client's connection is closed too
-            REQUESTS.labels(route, "stream_broken").inc()
+            labelled(REQUESTS, route, "stream_broken").inc()
             raise
-        REQUESTS.labels(route, str(status)).inc()
+        labelled(REQUESTS, route, str(status)).inc()
         length = b"%d" % len(payload)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", ctype), (b"content-length", length)]})  # fmt: skip
@@ -406,9 +407,9 @@ def create_app(config: GatewayConfig) -> GatewayApp:
         try:
             results = await unless_disconnected(request.receive, work)
         except ClientGone:
-            REQUESTS.labels("consult", "client_disconnected").inc()
+            labelled(REQUESTS, "consult", "client_disconnected").inc()
             return Response(status_code=499)
-        REQUESTS.labels("consult", "ok").inc()
+        labelled(REQUESTS, "consult", "ok").inc()
         return ConsultResponse(model=req.model, results=list(results))
 
     @app.get("/healthz")

@@ -9,6 +9,7 @@ are recorded either way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -21,6 +22,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from eapo.config import EAPOConfig, RolloutConfig
+from eapo.metrics import labelled
 from eapo.sampling import SampleRequest
 from proto import (
     AnnealState,
@@ -50,12 +52,25 @@ def episode_seed(base: int, prompt_id: str, sample_index: int) -> int:
 def token_ids(tok: PreTrainedTokenizerFast, text: str, start: bool = False) -> list[int]:
     """Token ids straight from the Rust tokenizer (the ``transformers`` wrapper costs 60–120 µs a call).
     Special tokens (a BOS) only at the ``start`` of a sequence, never in injected text."""
-    return tok.backend_tokenizer.encode(text, add_special_tokens=start).ids
+    return list(_encoded(tok, text, start))
+
+
+@functools.lru_cache(maxsize=1024)
+def _encoded(tok: PreTrainedTokenizerFast, text: str, start: bool) -> tuple[int, ...]:
+    """Texts repeat within a group: its G episodes share a prompt, and the unavailable note and a greedy
+    expert's answers recur. Encoding is deterministic, so a cache is exact; recent texts are enough."""
+    return tuple(tok.backend_tokenizer.encode(text, add_special_tokens=start).ids)
 
 
 def token_text(tok: PreTrainedTokenizerFast, ids: list[int], skip_special_tokens: bool = False) -> str:
     """The text of ``ids``, straight from the Rust tokenizer (the wrapper re-walks the list in Python)."""
     return tok.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@functools.cache
+def _stop_ids(tok: PreTrainedTokenizerFast) -> tuple[int, int]:
+    """EOS and the consult block's closing tag (the wrapper's attribute lookups cost µs per episode)."""
+    return tok.eos_token_id, tok.convert_tokens_to_ids(fmt.CONSULT_CLOSE)
 
 
 def gateway_session(cfg: EAPOConfig) -> aiohttp.ClientSession:
@@ -153,7 +168,7 @@ async def run_episode(
     tok = engine.tokenizer
     seed = episode_seed(cfg.seed, task.prompt_id, sample_index)
     rng = random.Random(seed)
-    eos, close = tok.eos_token_id, tok.convert_tokens_to_ids(fmt.CONSULT_CLOSE)
+    eos, close = _stop_ids(tok)
     prompt = fmt.training_prompt(task.problem) if experts else fmt.eval_prompt(task.problem)
     ids = token_ids(tok, prompt, start=True)
     prompt_len = len(ids)
@@ -190,7 +205,7 @@ async def run_episode(
                 break  # the budget is spent: no turn left to read the answers
             parsed = parse_consult(token_text(tok, result.token_ids), cfg.max_queries)
             for issue in parsed.issues:
-                PARSE_ISSUES.labels(issue).inc()
+                labelled(PARSE_ISSUES, issue).inc()
             if not parsed.queries:
                 rejected_blocks += 1
                 injected = token_ids(tok, fmt.expert_block(None))
@@ -203,7 +218,7 @@ async def run_episode(
                 draw = rng.random()
                 accepted = res.answer is not None and draw < anneal.acceptance
                 injected = token_ids(tok, fmt.expert_block(res.answer if accepted else None))
-                CONSULTS.labels(outcome="answer" if res.answer is not None else "error", accepted=str(accepted)).inc()
+                labelled(CONSULTS, "answer" if res.answer is not None else "error", str(accepted)).inc()
                 consults.append(
                     ConsultRecord(
                         turn=len(turns) - 1,
@@ -228,7 +243,7 @@ async def run_episode(
     answer = extract_boxed(final_text) if turns and turns[-1].finish != "consult" else None
     if answer is not None and finish == "eos":
         finish = "answer"
-    EPISODES.labels(finish).inc()
+    labelled(EPISODES, finish).inc()
     return Trajectory(
         sample_index=sample_index,
         token_ids=np.asarray(ids, dtype=np.int32),

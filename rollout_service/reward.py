@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from math_verify import parse, verify
+
+INTEGER = re.compile(r"[+-]?\d+")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -30,8 +33,11 @@ def score(answer: str | None, gold: str) -> float:
     """1.0 if ``answer`` is mathematically equivalent to ``gold``, else 0.0."""
     if answer is None or not answer.strip():
         return 0.0
-    if answer.strip() == gold.strip():  # identical text is equivalent; math-verify costs ~0.3 ms a call
+    answer, gold = answer.strip(), gold.strip()
+    if answer == gold:  # identical text is equivalent; math-verify costs ~0.3 ms a call
         return 1.0
+    if INTEGER.fullmatch(answer) and INTEGER.fullmatch(gold):  # so do two integers (most wrong answers)
+        return float(int(answer) == int(gold))
     try:
         return float(verify(_parsed_gold(gold), parse(f"${answer}$")))
     except Exception:  # math-verify can fail on arbitrary model text; a wrong answer, not a crash
