@@ -13,6 +13,7 @@ from typing import get_args
 
 from eapo.config import EAPOConfig, EvalMode, load_config
 from eapo.logs import setup_logging
+from proto.schemas import AnswerKind
 
 log = logging.getLogger("eapo")
 
@@ -98,14 +99,23 @@ def cmd_learner(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_eval(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from rollout_service.datasets import PRESETS
     from rollout_service.evaluate import run_eval
 
-    report = run_eval(cfg, args.model, args.dataset, args.layout, args.samples, args.out, args.limit, args.mode)
+    layout = PRESETS[args.layout]
+    if args.answer_kind is not None:
+        layout = replace(layout, answer_kind=args.answer_kind)
+    if args.answer_pattern is not None:
+        layout = replace(layout, answer_pattern=args.answer_pattern)
+    report = run_eval(cfg, args.model, args.dataset, layout, args.samples, args.out, args.limit, args.mode)
     s = report["summary"]
     print(
         f"[{args.mode}] {int(s['problems'])} problems x {int(s['samples_per_problem'])} samples: mean score "
         f"{s['mean_score']:.4f}, variance {s['variance']:.4f}, pass@1 {s['pass@1']:.4f}, "
-        f"expert calls/episode {report['expert_calls_per_episode']:.2f} -> {args.out}"
+        + (f"F1 {s['mean_f1']:.4f}, " if "mean_f1" in s else "")
+        + f"expert calls/episode {report['expert_calls_per_episode']:.2f} -> {args.out}"
     )
     return 0
 
@@ -170,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["world", "aime", "aimo", "dapo"],
                 help="field layout of the dataset's records",
             )
+            p.add_argument(
+                "--answer-kind",
+                choices=get_args(AnswerKind),
+                help="override the layout's: math (math-verify) or short (exact match and F1)",
+            )
+            p.add_argument("--answer-pattern", help="the task's own answer format: a regex, group 1 is the answer")
             p.add_argument("--samples", type=int, default=4, help="N samples per problem")
             p.add_argument(
                 "--mode",

@@ -30,7 +30,7 @@ from learner.anneal import anneal_state
 from learner.ledger import Ledger
 from learner.loss import group_advantages, shaped_rewards
 from learner.trainer import Ranks, Trainer, TrainSample
-from proto import AnnealState, Names, PromptTask, TrajectoryGroup, encode
+from proto import AnnealState, Names, TrajectoryGroup, encode
 from proto import episode_format as fmt
 from proto.weights import prune, verify_version, version_dir, write_version
 
@@ -54,11 +54,7 @@ class PromptFeeder:
         while self.admitted < limit:
             epoch, i = divmod(self.admitted, len(self.order))
             p = self.problems[self.order[i]]
-            await self.producer.send(
-                PromptTask(
-                    prompt_id=f"{p.id}@{epoch}", problem=p.problem, answer=p.answer, tier=p.tier, admitted_at_step=step
-                )
-            )
+            await self.producer.send(p.task(f"{p.id}@{epoch}", admitted_at_step=step))
             self.admitted += 1
         await self.client.hset(self.names.counters, "admitted", self.admitted)
 

@@ -7,12 +7,13 @@ reject versions they do not know with ``SchemaVersionError``.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: PromptTask.answer_kind/answer_pattern, Trajectory.f1
 
 
 def _array(dtype: str) -> BeforeValidator:
@@ -81,6 +82,9 @@ class ConsultResponse(Message):
 # --- Prompts stream (learner/feeder → rollout) ---------------------------------------------------------
 
 
+AnswerKind = Literal["math", "short"]
+
+
 class PromptTask(Message):
     """One prompt to roll out as a group of G episodes."""
 
@@ -89,6 +93,27 @@ class PromptTask(Message):
     answer: str
     tier: int = 0
     admitted_at_step: int = Field(0, description="learner step when the feed admitted this prompt")
+    answer_kind: AnswerKind = Field(
+        "math", description="math: equivalence by math-verify; short: normalised exact match, plus token F1"
+    )
+    answer_pattern: str | None = Field(
+        None,
+        description="the task's own answer format, used when the text has no \\boxed{}: a regular "
+        "expression whose first group is the answer (its last match counts), e.g. '#### (.+)'",
+    )
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return None
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as exc:
+            raise ValueError(f"answer_pattern {pattern!r} is not a regular expression: {exc}") from None
+        if groups < 1:
+            raise ValueError(f"answer_pattern {pattern!r} needs a group around the answer, e.g. 'Answer: (.+)'")
+        return pattern
 
 
 # --- Trajectories (rollout → learner) ------------------------------------------------------------------
@@ -138,6 +163,7 @@ class Trajectory(Message):
     rejected_blocks: int = Field(0, description="malformed consult blocks (counted, not executed)")
     final_answer: str | None = None
     score: float = Field(ge=0.0, le=1.0, description="correctness against the verified answer")
+    f1: float | None = Field(None, ge=0.0, le=1.0, description="token F1 against the answer (short answers)")
     finish: Literal["answer", "eos", "budget", "length", "context"]
     seed: int
 

@@ -4,7 +4,9 @@ Layouts we ship presets for (field paths into one record):
 - ``aime`` / ``aimo``: ``problem``, ``answer``
 - ``dapo``: DAPO-Math-17k — ``prompt`` is a chat list whose last user message holds the problem,
   ``reward_model.ground_truth`` the answer.
-Any other layout: pass ``problem_field``/``answer_field`` (and ``id_field``) yourself.
+Any other layout: pass ``problem_field``/``answer_field`` (and ``id_field``) yourself; for short-answer
+sets (QA) set ``answer_kind="short"`` (exact match and F1), and ``answer_pattern`` where the task has its
+own answer format (a regex whose first group is the answer, e.g. ``"Answer: (.+)"``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from eapo.world.tasks import Problem
+from proto.schemas import AnswerKind
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,8 @@ class Layout:
     problem_field: str = "problem"
     answer_field: str = "answer"
     id_field: str | None = None
+    answer_kind: AnswerKind = "math"
+    answer_pattern: str | None = None
 
 
 PRESETS = {
@@ -79,7 +84,7 @@ def load_problems(path: str | Path, layout: str | Layout = "aime", tier: int = 0
             pid = str(_get(record, spec.id_field)) if spec.id_field else f"{path.stem}-{where}"
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path}:{where}: missing or unreadable field {exc}") from exc
-        problems.append(Problem(id=pid, problem=problem, answer=answer, tier=tier))
+        problems.append(Problem(pid, problem, answer, tier, spec.answer_kind, spec.answer_pattern))
     if not problems:
         raise ValueError(f"{path}: no records")
     return problems

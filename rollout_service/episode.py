@@ -38,7 +38,7 @@ from proto import episode_format as fmt
 from rollout_service.consult import parse_consult
 from rollout_service.engine import PolicyEngine
 from rollout_service.metrics import CONSULTS, EPISODES, PARSE_ISSUES
-from rollout_service.reward import extract_boxed, score
+from rollout_service.reward import extract_answer, judge
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +239,11 @@ async def run_episode(
         turns.append(TurnRecord(start=start, end=len(ids), policy_version=version, finish=ended))
         finish = ended
         break
-    final_text = token_text(tok, ids[turns[-1].start : turns[-1].end]) if turns else ""
-    answer = extract_boxed(final_text) if turns and turns[-1].finish != "consult" else None
+    final_text = token_text(tok, ids[turns[-1].start : turns[-1].end], skip_special_tokens=True) if turns else ""
+    answer = extract_answer(final_text, task.answer_pattern) if turns and turns[-1].finish != "consult" else None
     if answer is not None and finish == "eos":
         finish = "answer"
+    correct, f1 = judge(answer, task.answer, task.answer_kind)
     labelled(EPISODES, finish).inc()
     return Trajectory(
         sample_index=sample_index,
@@ -254,7 +255,8 @@ async def run_episode(
         consults=consults,
         rejected_blocks=rejected_blocks,
         final_answer=answer,
-        score=score(answer, task.answer),
+        score=correct,
+        f1=f1,
         finish=finish,
         seed=seed,
     )

@@ -58,13 +58,16 @@ async def evaluate(
             async with slots:
                 return await run_episode(engine, experts, task, state, cfg.rollout, i)
 
-        tasks = [PromptTask(prompt_id=p.id, problem=p.problem, answer=p.answer, tier=p.tier) for p in problems]
+        tasks = [p.task() for p in problems]
         episodes = await asyncio.gather(*(one(t, i) for t in tasks for i in range(samples)))
     await engine.close()
     scores = [e.score for e in episodes]
     calls = [len(e.consults) for e in episodes]
     per_problem = {t.prompt_id: list(scores[j * samples : (j + 1) * samples]) for j, t in enumerate(tasks)}
     summary = summarize(per_problem, ks=tuple(sorted({1, samples})))
+    f1s = [e.f1 for e in episodes if e.f1 is not None]
+    if f1s:  # short-answer tasks
+        summary["mean_f1"] = sum(f1s) / len(f1s)
     log.info(
         "evaluated (%s) %d problems x %d samples in %.0fs: mean %.3f",
         mode,
@@ -89,7 +92,7 @@ def run_eval(
     cfg: EAPOConfig,
     model: Path | None,
     dataset: Path | None,
-    layout: str,
+    layout: str | Layout,
     samples: int,
     out: Path,
     limit: int | None,

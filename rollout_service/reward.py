@@ -1,13 +1,25 @@
-"""Correctness as a fact: the last ``\\boxed{…}`` of the policy's own text, checked with math-verify."""
+"""Rewards as facts: the final answer of the policy's own text, and how it compares with the gold answer.
+
+The answer is the last ``\\boxed{…}``, or failing that the last match of the task's own format
+(``PromptTask.answer_pattern``). Math answers are judged by math-verify (equivalence: ``1/2`` = ``0.5``);
+short answers by exact match after SQuAD's normalisation, with token F1 as a second fact. Shaping these
+facts into a reward is the learner's business.
+"""
 
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 from functools import lru_cache
 
 from math_verify import parse, verify
 
+from proto.schemas import AnswerKind
+
 INTEGER = re.compile(r"[+-]?\d+")
+PUNCTUATION = frozenset(string.punctuation)
+ARTICLES = frozenset({"a", "an", "the"})
 
 
 def extract_boxed(text: str) -> str | None:
@@ -21,6 +33,40 @@ def extract_boxed(text: str) -> str | None:
         if depth == 0:
             return text[i + 1 : j]
     return None
+
+
+def extract_answer(text: str, pattern: str | None = None) -> str | None:
+    """The last ``\\boxed{…}``; without one, the first group of ``pattern``'s last match, if any."""
+    boxed = extract_boxed(text)
+    if boxed is not None or pattern is None:
+        return boxed
+    matches = list(re.finditer(pattern, text))
+    return ((matches[-1].group(1) or "").strip() or None) if matches else None
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
+    return " ".join(w for w in text.split() if w not in ARTICLES)
+
+
+def token_f1(answer: str, gold: str) -> float:
+    """Harmonic mean of token precision and recall after ``normalize`` (SQuAD's F1)."""
+    said, want = normalize(answer).split(), normalize(gold).split()
+    common = sum((Counter(said) & Counter(want)).values())
+    if not said or not want or not common:
+        return float(said == want)
+    precision, recall = common / len(said), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def judge(answer: str | None, gold: str, kind: AnswerKind = "math") -> tuple[float, float | None]:
+    """(correctness, token F1): F1 for short answers only."""
+    if kind == "short":
+        if answer is None:
+            return 0.0, 0.0
+        return float(normalize(answer) == normalize(gold)), token_f1(answer, gold)
+    return score(answer, gold), None
 
 
 @lru_cache(maxsize=65_536)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from proto import (
+    SCHEMA_VERSION,
     AnnealState,
     ConsultRecord,
     CorruptPayloadError,
@@ -111,8 +112,8 @@ def test_unknown_schema_version_is_rejected_clearly():
     [
         (b"", "shorter than the frame header"),
         (b"XXXX\x01\x01abc", "bad magic"),
-        (MAGIC + b"\x01\x01" + b"\xc1\xc1\xc1", "undecodable"),
-        (MAGIC + b"\x01\x07" + b"\x80", "unknown kind 7"),
+        (MAGIC + bytes([SCHEMA_VERSION, 1]) + b"\xc1\xc1\xc1", "undecodable"),
+        (MAGIC + bytes([SCHEMA_VERSION, 7]) + b"\x80", "unknown kind 7"),
     ],
 )
 def test_corrupt_payloads_are_rejected_clearly(payload, match):

@@ -14,6 +14,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from proto.schemas import AnswerKind, PromptTask
+
 TIERS = (1, 2, 3, 4)
 
 
@@ -23,6 +25,17 @@ class Problem:
     problem: str
     answer: str
     tier: int
+    answer_kind: AnswerKind = "math"
+    answer_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        self.task()  # a bad answer_kind or answer_pattern is refused here, where the file and line are known
+
+    def task(self, prompt_id: str | None = None, admitted_at_step: int = 0) -> PromptTask:
+        """The problem as a prompt to roll out (``prompt_id`` defaults to the problem's id)."""
+        return PromptTask(prompt_id=prompt_id or self.id, problem=self.problem, answer=self.answer, tier=self.tier,
+                          admitted_at_step=admitted_at_step, answer_kind=self.answer_kind,
+                          answer_pattern=self.answer_pattern)  # fmt: skip
 
 
 def _tokens(expr: str) -> list[str]:
@@ -89,7 +102,10 @@ def read_jsonl(path: Path) -> list[Problem]:
             continue
         try:
             row = json.loads(line)
-            problems.append(Problem(str(row["id"]), str(row["problem"]), str(row["answer"]), int(row["tier"])))
+            kind, pattern = row.get("answer_kind", "math"), row.get("answer_pattern")
+            problems.append(
+                Problem(str(row["id"]), str(row["problem"]), str(row["answer"]), int(row["tier"]), kind, pattern)
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}:{lineno}: not a problem record ({exc})") from exc
     return problems
