@@ -142,8 +142,13 @@ class RolloutConfig(Section):
     temperature: float = 1.0
     top_p: float = 1.0
     max_batch: int = 64
-    engine: Literal["transformers", "remote"] = Field(
-        "transformers", description="transformers: the policy in this process (CPU); remote: policy servers (vLLM)"
+    engine: Literal["transformers", "remote", "vllm"] = Field(
+        "transformers",
+        description="transformers: the policy in this process (CPU); remote: policy servers (vLLM); "
+        "vllm: vLLM's AsyncLLM in this process (GPU, the gpu extra)",
+    )
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict, description="vllm engine: AsyncEngineArgs fields, e.g. gpu_memory_utilization"
     )
     policy_urls: list[str] = Field(default_factory=list, description="remote engine: every policy server")
     policy_model: str = Field("policy", description="remote engine: the served model name")

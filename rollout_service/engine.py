@@ -3,7 +3,7 @@
 ``TransformersEngine`` is the CPU implementation: all concurrent episodes' generation requests share
 batched forward passes, and published weight versions are loaded from shared storage and swapped in
 between batches. ``RemotePolicyEngine`` (``rollout_service.remote_engine``) drives vLLM policy servers
-through the same protocol.
+through the same protocol, and ``VLLMEngine`` (``rollout_service.vllm_engine``) runs vLLM in-process.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class TransformersEngine:
 async def open_engine(cfg: EAPOConfig, weights: Path, version: int) -> PolicyEngine:
     """The configured engine, serving published version ``version`` (at ``weights``)."""
     rc = cfg.rollout
+    if rc.engine == "vllm":
+        from rollout_service.vllm_engine import VLLMEngine
+
+        return VLLMEngine(weights, version, rc.vllm_args)
     if rc.engine == "remote":
         from rollout_service.remote_engine import RemotePolicyEngine
 

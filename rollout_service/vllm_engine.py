@@ -1,0 +1,104 @@
+"""The policy in this process on vLLM's ``AsyncLLM`` (GPU): ``rollout.engine: vllm``.
+
+Token-in, token-out: the prompt goes in as ids (``TokensPrompt``) and each turn comes back as the
+sampled ids with their log-probs (``logprobs=0``: the sampled token's own), so nothing is re-tokenized.
+vLLM batches the concurrent episodes' turns itself (continuous batching).
+
+New weight versions load from shared storage inside vLLM's workers: ``collective_rpc`` calls
+``eapo_load_weights(path)`` of ``rollout_service.vllm_worker.EAPOWorkerExtension``. Generation is
+paused around the load where vLLM can (``pause_generation(mode="wait")``: turns in flight finish on the
+old weights, new ones wait), so a turn is sampled under one version, the one it is recorded with.
+
+vLLM is the ``gpu`` extra; this module imports it only when the engine is built. Written against vLLM's
+``AsyncLLM`` API; not exercised in CI (no GPU there) — ``tests/test_vllm_engine.py`` covers the
+conversion of vLLM's outputs and the missing-vLLM error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
+
+from eapo.sampling import SampleRequest, SampleResult
+
+log = logging.getLogger(__name__)
+WORKER_EXTENSION = "rollout_service.vllm_worker.EAPOWorkerExtension"
+
+
+def import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise RuntimeError(
+            "rollout.engine is 'vllm' but vLLM is not installed: install the gpu extra (pip install '.[gpu]') "
+            "on a machine with a GPU, or use engine 'transformers' (CPU) or 'remote' (policy servers)"
+        ) from exc
+    return vllm
+
+
+def to_result(completion: Any) -> SampleResult:
+    """A vLLM ``CompletionOutput`` (``logprobs=0``: one ``{token_id: Logprob}`` per sampled token) as a
+    turn. A stop token ends the turn with ``finish="stop"``; vLLM keeps it among the returned ids."""
+    ids = list(completion.token_ids)
+    if completion.logprobs is None or len(completion.logprobs) != len(ids):
+        raise RuntimeError("vLLM returned no log-prob per sampled token; the engine must ask for logprobs=0")
+    logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs, strict=True)]
+    return SampleResult(
+        token_ids=ids, logprobs=logprobs, finish="stop" if completion.finish_reason == "stop" else "length"
+    )
+
+
+class VLLMEngine:
+    def __init__(self, path: Path, version: int, engine_args: dict[str, Any]):
+        vllm = import_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        args = {"model": str(path), "worker_extension_cls": WORKER_EXTENSION, "disable_log_stats": True}
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**(args | engine_args)))
+        self._vllm, self._version, self._ids = vllm, version, itertools.count()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
+        from vllm.sampling_params import RequestOutputKind
+
+        version = self._version
+        params = self._vllm.SamplingParams(
+            max_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop_token_ids=sorted(request.stop_ids),
+            logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        prompt = self._vllm.TokensPrompt(prompt_token_ids=list(request.prompt_ids))
+        outputs = [out async for out in self._llm.generate(prompt, params, request_id=f"eapo-{next(self._ids)}")]
+        if not outputs:
+            raise RuntimeError("vLLM finished a request without an output")
+        return to_result(outputs[-1].outputs[0]), version
+
+    async def load_version(self, version: int, path: Path) -> None:
+        """Every worker loads ``path`` (checksums verified there); in-flight turns finish first."""
+        pause = getattr(self._llm, "pause_generation", None)  # vLLM versions without it load between steps
+        if pause is not None:
+            await pause(mode="wait")
+        try:
+            await self._llm.collective_rpc("eapo_load_weights", args=(str(path),))
+            await self._llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        finally:
+            if pause is not None:
+                await self._llm.resume_generation()
+        self._version = version
+        log.info("vLLM policy now at version %d", version)
+
+    async def close(self) -> None:
+        self._llm.shutdown()
