@@ -18,13 +18,19 @@ def consumer(client, stream, name, **kw) -> StreamConsumer[PromptTask]:
     return StreamConsumer(client, stream, "g", name, PromptTask, counters_key=f"{stream}:counters", **kw)
 
 
-async def test_delivers_each_entry_once_and_acks(redis_client, prefix):
+async def filled(client, prefix: str, tasks: int, name: str, **kw) -> tuple[str, StreamConsumer]:
+    """A stream holding prompts p0..p{tasks-1}, and consumer ``name`` of group g on it."""
     stream = f"{prefix}:s"
-    c = consumer(redis_client, stream, "c1")
+    c = consumer(client, stream, name, **kw)
     await c.ensure_group()
-    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
-    for i in range(5):
+    producer = StreamProducer(client, stream, ["g"], high_water=100)
+    for i in range(tasks):
         await producer.send(task(i))
+    return stream, c
+
+
+async def test_delivers_each_entry_once_and_acks(redis_client, prefix):
+    stream, c = await filled(redis_client, prefix, 5, "c1")
     got = await c.read(count=10, block_ms=100)
     assert [e.message.prompt_id for e in got] == [f"p{i}" for i in range(5)]
     assert await c.read(count=10, block_ms=50) == []
@@ -33,12 +39,7 @@ async def test_delivers_each_entry_once_and_acks(redis_client, prefix):
 
 
 async def test_crash_before_ack_is_reclaimed_by_another_consumer(redis_client, prefix):
-    stream = f"{prefix}:s"
-    dead = consumer(redis_client, stream, "dead", claim_idle_ms=100)
-    await dead.ensure_group()
-    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
-    for i in range(3):
-        await producer.send(task(i))
+    stream, dead = await filled(redis_client, prefix, 3, "dead", claim_idle_ms=100)
     taken = await dead.read(count=3, block_ms=100)
     assert len(taken) == 3  # ... and the consumer dies here, without acking
     survivor = consumer(redis_client, stream, "survivor", claim_idle_ms=100)
@@ -137,12 +138,7 @@ async def test_trim_removes_only_what_every_group_acknowledged(redis_client, pre
 async def test_trim_survives_everything_being_acknowledged_between_its_two_reads(redis_client, prefix):
     """Seen in a real run: XINFO GROUPS reported pending entries, the consumer acknowledged them, and
     XPENDING then had no minimum. Trimming must fall back to the last delivered id, not crash."""
-    stream = f"{prefix}:s"
-    c = consumer(redis_client, stream, "c1")
-    await c.ensure_group()
-    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
-    for i in range(4):
-        await producer.send(task(i))
+    stream, c = await filled(redis_client, prefix, 4, "c1")
     got = await c.read(count=3, block_ms=50)
     stale = await redis_client.xinfo_groups(stream)  # 3 pending, as the trimmer first sees it
     await c.ack([e.id for e in got])
@@ -159,12 +155,7 @@ async def test_trim_survives_everything_being_acknowledged_between_its_two_reads
 
 
 async def test_restart_under_the_same_name_rereads_its_own_pending_first(redis_client, prefix):
-    stream = f"{prefix}:s"
-    before = consumer(redis_client, stream, "learner-0")
-    await before.ensure_group()
-    producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
-    for i in range(5):
-        await producer.send(task(i))
+    stream, before = await filled(redis_client, prefix, 5, "learner-0")
     taken = await before.read(count=3, block_ms=50)
     await before.ack([taken[0].id])  # p0 done; p1, p2 delivered but unacked when the process dies
     after = consumer(redis_client, stream, "learner-0")  # restarted: long idle timeout, same name
