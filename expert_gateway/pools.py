@@ -242,7 +242,7 @@ class Pools:
             candidates = self._rng.sample(candidates, 2)
         least, tied = float("inf"), []
         for b in candidates:  # one pass: this runs on every request
-            load = b.in_flight / b.weight
+            load = b.load()
             if load < least:
                 least, tied = load, [b]
             elif load == least:
