@@ -174,6 +174,17 @@ class AnnealConfig(Section):
     penalty: ScheduleConfig = ScheduleConfig(start=0.0, end=0.1, steps=30)
 
 
+class BroadcastConfig(Section):
+    """The learner broadcasts each weight version to a fixed pool of policy servers (``proto.broadcast``)
+    instead of their loading it from storage; storage still gets every version."""
+
+    servers: list[str] = Field(default_factory=list, description="policy servers (dev mode); empty: off")
+    address: str = Field("127.0.0.1:29650", description="host:port the learner's rendezvous listens on")
+    backend: Literal["gloo", "nccl"] = Field("nccl", description="nccl between GPUs, gloo on CPU")
+    ranks_per_server: int = Field(1, ge=1, description="workers per server (its tensor-parallel size)")
+    timeout_s: float = Field(300.0, gt=0, description="a join or a broadcast that takes longer ends the path")
+
+
 class LearnerConfig(Section):
     steps: int = 20
     batch_groups: int = Field(4, description="informative groups per optimizer step")
@@ -210,6 +221,7 @@ class LearnerConfig(Section):
     grad_clip: float = 1.0
     weights_dir: Path | None = Field(None, description="default: <run_dir>/weights")
     keep_versions: int = 3
+    broadcast: BroadcastConfig = Field(default_factory=BroadcastConfig)
     checkpoint_dir: Path | None = Field(None, description="default: <run_dir>/checkpoints")
     keep_checkpoints: int = 2
     seed: int = 0

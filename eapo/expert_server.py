@@ -4,7 +4,8 @@ It speaks the subset of vLLM's API that the gateway and rollout use — ``/v1/co
 ``/v1/chat/completions`` (both with SSE streaming), ``/v1/models``, ``/health`` — with temperature,
 top-p, max_tokens, stop strings, seed and log-probs, plus what a remote policy server needs:
 token-id prompts, ``stop_token_ids``, ``return_tokens_as_token_ids`` and (with
-``VLLM_SERVER_DEV_MODE=1``) ``POST /collective_rpc`` running ``eapo_load_weights(path)``. Concurrent
+``VLLM_SERVER_DEV_MODE=1``) ``POST /collective_rpc`` running the worker extension's methods
+(``eapo_load_weights(path)``; ``eapo_join_broadcast``/``eapo_receive_broadcast``). Concurrent
 requests share batched forward passes (``eapo.sampling.Batcher``).
 """
 
@@ -27,8 +28,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from eapo.sampling import Batcher, SampleRequest, SampleResult
-from eapo.world.bootstrap import load_model
-from proto.weights import WeightsError, verify_version
+from eapo.world.bootstrap import load_model, with_weights
+from proto.broadcast import Backend, Group, join, receive
+from proto.weights import MANIFEST, WeightsError, read_manifest, verify_version
 
 
 class SamplingFields(BaseModel):
@@ -75,9 +77,39 @@ class ServedModel:
     def __init__(self, name: str, path: Path, max_batch: int, seed: int = 0):
         self.name = name
         model, self.tokenizer = load_model(path)
-        self.batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch=max_batch)
+        version = read_manifest(path).version if (path / MANIFEST).exists() else -1  # a published version?
+        self.batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch=max_batch, version=version)
+        self.group: Group | None = None
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         self._rng = random.Random(seed)
+
+    async def load_weights(self, path: str) -> int:
+        """``eapo_load_weights``: a published version from storage, checksums verified; nothing to do
+        when it is the version held (the learner may have broadcast it already)."""
+        try:
+            if read_manifest(Path(path)).version == self.batcher.version:
+                return self.batcher.version
+            manifest = await asyncio.to_thread(verify_version, Path(path))
+        except (OSError, WeightsError) as exc:
+            raise WeightsError(f"cannot load weights from {path}: {exc}") from exc
+        model, _ = await asyncio.to_thread(load_model, Path(path))
+        self.batcher.set_model(model, manifest.version)
+        return manifest.version
+
+    async def join_broadcast(
+        self, address: str, rank: int, world_size: int, backend: Backend = "gloo", timeout_s: float = 300.0
+    ) -> None:
+        """``eapo_join_broadcast``: become ``rank`` of the learner's weight group (``proto.broadcast``)."""
+        self.group = await asyncio.to_thread(join, address, rank, world_size, backend, timeout_s)
+
+    async def receive_broadcast(self) -> int:
+        """``eapo_receive_broadcast``: take the version the learner is broadcasting now."""
+        if self.group is None:
+            raise RuntimeError("eapo_receive_broadcast before eapo_join_broadcast")
+        version, tensors = await asyncio.to_thread(receive, self.group)
+        model = await asyncio.to_thread(with_weights, self.batcher.model, tensors)
+        self.batcher.set_model(model, version)
+        return version
 
     async def complete(
         self, prompt_ids: list[int], body: SamplingFields, max_tokens: int, stop_ids: frozenset[int] = frozenset()
@@ -123,6 +155,13 @@ def served_model(request: Request) -> ServedModel:
 Served = Annotated[ServedModel, Depends(served_model)]
 
 
+RPC = {  # collective_rpc method → what it runs (as rollout_service.vllm_worker names them)
+    "eapo_load_weights": ServedModel.load_weights,
+    "eapo_join_broadcast": ServedModel.join_broadcast,
+    "eapo_receive_broadcast": ServedModel.receive_broadcast,
+}
+
+
 def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -145,16 +184,16 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
         @app.post("/collective_rpc", response_model=None)
         async def collective_rpc(body: CollectiveRpc, m: Served) -> Response | dict:
             """What ``rollout_service.vllm_worker.EAPOWorkerExtension`` does inside vLLM's workers."""
-            if body.method != "eapo_load_weights" or len(body.args) != 1:
-                return openai_error(400, f"unsupported collective_rpc {body.method!r}: only eapo_load_weights(path)")
-            path = Path(body.args[0])
+            method = RPC.get(body.method)
+            if method is None:
+                return openai_error(400, f"unsupported collective_rpc {body.method!r}: one of {sorted(RPC)}")
             try:
-                manifest = await asyncio.to_thread(verify_version, path)
-            except (OSError, WeightsError) as exc:
-                return openai_error(400, f"cannot load weights from {path}: {exc}")
-            model, _ = await asyncio.to_thread(load_model, path)
-            m.batcher.set_model(model, manifest.version)
-            return {"results": [None]}
+                result = await method(m, *body.args, **body.kwargs)
+            except TypeError as exc:
+                return openai_error(400, f"bad arguments for {body.method}: {exc}")
+            except (OSError, ValueError, RuntimeError) as exc:  # WeightsError, a failed join or receive
+                return openai_error(400, f"{body.method} failed: {exc}")
+            return {"results": [result]}
 
     @app.get("/v1/models")
     async def models(m: Served) -> dict:

@@ -27,6 +27,7 @@ from eapo.metrics import StepGauges, serve_metrics
 from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
 from eapo.world.tasks import read_jsonl
 from learner.anneal import anneal_state
+from learner.broadcast import Broadcaster
 from learner.ledger import Ledger
 from learner.loss import group_advantages, shaped_rewards
 from learner.trainer import Ranks, Trainer, TrainSample
@@ -66,6 +67,7 @@ class Learner:
         self.dropped: Counter[str] = Counter()
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
         self.gauges = StepGauges("eapo_learner")
+        self.broadcaster = Broadcaster(cfg.learner.broadcast)
 
     async def _publish(self, ranks: Ranks, version: int, step: int, anneal: AnnealState) -> None:
         """Write (unless a previous life already did) and announce weight version ``version``."""
@@ -77,6 +79,7 @@ class Learner:
             manifest = await asyncio.to_thread(
                 write_version, self.cfg.weights_dir, version, step, lambda path: ranks.call("save_pretrained", path)
             )
+        await self.broadcaster.send(version, path)  # before the announcement: servers hold it when it comes
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.names.weights, encode(manifest))
             pipe.set(self.names.anneal, encode(anneal))
@@ -169,6 +172,8 @@ class Learner:
         feeder = PromptFeeder(self.client, self.names, cfg.world.dir / "train.jsonl", cfg.seed, 1 << 30)
         await self.client.delete(self.names.done)
         start = await self._resume(ranks, feeder)
+        if lc.broadcast.servers:
+            await self.broadcaster.start()
         await self._publish(ranks, start, start, anneal_state(cfg.anneal, start))
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         t_start = time.monotonic()

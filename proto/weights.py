@@ -14,8 +14,12 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proto.schemas import WeightManifest
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 
@@ -62,13 +66,31 @@ def write_version(root: Path, version: int, step: int, save: Callable[[Path], No
     return manifest
 
 
+def read_manifest(path: Path) -> WeightManifest:
+    """The version's manifest, files unchecked (``verify_version`` checks them)."""
+    path = Path(path)
+    try:
+        return WeightManifest.model_validate(json.loads((path / MANIFEST).read_text()))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: unreadable manifest: {exc}") from exc
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a version's safetensors shards, by name (on CPU)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        tensors |= load_file(shard)
+    if not tensors:
+        raise WeightsError(f"{path}: no safetensors shards")
+    return tensors
+
+
 def verify_version(path: Path) -> WeightManifest:
     """Raise ``WeightsError`` unless every file listed in the manifest has its recorded checksum."""
     path = Path(path)
-    try:
-        manifest = WeightManifest.model_validate(json.loads((path / MANIFEST).read_text()))
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: unreadable manifest: {exc}") from exc
+    manifest = read_manifest(path)
     for name, digest in manifest.files.items():
         actual = _sha256(path / name) if (path / name).exists() else "missing"
         if actual != digest:

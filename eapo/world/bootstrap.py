@@ -13,6 +13,7 @@ nearly exact there and of no use on a whole problem.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -201,6 +202,19 @@ def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
     )
     log.info("tiny world built in %.0fs at %s", time.monotonic() - t0, root)
     return root
+
+
+def with_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` holding ``tensors``: a version of the same architecture as saved, where a tied
+    weight appears once. Refuses tensors that are not the model's, and parameters left without one."""
+    new = copy.deepcopy(model)
+    missing, unexpected = new.load_state_dict(tensors, strict=False)
+    state = new.state_dict()
+    loaded = {state[name].data_ptr() for name in tensors}
+    untied = [name for name in missing if state[name].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ValueError(f"not this model's weights: unexpected {unexpected[:5]}, missing {untied[:5]}")
+    return new.eval()
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
