@@ -189,6 +189,58 @@ def test_rollout_reaches_every_policy_server_and_they_load_weights_through_the_e
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
 
 
+def pod_labels(objs: list[dict], component: str) -> dict:
+    templates = [o["spec"]["template"]["metadata"]["labels"] for o in objs if o["kind"] in WORKLOADS]
+    return next(labels for labels in templates if labels.get("app.kubernetes.io/component") == component)
+
+
+def admitted(objs: list[dict], src: str, dst: str, port: int) -> bool:
+    """Whether the NetworkPolicies let ``src`` pods reach ``dst`` pods on ``port``: an egress rule on the
+    source's side and an ingress rule on the destination's (under the default deny, both are needed)."""
+    policies = [o["spec"] for o in objs if o["kind"] == "NetworkPolicy"]
+    source, dest = pod_labels(objs, src), pod_labels(objs, dst)
+
+    def matches(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+    def allows(rules: list[dict], key: str, peer: dict) -> bool:
+        return any(
+            any(
+                "podSelector" in p and "namespaceSelector" not in p and matches(p["podSelector"], peer)
+                for p in r.get(key, [])
+            )
+            and ("ports" not in r or any(p["port"] == port for p in r["ports"]))
+            for r in rules
+        )
+
+    egress = any(matches(np["podSelector"], source) and allows(np.get("egress", []), "to", dest) for np in policies)
+    ingress = any(matches(np["podSelector"], dest) and allows(np.get("ingress", []), "from", source) for np in policies)
+    return egress and ingress
+
+
+def test_policy_servers_admit_the_rollout_and_with_broadcast_the_learner(tmp_path):
+    objs = objects("helm:prod-values.yaml")
+    assert admitted(objs, "rollout", "policy", 8000)
+    assert not admitted(objs, "learner", "policy", 8000)  # no broadcast: the learner has no business there
+    values = tmp_path / "broadcast.yaml"
+    values.write_text(
+        yaml.safe_dump({"policy": {"enabled": True, "replicas": 2}, "learner": {"broadcast": {"enabled": True}}})
+    )
+    objs = [
+        d
+        for d in yaml.safe_load_all(render_mod.render([K8S / "helm" / "eapo" / "ci" / "prod-values.yaml", values]))
+        if d
+    ]
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    cfg = load_config(None, **yaml.safe_load(cm["data"]["config.yaml"]))
+    assert cfg.learner.broadcast.servers == cfg.rollout.policy_urls and len(cfg.rollout.policy_urls) == 2
+    learner = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"].endswith("-learner"))
+    assert cfg.learner.broadcast.address == f"{learner['metadata']['name']}-0.{learner['spec']['serviceName']}:29650"
+    for port in (8000, 29650, 41234):  # /collective_rpc, the rendezvous, one of NCCL's own ports
+        assert admitted(objs, "learner", "policy", port) and admitted(objs, "policy", "learner", port)
+    assert admitted(objs, "rollout", "policy", 8000)
+
+
 def test_external_redis_comes_from_a_secret_reference():
     objs = objects("helm:prod-values.yaml")
     assert not [o for o in objs if o["metadata"]["name"].endswith("-redis")]
