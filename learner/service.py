@@ -292,9 +292,11 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     versions = [t.policy_version for s in samples for t in s.turns] or [0]
     kinds = Counter(fmt.paradigm([c.query for c in s.consults], g.prompt.problem) for g in groups for s in g.samples)
     lags = [learner_version - g.min_policy_version for g in groups] or [0]
+    f1s = [s.f1 for s in samples if s.f1 is not None]  # short-answer tasks only
     return {
         "groups_read": len(groups),
         "accuracy": sum(s.score for s in samples) / n,
+        **({"f1": sum(f1s) / len(f1s)} if f1s else {}),
         "calls_per_episode": calls_per_episode(groups),
         "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
         "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),

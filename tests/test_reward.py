@@ -8,6 +8,7 @@ from test_episode import ScriptedEngine, anneal
 from eapo.config import RolloutConfig
 from eapo.world.bootstrap import load_model
 from eapo.world.tasks import Problem
+from learner.service import rollout_stats
 from proto import PromptTask
 from rollout_service.episode import run_episode
 from rollout_service.reward import extract_answer, extract_boxed, judge, normalize, score, token_f1
@@ -85,3 +86,13 @@ async def test_an_episode_records_exact_match_and_f1_for_a_short_answer_task(wor
     # said {paris, france}, wanted {paris}: precision 1/2, recall 1, F1 2/3; not an exact match
     assert traj.final_answer == "paris, France" and traj.finish == "answer"
     assert traj.score == 0.0 and traj.f1 == pytest.approx(2 / 3)
+
+
+def test_the_learners_step_metrics_average_f1_over_short_answer_samples_only():
+    from test_codec import make_group
+
+    group = make_group(n_samples=3)
+    short = group.model_copy(update={"samples": [s.model_copy(update={"f1": f1}) for s, f1 in
+                                                 zip(group.samples, (1.0, 0.5, 0.0), strict=True)]})  # fmt: skip
+    assert rollout_stats([short], learner_version=4)["f1"] == pytest.approx(0.5)
+    assert "f1" not in rollout_stats([group], learner_version=4)  # math answers have no F1
