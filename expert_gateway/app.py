@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from eapo.config import GatewayConfig
@@ -354,6 +355,12 @@ def create_app(config: GatewayConfig) -> GatewayApp:
     live.register(admin.LiveState(app))
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     data_plane = [Depends(bearer_guard(app.data_token))] if config.api_token else []
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """One error shape for the whole gateway (OpenAI's), also for FastAPI's own refusals."""
+        kind = {401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError"}.get(exc.status_code)
+        return error(exc.status_code, str(exc.detail), kind or "invalid_request_error", **(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -218,6 +218,9 @@ def test_tokens_guard_data_plane_and_admin_separately(pair):
         url = f"{gw.url}/v1/chat/completions"
         assert httpx.post(url, json=CHAT).status_code == 401
         assert httpx.post(url, json=CHAT, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        for refused in (httpx.post(url, json=CHAT), httpx.get(f"{gw.url}/v1/models")):  # ASGI fast path, FastAPI
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+            assert refused.json()["error"]["message"] == "missing or wrong bearer token for the data plane API"
         assert answer(httpx.post(url, json=CHAT, headers={"Authorization": "Bearer data-secret"})) == "a"
         assert httpx.get(f"{gw.url}/admin/backends", headers={"Authorization": "Bearer data-secret"}).status_code == 401
         assert (
