@@ -99,3 +99,23 @@ async def test_a_server_that_is_gone_turns_the_broadcast_off_and_the_run_goes_on
     await broadcaster.start()
     assert broadcaster.group is None
     assert await broadcaster.send(1, version_dir(versions, 1)) is False
+
+
+def test_collective_rpc_refuses_bad_calls_with_the_reason(versions, monkeypatch):
+    import httpx
+
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    with ServerThread(create_app("policy", version_dir(versions, 0)), free_port()) as server:
+        url = f"{server.url}/collective_rpc"
+        for body, reason in (
+            ({"method": "eapo_receive_broadcast"}, "before eapo_join_broadcast"),
+            ({"method": "eapo_load_weights"}, "bad arguments for eapo_load_weights"),
+            ({"method": "rm_rf"}, "unsupported collective_rpc 'rm_rf'"),
+        ):
+            r = httpx.post(url, json=body)
+            assert r.status_code == 400 and reason in r.json()["error"]["message"], r.text
+        # and the server still serves the version it held
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.post(
+            url, json={"method": "eapo_load_weights", "args": [str(version_dir(versions, 0))]}
+        ).json() == {"results": [0]}
