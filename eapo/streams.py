@@ -207,29 +207,40 @@ class StreamConsumer(Generic[M]):
         return entries
 
     async def _reclaim(self, count: int) -> list[tuple[str, dict]]:
+        """Entries other consumers left idle past ``claim_idle_ms``, claimed for this one.
+
+        Never this consumer's own: an entry it holds is work in progress (a learner filling its
+        batch, a replica rolling a prompt out), and taking it back would deliver it twice to the same
+        process — counted as a duplicate and acknowledged before its work was durable. Its own entries
+        from before a restart come back once, through ``_own_pending``. (XAUTOCLAIM cannot exclude a
+        consumer, so this lists idle entries with XPENDING and claims the others' with XCLAIM, which
+        re-checks the idle time atomically and counts the delivery.)"""
         # Nothing can become claimable faster than the idle timeout: look a few times per timeout,
         # not on every read (a round trip saved on the hot path). A scan in progress continues.
         now = time.monotonic()
         if now < self._next_claim and self._claim_cursor == "0-0":
             return []
         self._next_claim = now + self.claim_idle_ms / 4000
-        reply = await self.client.xautoclaim(
-            self.stream,
-            self.group,
-            self.consumer,
-            min_idle_time=self.claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=count,
+        start = "-" if self._claim_cursor == "0-0" else "(" + self._claim_cursor
+        rows = await self.client.xpending_range(
+            self.stream, self.group, min=start, max="+", count=count * 4, idle=self.claim_idle_ms
         )
-        cursor, entries = _s(reply[0]), reply[1]
-        self._claim_cursor = cursor
-        claimed = []
-        for entry_id, fields in entries:
-            entry_id = _s(entry_id)
-            if fields is None:  # trimmed while pending (Redis 6.2 reports it this way)
-                await self.client.xack(self.stream, self.group, entry_id)
-                continue
-            claimed.append((entry_id, fields))
+        self._claim_cursor = _s(rows[-1]["message_id"]) if len(rows) == count * 4 else "0-0"
+        ids = [_s(r["message_id"]) for r in rows if _s(r["consumer"]) != self.consumer][:count]
+        if not ids:
+            return []
+        reply = await self.client.xclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, ids)
+        claimed = [(_s(i), f) for i, f in reply if i is not None and f is not None]
+        got = {i for i, _ in claimed}
+        gone = [i for i in ids if i not in got]
+        if gone:  # trimmed while pending (Redis 6.2 answers nil, 7 drops them), or acked meanwhile
+            async with self.client.pipeline(transaction=False) as pipe:
+                for entry_id in gone:
+                    pipe.xrange(self.stream, min=entry_id, max=entry_id)
+                present = await pipe.execute()
+            trimmed = [i for i, found in zip(gone, present, strict=True) if not found]
+            if trimmed:
+                await self.client.xack(self.stream, self.group, *trimmed)
         if not claimed:
             return []
         RECLAIMED.labels(self.stream).inc(len(claimed))

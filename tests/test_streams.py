@@ -1,6 +1,7 @@
 """The Redis Streams transport against a real Redis server."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -38,18 +39,54 @@ async def test_delivers_each_entry_once_and_acks(redis_client, prefix):
     assert (await redis_client.xpending(stream, "g"))["pending"] == 0
 
 
+async def reclaimed_by(c: StreamConsumer, count: int, timeout_s: float = 30.0) -> list:
+    """Read until ``count`` entries arrive: reclaiming waits for the idle timeout, however slow the machine."""
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} entries reclaimed"
+        got += await c.read(count=count - len(got), block_ms=50)
+    return got
+
+
 async def test_crash_before_ack_is_reclaimed_by_another_consumer(redis_client, prefix):
-    stream, dead = await filled(redis_client, prefix, 3, "dead", claim_idle_ms=100)
+    stream, dead = await filled(redis_client, prefix, 3, "dead", claim_idle_ms=1000)
     taken = await dead.read(count=3, block_ms=100)
     assert len(taken) == 3  # ... and the consumer dies here, without acking
-    survivor = consumer(redis_client, stream, "survivor", claim_idle_ms=100)
-    assert await survivor.read(count=3, block_ms=50) == []  # not idle long enough yet
-    await asyncio.sleep(0.15)
-    reclaimed = await survivor.read(count=3, block_ms=50)
+    survivor = consumer(redis_client, stream, "survivor", claim_idle_ms=1000)
+    t0 = time.monotonic()
+    reclaimed = await reclaimed_by(survivor, 3)
+    assert time.monotonic() - t0 >= 0.9 * (1000 - 100) / 1000  # not before they were idle long enough
     assert sorted(e.message.prompt_id for e in reclaimed) == ["p0", "p1", "p2"]
     await survivor.ack([e.id for e in reclaimed])
     pending = await redis_client.xpending(stream, "g")
     assert pending["pending"] == 0  # nothing lost, nothing left behind
+
+
+async def test_a_consumer_never_reclaims_what_it_holds_itself(redis_client, prefix):
+    """Seen on a busy machine: the learner's batch took longer to fill than the idle timeout, it
+    reclaimed its own entries, judged them duplicates of themselves and acknowledged them before the
+    step that trained them was durable."""
+    stream, c = await filled(redis_client, prefix, 2, "learner-0", claim_idle_ms=20)
+    held = await c.read(count=1, block_ms=50)
+    await asyncio.sleep(0.1)  # held far past the idle timeout (a lower bound: a slow machine waits longer)
+    again = await c.read(count=5, block_ms=50)
+    assert [e.message.prompt_id for e in held + again] == ["p0", "p1"]  # p0 is not delivered twice
+    assert (await redis_client.xpending(stream, "g"))["pending"] == 2
+    other = consumer(redis_client, stream, "learner-1", claim_idle_ms=20)
+    stolen = await reclaimed_by(other, 2)  # another consumer does take them once they are idle
+    assert sorted(e.message.prompt_id for e in stolen) == ["p0", "p1"]
+
+
+async def test_an_entry_trimmed_while_pending_is_acknowledged_not_returned(redis_client, prefix):
+    stream, dead = await filled(redis_client, prefix, 2, "dead", claim_idle_ms=20)
+    taken = await dead.read(count=2, block_ms=50)
+    await redis_client.xdel(stream, taken[0].id)
+    survivor = consumer(redis_client, stream, "survivor", claim_idle_ms=20)
+    got = await reclaimed_by(survivor, 1)
+    assert [e.message.prompt_id for e in got] == ["p1"]
+    rows = await redis_client.xpending_range(stream, "g", "-", "+", 10)
+    assert [r["message_id"].decode() for r in rows] == [taken[1].id]  # the deleted one left the PEL
 
 
 async def test_undecodable_entry_goes_to_dead_letter_and_is_counted(redis_client, prefix):
@@ -77,14 +114,13 @@ async def test_undecodable_entry_goes_to_dead_letter_and_is_counted(redis_client
 async def test_entry_that_keeps_failing_is_dead_lettered_as_poison(redis_client, prefix):
     stream = f"{prefix}:s"
     producer = StreamProducer(redis_client, stream, ["g"], high_water=100)
-    c = consumer(redis_client, stream, "c1", claim_idle_ms=10, max_deliveries=2)
-    await c.ensure_group()
+    await consumer(redis_client, stream, "c0").ensure_group()
     await producer.send(task(0))
-    for _ in range(2):  # delivered, never acked (the consumer crashes on it each time)
-        got = await c.read(count=1, block_ms=50)
-        assert len(got) == 1
-        await asyncio.sleep(0.02)
-    assert await c.read(count=1, block_ms=50) == []
+    for i in range(2):  # delivered to a consumer that crashes on it, each time a fresh one
+        got = await reclaimed_by(consumer(redis_client, stream, f"c{i}", claim_idle_ms=10, max_deliveries=2), 1)
+        assert got[0].message.prompt_id == "p0"
+        await asyncio.sleep(0.02)  # idle past the timeout (a lower bound)
+    assert await consumer(redis_client, stream, "c2", claim_idle_ms=10, max_deliveries=2).read(1, 50) == []
     dead = await redis_client.xrange(f"{stream}:dead")
     assert len(dead) == 1 and dead[0][1][b"reason"] == b"poison"
     assert decode(dead[0][1][b"d"], PromptTask).prompt_id == "p0"
