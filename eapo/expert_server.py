@@ -3,10 +3,15 @@
 It speaks the subset of vLLM's API that the gateway and rollout use — ``/v1/completions``,
 ``/v1/chat/completions`` (both with SSE streaming), ``/v1/models``, ``/health`` — with temperature,
 top-p, max_tokens, stop strings, seed and log-probs, plus what a remote policy server needs:
-token-id prompts, ``stop_token_ids``, ``return_tokens_as_token_ids`` and (with
+token-id prompts, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
+``return_tokens_as_token_ids`` and (with
 ``VLLM_SERVER_DEV_MODE=1``) ``POST /collective_rpc`` running the worker extension's methods
 (``eapo_load_weights(path)``; ``eapo_join_broadcast``/``eapo_receive_broadcast``). Concurrent
 requests share batched forward passes (``eapo.sampling.Batcher``).
+
+Stop strings behave as in vLLM: generation ends at the first token whose decoded text completes one;
+the returned token ids and log-probs include that token, the text is cut at the string (after it with
+``include_stop_str_in_output``), and the choice's ``stop_reason`` names it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = Field(False, description="vLLM extra: the text keeps the stop string")
+    skip_special_tokens: bool = Field(True, description="vLLM extra: special tokens left out of the text")
     seed: int | None = None
     stream: bool = False
     n: Literal[1] = 1
@@ -78,7 +85,7 @@ class ServedModel:
         self.name = name
         model, self.tokenizer = load_model(path)
         version = read_manifest(path).version if (path / MANIFEST).exists() else -1  # a published version?
-        self.batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch=max_batch, version=version)
+        self.batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch, version, self.tokenizer)
         self.group: Group | None = None
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         self._rng = random.Random(seed)
@@ -113,7 +120,9 @@ class ServedModel:
 
     async def complete(
         self, prompt_ids: list[int], body: SamplingFields, max_tokens: int, stop_ids: frozenset[int] = frozenset()
-    ) -> tuple[SampleResult, str]:
+    ) -> tuple[SampleResult, str, str | int | None]:
+        """The sample, its text and vLLM's ``stop_reason`` (the stop string, a stop id other than EOS, or
+        None)."""
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a {self.max_context}-token context")
@@ -121,27 +130,28 @@ class ServedModel:
             prompt_ids=prompt_ids,
             max_new_tokens=min(max_tokens, room),
             stop_ids=frozenset({self.tokenizer.eos_token_id}) | stop_ids,
+            stop_strings=tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s),
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed if body.seed is not None else self._rng.getrandbits(63),
         )
         result, _ = await self.batcher.sample(request)
-        return _apply_stop(result, self.tokenizer, body.stop)
+        stop_reason: str | int | None = result.stop_string
+        if result.finish == "stop" and stop_reason is None and result.token_ids[-1] != self.tokenizer.eos_token_id:
+            stop_reason = result.token_ids[-1]
+        return result, completion_text(result, self.tokenizer, body), stop_reason
 
 
-def _apply_stop(result: SampleResult, tokenizer: Any, stop: str | list[str] | None) -> tuple[SampleResult, str]:
-    """Cut at the first stop string (not included, as in vLLM); drop a trailing EOS from the text."""
+def completion_text(result: SampleResult, tokenizer: Any, body: SamplingFields) -> str:
+    """The completion's text as vLLM returns it: without the EOS that ended it, cut at the stop string
+    that did (kept with ``include_stop_str_in_output``; what a token ran past it is cut either way)."""
     ids = result.token_ids
-    if ids and ids[-1] == tokenizer.eos_token_id and result.finish == "stop":
+    if ids and result.finish == "stop" and result.stop_string is None and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
-    text = tokenizer.decode(ids)
-    for s in [stop] if isinstance(stop, str) else stop or []:
-        cut = text.find(s)
-        if s and cut >= 0:
-            text = text[:cut]
-            keep = len(tokenizer.encode(text))
-            result = SampleResult(result.token_ids[:keep], result.logprobs[:keep], "stop")
-    return result, text
+    text = tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens)
+    if result.stop_string is not None and (cut := text.find(result.stop_string)) >= 0:
+        text = text[: cut + (len(result.stop_string) if body.include_stop_str_in_output else 0)]
+    return text
 
 
 def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -207,7 +217,7 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
         outcome = await _generate(m, body, ids, body.max_tokens or 16, frozenset(body.stop_token_ids or ()))
         if isinstance(outcome, Response):
             return outcome
-        result, text = outcome
+        result, text, stop_reason = outcome
         logprobs = None
         if body.logprobs is not None:
             tokens = (
@@ -216,7 +226,13 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
                 else m.tokenizer.convert_ids_to_tokens(result.token_ids)
             )
             logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None, "text_offset": None}
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": result.finish}
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": result.finish,
+            "stop_reason": stop_reason,
+        }
         return _respond(m, body, len(ids), result, choice, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -226,7 +242,7 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
         outcome = await _generate(m, body, ids, body.max_completion_tokens or body.max_tokens or 256)
         if isinstance(outcome, Response):
             return outcome
-        result, text = outcome
+        result, text, stop_reason = outcome
         logprobs = None
         if body.logprobs:
             tokens = m.tokenizer.convert_ids_to_tokens(result.token_ids)
@@ -237,7 +253,13 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
                 ]
             }
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.finish}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": result.finish,
+            "stop_reason": stop_reason,
+        }
         return _respond(m, body, len(ids), result, choice, chat=True)
 
     return app
@@ -245,7 +267,7 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
 
 async def _generate(
     m: ServedModel, body: SamplingFields, ids: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset()
-) -> tuple[SampleResult, str] | Response:
+) -> tuple[SampleResult, str, str | int | None] | Response:
     if body.model != m.name:
         return openai_error(404, f"The model `{body.model}` does not exist.", "NotFoundError")
     try:

@@ -3,6 +3,12 @@
 Shared by the CPU policy engine and the CPU expert server: the pending requests of all concurrent
 callers are stacked (left-padded) into one forward pass per token instead of one episode at a time.
 Each request has its own seeded generator, so its draws do not depend on what it was batched with.
+
+A turn ends at a stop id (EOS) or at a stop *string* (a consult block's closing tag): under a BPE
+tokenizer a tag is several tokens and may merge with its neighbours (``></``, ``>\n``), so only the
+decoded text can say where it ends. The rule, the same as vLLM's: the turn ends at the first sampled
+token whose decoded text completes the string; every sampled id is kept as sampled, that token
+included, even where its text runs past the string (readers of the turn cut the text at the string).
 The behaviour log-prob recorded for a token is under the temperature-scaled distribution it was drawn
 from (DAPO samples at temperature 1.0, top-p 1.0, where this is exactly the policy's log-prob).
 """
@@ -12,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +33,7 @@ class SampleRequest:
     prompt_ids: list[int]
     max_new_tokens: int
     stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
@@ -35,6 +44,29 @@ class SampleResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: Literal["stop", "length"] = "length"
+    stop_string: str | None = None  # the stop string that ended the turn (None: a stop id, or the length)
+
+
+# Tokens decoded to find a stop string that the newest token completes: a string of n characters spans
+# at most n tokens that decode to at least one character each; the slack covers a few that decode to none.
+STOP_WINDOW_SLACK = 8
+
+
+def completed_stop(decode: Callable[[Sequence[int]], str], ids: Sequence[int], stops: Sequence[str]) -> str | None:
+    """The first of ``stops`` found in the decoded text of the last sampled tokens ``ids``, or None.
+
+    Called after every sampled token, so a string found now was completed by the newest token. Only a
+    bounded tail is decoded (a turn may be thousands of tokens long)."""
+    if not stops or not ids:
+        return None
+    text = decode(ids[-(max(map(len, stops)) + STOP_WINDOW_SLACK) :])
+    return next((s for s in stops if s in text), None)
+
+
+def text_decoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[Sequence[int]], str]:
+    """Ids to text straight from the Rust tokenizer, special tokens kept (a tag may be one)."""
+    backend = tokenizer.backend_tokenizer
+    return lambda ids: backend.decode(list(ids), skip_special_tokens=False)
 
 
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -46,10 +78,19 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate_batch(model: torch.nn.Module, requests: list[SampleRequest], pad_id: int) -> list[SampleResult]:
-    """Sample every request to its stop token or length limit, in shared forward passes."""
+def generate_batch(
+    model: torch.nn.Module,
+    requests: list[SampleRequest],
+    pad_id: int,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> list[SampleResult]:
+    """Sample every request to its stop id, stop string or length limit, in shared forward passes.
+    ``tokenizer`` reads the sampled ids as text; it is needed only by requests with stop strings."""
     if not requests:
         return []
+    if tokenizer is None and any(r.stop_strings for r in requests):
+        raise ValueError("stop strings need the tokenizer: pass generate_batch(..., tokenizer=)")
+    decode = text_decoder(tokenizer) if tokenizer is not None else None
     device = next(model.parameters()).device
     width = max(len(r.prompt_ids) for r in requests)
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
@@ -83,6 +124,8 @@ def generate_batch(model: torch.nn.Module, requests: list[SampleRequest], pad_id
             next_ids[row, 0] = token
             if token in r.stop_ids:
                 res.finish = "stop"
+            elif r.stop_strings and (hit := completed_stop(decode, res.token_ids, r.stop_strings)) is not None:
+                res.finish, res.stop_string = "stop", hit
         active = [
             row
             for row in active
@@ -107,11 +150,20 @@ class Batcher:
     """Collects concurrent ``sample`` calls and runs them together, one batch at a time, off the loop.
 
     ``model`` may be swapped between batches (``set_model``): a batch in progress finishes on the
-    weights it started with, which is what makes per-turn policy versions exact.
+    weights it started with, which is what makes per-turn policy versions exact. ``tokenizer`` (the
+    model's) checks stop strings.
     """
 
-    def __init__(self, model: torch.nn.Module, pad_id: int, max_batch: int = 64, version: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pad_id: int,
+        max_batch: int = 64,
+        version: int = 0,
+        tokenizer: PreTrainedTokenizerFast | None = None,
+    ):
         self.model, self.pad_id, self.max_batch, self.version = model, pad_id, max_batch, version
+        self.tokenizer = tokenizer
         self._queue: asyncio.Queue[tuple[SampleRequest, asyncio.Future]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.batches = 0
@@ -139,7 +191,9 @@ class Batcher:
                 continue
             model, version = self.model, self.version
             try:
-                results = await asyncio.to_thread(generate_batch, model, [r for r, _ in batch], self.pad_id)
+                results = await asyncio.to_thread(
+                    generate_batch, model, [r for r, _ in batch], self.pad_id, self.tokenizer
+                )
             except Exception as exc:  # surface to every waiter; the batcher keeps serving
                 log.exception("generation batch failed")
                 for _, fut in batch:

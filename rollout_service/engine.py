@@ -41,7 +41,7 @@ class PolicyEngine(Protocol):
 class TransformersEngine:
     def __init__(self, path: Path, version: int, max_batch: int = 64):
         model, self.tokenizer = load_model(path)
-        self._batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch=max_batch, version=version)
+        self._batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch, version, self.tokenizer)
 
     @property
     def version(self) -> int:

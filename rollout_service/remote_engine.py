@@ -1,8 +1,12 @@
 """A policy served by OpenAI-compatible policy servers (vLLM on GPUs; ``eapo expert-server`` on CPU).
 
-Token-in, token-out over vLLM's completions API: the prompt goes as token ids, ``stop_token_ids`` end
-a turn, and ``logprobs=0`` with ``return_tokens_as_token_ids`` brings back exactly the sampled ids and
-their log-probs — no re-tokenization anywhere. Requests spread over the servers (least outstanding).
+Token-in, token-out over vLLM's completions API: the prompt goes as token ids, ``stop_token_ids`` and
+``stop`` strings end a turn, and ``logprobs=0`` with ``return_tokens_as_token_ids`` brings back exactly
+the sampled ids and their log-probs — no re-tokenization anywhere. When a stop string fires, vLLM's
+ids and log-probs include the token that completed it (only its text is cut) and ``stop_reason``
+names the string: the same turn the CPU engine samples (``eapo.sampling``). Special tokens stay in
+the text vLLM checks (``skip_special_tokens: false``), where the tiny world's tags are special tokens.
+Requests spread over the servers (least outstanding).
 
 New weight versions: every server loads the published safetensors version from shared storage through
 vLLM's dev-mode ``POST /collective_rpc`` calling ``eapo_load_weights(path)`` — implemented in vLLM's
@@ -69,6 +73,8 @@ class RemotePolicyEngine:
                     "top_p": request.top_p,
                     "seed": request.seed,
                     "stop_token_ids": sorted(request.stop_ids),
+                    "stop": list(request.stop_strings),
+                    "include_stop_str_in_output": True,
                     "logprobs": 0,
                     "return_tokens_as_token_ids": True,
                     "skip_special_tokens": False,
@@ -83,7 +89,10 @@ class RemotePolicyEngine:
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise PolicyServerError(f"{url}: not a token-id completion ({type(exc).__name__}: {exc})") from exc
         finish = "stop" if choice.get("finish_reason") == "stop" else "length"
-        return SampleResult(token_ids=ids, logprobs=[float(x) for x in logprobs], finish=finish), version
+        reason = choice.get("stop_reason")
+        stop_string = reason if finish == "stop" and reason in request.stop_strings else None
+        result = SampleResult(ids, [float(x) for x in logprobs], finish, stop_string)
+        return result, version
 
     async def load_version(self, version: int, path: Path) -> None:
         """Every server loads ``path`` (all or nothing is not possible over HTTP: a failure raises, the

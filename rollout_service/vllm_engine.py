@@ -42,14 +42,17 @@ def import_vllm() -> Any:
 
 def to_result(completion: Any) -> SampleResult:
     """A vLLM ``CompletionOutput`` (``logprobs=0``: one ``{token_id: Logprob}`` per sampled token) as a
-    turn. A stop token ends the turn with ``finish="stop"``; vLLM keeps it among the returned ids."""
+    turn. A stop token ends the turn with ``finish="stop"``; vLLM keeps it among the returned ids. A stop
+    string does too, with ``stop_reason`` the string: vLLM checks stop strings on the detokenized text
+    after each step and cuts only the *text* — ``token_ids`` and ``logprobs`` keep every sampled token,
+    the one that completed the string included (``vllm/v1/engine/detokenizer.py``, ``output_processor.py``)."""
     ids = list(completion.token_ids)
     if completion.logprobs is None or len(completion.logprobs) != len(ids):
         raise RuntimeError("vLLM returned no log-prob per sampled token; the engine must ask for logprobs=0")
     logprobs = [float(step[token].logprob) for token, step in zip(ids, completion.logprobs, strict=True)]
-    return SampleResult(
-        token_ids=ids, logprobs=logprobs, finish="stop" if completion.finish_reason == "stop" else "length"
-    )
+    finish = "stop" if completion.finish_reason == "stop" else "length"
+    reason = getattr(completion, "stop_reason", None)
+    return SampleResult(ids, logprobs, finish, reason if finish == "stop" and isinstance(reason, str) else None)
 
 
 class VLLMEngine:
@@ -77,6 +80,9 @@ class VLLMEngine:
             top_p=request.top_p,
             seed=request.seed,
             stop_token_ids=sorted(request.stop_ids),
+            stop=list(request.stop_strings),
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,  # the tiny world's tags are special tokens: keep them in the checked text
             logprobs=0,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )

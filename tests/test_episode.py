@@ -100,10 +100,19 @@ async def test_acceptance_follows_p_and_draws_are_recorded(tokenizer, gateway):
         assert (text != fmt.expert_block(None)) == c.accepted
 
 
-async def test_budget_ends_the_episode(tokenizer, gateway):
-    _, traj = await episode(tokenizer, gateway, 1.0, [CONSULT_TURN, CONSULT_TURN, ANSWER_TURN], budget=2)
-    assert traj.finish == "budget" and len(traj.turns) == 2 and traj.score == 0.0
-    assert len(traj.consults) == 2  # the second block is not sent: no turn would be left to read it
+async def test_the_last_turn_of_the_budget_offers_no_consult(tokenizer, gateway):
+    # budget 2: the second turn is the last, so a consult block there does not end it and is not sent;
+    # the policy goes on and its answer is judged as written
+    engine, traj = await episode(tokenizer, gateway, 1.0, [CONSULT_TURN, CONSULT_TURN + ANSWER_TURN], budget=2)
+    assert [t.finish for t in traj.turns] == ["consult", "eos"] and len(engine.calls) == 2
+    assert len(traj.consults) == 2  # the first block's two queries only
+    assert traj.finish == "answer" and traj.score == 1.0
+
+
+async def test_a_budget_of_one_is_a_plain_answer_under_the_evaluation_prompt(tokenizer, gateway):
+    engine, traj = await episode(tokenizer, gateway, 1.0, [CONSULT_TURN + ANSWER_TURN], budget=1)
+    assert tokenizer.decode(engine.calls[0]) == fmt.eval_prompt(TASK.problem)  # no consult action granted
+    assert traj.consults == [] and len(traj.turns) == 1 and traj.finish == "answer"
 
 
 async def test_unreachable_gateway_makes_experts_unavailable_and_the_episode_goes_on(tokenizer):

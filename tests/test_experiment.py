@@ -54,9 +54,9 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
         eval_limit=8,
         run={
             "world": tiny_world.model_dump(mode="json"),
-            "learner": {"steps": 3, "batch_groups": 1, "max_dropped_per_step": 4},
+            "learner": {"steps": 3, "batch_groups": 1, "max_dropped_per_step": 4, "dynamic_sampling": False},
             "rollout": {"group_size": 2, "max_groups_in_flight": 2, "max_new_tokens": 16, "max_context": 160},
-            # the test world's policy never solves a problem: only a consult penalty tells samples apart
+            # the test world's policy never solves a problem: its zero-signal groups are kept
             "anneal": {"penalty": {"kind": "constant", "start": 0.1, "end": 0.1}},
         },
         arms={"base": {"train": False}, "eapo": {}},

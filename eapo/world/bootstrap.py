@@ -36,9 +36,11 @@ from proto import episode_format as fmt
 
 log = logging.getLogger(__name__)
 
+# The tiny world's chat template: a system message (the consult instruction) becomes the ``<tools>``
+# marker, so rendered prompts are exactly ``fmt.training_prompt``/``fmt.eval_prompt`` (what SFT uses).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}A: {% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}" + fmt.TOOLS + "{% elif m['role'] == 'user' %}"
+    "Q: {{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
 )
 Sample = tuple[str, str]  # (prompt, completion): loss on the completion only
 
@@ -166,7 +168,7 @@ def _train(root: Path, name: str, spec: ModelSpec, cfg: WorldConfig) -> float:
 
 
 def _fingerprint(cfg: WorldConfig) -> str:
-    data = cfg.model_dump(mode="json", exclude={"dir"})
+    data = {**cfg.model_dump(mode="json", exclude={"dir"}), "chat_template": CHAT_TEMPLATE}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,7 +224,13 @@ def load_model(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
 
     The tokenizer is read from its ``tokenizer.json`` exactly as shipped: ``AutoTokenizer`` would
     substitute the model family's own class (for Qwen2, a byte-level pipeline that drops our spaces).
+    A tokenizer without a pad token (most base models) pads with EOS: padding is masked everywhere.
     """
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
-    return model, PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

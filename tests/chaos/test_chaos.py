@@ -127,10 +127,11 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
                     "health_interval_s": 0.5,
                     "eject_s": 1.0,
                 },
-                # A near-zero learning rate keeps the test policy's consult rate, and so the share of
-                # informative groups, steady: the run always progresses (faults are the subject here).
+                # Zero-signal groups kept (the test world never solves a problem) and a near-zero learning
+                # rate: the run always progresses (faults are the subject here).
                 "learner": {
                     "steps": STEPS,
+                    "dynamic_sampling": False,
                     "batch_groups": 2,
                     "lr": 1.0e-9,
                     "metrics_port": ports["learner"],
@@ -142,8 +143,7 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
                     "max_new_tokens": 32,
                     "expert_timeout_s": 5.0,
                 },
-                # Constant annealing: the barely trained test world never solves a problem, so informative
-                # groups come from the consultation penalty alone, which needs turns left to consult in.
+                # Constant annealing, with turns left to consult in: the consult paths stay exercised.
                 "anneal": {
                     "acceptance": {"kind": "constant", "start": 0.5, "end": 0.5},
                     "budget": {"kind": "constant", "start": 3, "end": 3},

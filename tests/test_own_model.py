@@ -1,0 +1,136 @@
+"""The consult action under a user's own model: a byte-level BPE tokenizer trained in the test (the
+tags are plain text, split into several tokens and merged with their neighbours), its ChatML
+template, a tiny Qwen2 briefly fine-tuned to consult (``tests/bpe_model.py``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from bpe_model import build_model, build_tokenizer, prompt
+from helpers import ServerThread
+
+from eapo.expert_server import create_app
+from eapo.redis_server import free_port
+from eapo.sampling import SampleRequest, completed_stop, generate_batch, text_decoder
+from eapo.world.bootstrap import load_model
+from proto import episode_format as fmt
+from rollout_service.remote_engine import RemotePolicyEngine
+
+BLOCK = "<consult>3*4; 2+3*4</consult><expert>"  # the closing '>' merges with the next '<'
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def own_model(tmp_path_factory) -> SimpleNamespace:
+    """The fine-tuned policy as a Hugging Face model directory, and the model and tokenizer loaded."""
+    root = build_model(tmp_path_factory.mktemp("own-model"))
+    model, tokenizer = load_model(root)
+    return SimpleNamespace(dir=root, model=model, tok=tokenizer)
+
+
+def pieces(tok, text: str) -> list[str]:
+    return [tok.decode([i]) for i in tok.encode(text)]
+
+
+def test_the_closing_tag_is_no_token_and_merges_with_what_follows(tok):
+    """The premise: no '</consult>' token; its '>' is inside a '><' token that straddles two tags."""
+    assert fmt.CONSULT_CLOSE not in tok.get_vocab()
+    parts = pieces(tok, BLOCK)
+    assert "".join(parts) == BLOCK
+    assert "><" in parts and fmt.CONSULT_CLOSE not in parts
+
+
+def test_the_turn_ends_at_the_first_token_completing_the_tag(tok):
+    ids = tok.encode(BLOCK)
+    decode = text_decoder(tok)
+    ends = [n for n in range(1, len(ids) + 1) if completed_stop(decode, ids[:n], [fmt.CONSULT_CLOSE])]
+    first = ends[0]
+    assert tok.decode(ids[first - 1 : first]) == "><"  # the token that completes the tag runs past it
+    assert tok.decode(ids[:first]).endswith(fmt.CONSULT_CLOSE + "<")
+    assert not completed_stop(decode, ids[: first - 1], [fmt.CONSULT_CLOSE])
+
+
+class ScriptModel(torch.nn.Module):
+    """A causal LM that puts all its mass on the next token of a script (per row), whatever the input:
+    the sampler's stop rule is then checked on an exact, known token sequence."""
+
+    def __init__(self, script: list[int], vocab: int):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -1e4)
+        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 0.0
+        self.calls += 1
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def test_the_cpu_engine_stops_on_a_merged_tag_and_keeps_the_ids_as_sampled(tok):
+    script = tok.encode(BLOCK + "12</expert>")
+    model = ScriptModel(script, len(tok))
+    stop = [fmt.CONSULT_CLOSE]
+    request = SampleRequest([1, 2, 3], 40, frozenset({tok.eos_token_id}), tuple(stop), temperature=0.0)
+    (result,) = generate_batch(model, [request], tok.pad_token_id, tok)
+    n = next(n for n in range(1, len(script) + 1) if completed_stop(text_decoder(tok), script[:n], stop))
+    assert result.token_ids == script[:n]  # nothing sampled after the tag's token; that token kept
+    assert (result.finish, result.stop_string) == ("stop", fmt.CONSULT_CLOSE)
+    assert len(result.logprobs) == n
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate_batch(model, [request], tok.pad_token_id)  # stop strings cannot be checked without it
+
+
+def test_the_fine_tuned_policy_consults_and_every_turn_ends_at_the_tag(own_model):
+    tok = own_model.tok
+    requests = [
+        SampleRequest(tok.encode(prompt(tok, q)), 40, frozenset({tok.eos_token_id}), (fmt.CONSULT_CLOSE,), seed=i)
+        for i, q in enumerate(["2+3*4", "7*8-9", "12+3", "9-8"] * 2)
+    ]
+    results = generate_batch(own_model.model, requests, tok.pad_token_id, tok)
+    consulted = [r for r in results if r.stop_string == fmt.CONSULT_CLOSE]
+    assert len(consulted) >= len(results) // 2  # the fine-tuned policy consults
+    for r in consulted:
+        text = tok.decode(r.token_ids)
+        assert text.count(fmt.CONSULT_CLOSE) == 1  # ended at the first tag, not later
+        assert fmt.CONSULT_CLOSE not in tok.decode(r.token_ids[:-1])  # the last token completed it
+
+
+@pytest.mark.asyncio
+async def test_the_cpu_server_and_remote_engine_stop_as_vllm_does(own_model, tok):
+    """Token-id prompt, stop string: the server returns the ids as sampled (the completing token
+    included), the text cut at the tag (or after it with include_stop_str_in_output), stop_reason the
+    tag; the remote engine makes the same turn as the in-process sampler."""
+    import httpx
+
+    model_tok = own_model.tok
+    ids = model_tok.encode(prompt(model_tok, "2+3*4"))
+    request = SampleRequest(ids, 40, frozenset({model_tok.eos_token_id}), (fmt.CONSULT_CLOSE,), seed=3)
+    (local,) = generate_batch(own_model.model, [request], model_tok.pad_token_id, model_tok)
+    assert local.stop_string == fmt.CONSULT_CLOSE
+    with ServerThread(create_app("policy", own_model.dir, seed=0), free_port()) as server:
+        body = {"model": "policy", "prompt": ids, "max_tokens": 40, "seed": 3, "stop": [fmt.CONSULT_CLOSE]}
+        body |= {"logprobs": 0, "return_tokens_as_token_ids": True, "stop_token_ids": [model_tok.eos_token_id]}
+        async with httpx.AsyncClient() as client:
+            cut = (await client.post(f"{server.url}/v1/completions", json=body)).json()["choices"][0]
+            kept = (
+                await client.post(f"{server.url}/v1/completions", json=body | {"include_stop_str_in_output": True})
+            ).json()["choices"][0]
+        assert [int(t.removeprefix("token_id:")) for t in cut["logprobs"]["tokens"]] == local.token_ids
+        assert (cut["finish_reason"], cut["stop_reason"]) == ("stop", fmt.CONSULT_CLOSE)
+        full = model_tok.decode(local.token_ids)
+        assert cut["text"] == full[: full.index(fmt.CONSULT_CLOSE)]
+        assert kept["text"] == cut["text"] + fmt.CONSULT_CLOSE
+        engine = RemotePolicyEngine([server.url], "policy", own_model.dir, version=0)
+        try:
+            remote, _ = await engine.sample(request)
+        finally:
+            await engine.close()
+    assert remote.token_ids == local.token_ids and remote.stop_string == fmt.CONSULT_CLOSE
+    assert remote.logprobs == pytest.approx(local.logprobs, abs=1e-4)
