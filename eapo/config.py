@@ -189,6 +189,11 @@ class LearnerConfig(Section):
     steps: int = 20
     batch_groups: int = Field(4, description="informative groups per optimizer step")
     max_dropped_per_step: int = Field(64, description="zero-signal groups a step may skip")
+    dynamic_sampling: bool = Field(
+        True,
+        description="drop groups whose correctness scores are all equal (DAPO, on accuracy); off keeps them, "
+        "their advantages then only the consult penalty's λ·(c − mean c) (plumbing tests on an untrained world)",
+    )
     max_staleness: int = Field(1, description="batches the prompt feed may run ahead of the learner")
     max_version_lag: int | None = Field(
         None, description="hard limit: drop (counted) groups whose oldest turn is this many versions behind"
@@ -205,7 +210,9 @@ class LearnerConfig(Section):
     warmup_steps: int = 2
     clip_low: float = 0.20
     clip_high: float = 0.28
-    normalize_advantages: bool = Field(True, description="divide group-centred rewards by the group std")
+    normalize_advantages: bool = Field(
+        True, description="divide the group-centred outcome by the group std (never the consult penalty)"
+    )
     importance: Literal["decoupled", "truncated", "none"] = Field(
         "decoupled",
         description="off-policy correction: decoupled PPO (clip around the pre-step policy, weight by "

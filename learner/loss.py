@@ -20,24 +20,63 @@ def overlong_penalty(policy_tokens: int, max_tokens: int, buffer: int) -> float:
     return max(-1.0, (max_tokens - buffer - policy_tokens) / buffer)
 
 
-def shaped_rewards(group: TrajectoryGroup, cfg: LearnerConfig, penalty: float) -> list[float]:
-    """correctness − λ·(number of consultations) [+ overlong shaping], per sample."""
+def outcome_rewards(group: TrajectoryGroup, cfg: LearnerConfig) -> list[float]:
+    """The outcome part of each sample's reward: correctness [+ DAPO's overlong shaping]. No consult
+    penalty here: it enters the advantage at its own scale (``group_advantages``)."""
     rewards = []
     for s in group.samples:
-        r = s.score - penalty * len(s.consults)
+        r = s.score
         if cfg.overlong_max_tokens is not None:
             r += overlong_penalty(s.policy_tokens, cfg.overlong_max_tokens, cfg.overlong_buffer)
         rewards.append(r)
     return rewards
 
 
-def group_advantages(rewards: list[float], normalize_std: bool = True, eps: float = 1e-6) -> list[float]:
-    """GRPO/DAPO advantages: reward minus the group mean, divided by the group std when asked."""
+def has_signal(group: TrajectoryGroup, eps: float = 1e-9) -> bool:
+    """Dynamic sampling as in DAPO, whose code filters on accuracy: a group whose correctness scores are
+    all equal carries no outcome signal and is dropped, whatever its consult counts or lengths."""
+    scores = [s.score for s in group.samples]
+    return max(scores) - min(scores) > eps
+
+
+def consult_counts(group: TrajectoryGroup) -> list[int]:
+    """Consultations charged per sample: every query sent to an expert, shown or not (the policy decides
+    to ask; whether the answer is shown is the acceptance draw's doing, not the policy's)."""
+    return [len(s.consults) for s in group.samples]
+
+
+def group_advantages(
+    rewards: list[float],
+    calls: list[int] | None = None,
+    penalty: float = 0.0,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+) -> list[float]:
+    """GRPO/DAPO advantages of the outcome, then the consult penalty at its own scale:
+
+        A_i = (r_i − mean r) / (std r + eps)  −  λ · (c_i − mean c)
+
+    The outcome part is divided by the group std (unless ``normalize_std`` is off); the penalty part never
+    is, so a penalty difference of λ·Δc moves an advantage by exactly λ·Δc. With binary scores two samples
+    that differ in outcome differ by ≥ 2 in the first term (std ≤ 0.5), so for λ·Δc < 2 a correct sample
+    that consulted always ranks above a wrong one that did not. Both parts sum to zero over the group.
+    """
     r = torch.tensor(rewards, dtype=torch.float64)
-    centred = r - r.mean()
+    adv = r - r.mean()
     if normalize_std:
-        centred = centred / (r.std(unbiased=False) + eps)
-    return centred.tolist()
+        adv = adv / (r.std(unbiased=False) + eps)
+    if calls is not None and penalty:
+        c = torch.tensor(calls, dtype=torch.float64)
+        adv = adv - penalty * (c - c.mean())
+    return adv.tolist()
+
+
+def sample_advantages(group: TrajectoryGroup, cfg: LearnerConfig) -> list[float]:
+    """The advantage of each sample of ``group``, with λ as recorded with the group at rollout (DESIGN §4),
+    not the learner's current λ."""
+    return group_advantages(
+        outcome_rewards(group, cfg), consult_counts(group), group.anneal.penalty, cfg.normalize_advantages
+    )
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

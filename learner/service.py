@@ -18,6 +18,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from statistics import fmean
 
 import redis.asyncio as aioredis
 import torch
@@ -29,7 +30,7 @@ from eapo.world.tasks import read_jsonl
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
 from learner.ledger import Ledger
-from learner.loss import group_advantages, shaped_rewards
+from learner.loss import has_signal, outcome_rewards, sample_advantages
 from learner.trainer import Ranks, Trainer, TrainSample
 from proto import AnnealState, Names, TrajectoryGroup, encode
 from proto import episode_format as fmt
@@ -101,8 +102,9 @@ class Learner:
                 log.warning("ignoring malformed rollout version report %r", raw[:200])
         return in_use
 
-    async def _collect(self, consumer: StreamConsumer, feeder: PromptFeeder, step: int, penalty: float):
-        """Read until ``batch_groups`` informative groups (or the per-step drop cap is hit)."""
+    async def _collect(self, consumer: StreamConsumer, feeder: PromptFeeder, step: int):
+        """Read until ``batch_groups`` informative groups (or the per-step drop cap is hit); each comes with
+        its samples' advantages."""
         lc = self.cfg.learner
         batch: list[tuple[Entry[TrajectoryGroup], list[float]]] = []
         seen_groups: list[TrajectoryGroup] = []
@@ -124,12 +126,11 @@ class Learner:
                     stale.append(group)  # counted and reported: dropping biases against slow (consulting) groups
                     await self._drop(consumer, entry, "stale")
                     continue
-                rewards = shaped_rewards(group, lc, penalty)
-                if max(rewards) - min(rewards) < 1e-9:
+                if lc.dynamic_sampling and not has_signal(group):  # all right or all wrong: no outcome signal
                     dropped_now += 1
                     await self._drop(consumer, entry, "zero_signal")
                     continue
-                batch.append((entry, rewards))
+                batch.append((entry, sample_advantages(group, lc)))
         return batch, seen_groups, stale
 
     async def _drop(self, consumer: StreamConsumer, entry: Entry, reason: str) -> None:
@@ -180,7 +181,7 @@ class Learner:
         for step in range(start, lc.steps):
             anneal = anneal_state(cfg.anneal, step)
             t0 = time.monotonic()
-            batch, seen_groups, stale = await self._collect(consumer, feeder, step, anneal.penalty)
+            batch, seen_groups, stale = await self._collect(consumer, feeder, step)
             t_data = time.monotonic() - t0
             samples = [
                 TrainSample(
@@ -189,10 +190,8 @@ class Learner:
                     behaviour=torch.from_numpy(s.behaviour_logprobs.copy()),
                     advantage=adv,
                 )
-                for entry, rewards in batch
-                for s, adv in zip(
-                    entry.message.samples, group_advantages(rewards, lc.normalize_advantages), strict=True
-                )
+                for entry, advantages in batch
+                for s, adv in zip(entry.message.samples, advantages, strict=True)
             ]
             stats = await asyncio.to_thread(ranks.call, "step", samples)
             group_ids = [entry.message.group_id for entry, _ in batch]
@@ -228,7 +227,8 @@ class Learner:
                 "group_ids": group_ids,
                 "dropped": dict(self.dropped),
                 **stats,
-                "reward": sum(sum(r) for _, r in batch) / max(1, sum(len(r) for _, r in batch)),
+                "reward": fmean([r for entry, _ in batch for r in outcome_rewards(entry.message, lc)]),
+                "penalty_trained": fmean([entry.message.anneal.penalty for entry, _ in batch]),
             }
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

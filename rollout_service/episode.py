@@ -164,11 +164,18 @@ async def run_episode(
     cfg: RolloutConfig,
     sample_index: int,
 ) -> Trajectory:
-    """Roll out one episode. ``experts=None`` means the consult action is not granted (eval prompt)."""
+    """Roll out one episode. ``experts=None`` means the consult action is not granted (eval prompt).
+
+    The action is offered only where its answers can be read: at B(t) = 1 the episode is a plain answer
+    under the evaluation prompt, and in the last turn of a larger budget a consult block does not end the
+    turn (no expert is called; the policy's text goes on and is judged as written).
+    """
     tok = engine.tokenizer
     seed = episode_seed(cfg.seed, task.prompt_id, sample_index)
     rng = random.Random(seed)
     eos, close = _stop_ids(tok)
+    if anneal.budget < 2:
+        experts = None
     prompt = fmt.training_prompt(task.problem) if experts else fmt.eval_prompt(task.problem)
     ids = token_ids(tok, prompt, start=True)
     prompt_len = len(ids)
@@ -178,8 +185,9 @@ async def run_episode(
     consults: list[ConsultRecord] = []
     rejected_blocks = 0
     finish = "budget"
-    stop_ids = frozenset({eos, close}) if experts else frozenset({eos})
     for turn in range(anneal.budget):
+        may_consult = experts is not None and turn < anneal.budget - 1
+        stop_ids = frozenset({eos, close}) if may_consult else frozenset({eos})
         room = cfg.max_context - len(ids)
         if room <= 0:
             finish = "context"
@@ -199,10 +207,8 @@ async def run_episode(
         mask += [True] * len(result.token_ids)
         logprobs += result.logprobs
         last = result.token_ids[-1] if result.token_ids else None
-        if result.finish == "stop" and last == close:
+        if may_consult and result.finish == "stop" and last == close:
             turns.append(TurnRecord(start=start, end=len(ids), policy_version=version, finish="consult"))
-            if turn == anneal.budget - 1:
-                break  # the budget is spent: no turn left to read the answers
             parsed = parse_consult(token_text(tok, result.token_ids), cfg.max_queries)
             for issue in parsed.issues:
                 labelled(PARSE_ISSUES, issue).inc()

@@ -10,9 +10,11 @@ from eapo.config import LearnerConfig
 from learner.loss import (
     dapo_loss,
     group_advantages,
+    has_signal,
     kl_penalty,
+    outcome_rewards,
     overlong_penalty,
-    shaped_rewards,
+    sample_advantages,
     token_logprobs,
 )
 from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup
@@ -24,7 +26,60 @@ def test_group_advantages_by_hand():
     assert group_advantages([1.0, 0.0], normalize_std=False) == pytest.approx([0.5, -0.5])
 
 
-def test_shaped_reward_charges_each_consultation():
+def test_consult_penalty_enters_after_normalising_at_its_own_scale():
+    # scores 1, 1, 0, 0 → outcome ±1 (std 0.5); calls 2, 0, 1, 1 (mean 1), λ = 0.1 → −0.1, +0.1, 0, 0
+    adv = group_advantages([1.0, 1.0, 0.0, 0.0], calls=[2, 0, 1, 1], penalty=0.1)
+    assert adv == pytest.approx([0.9, 1.1, -1.0, -1.0], abs=1e-5)
+    # unnormalised: outcome ±0.5, the penalty the same 0.1 per call of difference
+    adv = group_advantages([1.0, 1.0, 0.0, 0.0], calls=[2, 0, 1, 1], penalty=0.1, normalize_std=False)
+    assert adv == pytest.approx([0.4, 0.6, -0.5, -0.5])
+    # λ = 0.01 on scores 1, 0 with calls 3, 0: the scale the old code blew up by 1/std
+    assert group_advantages([1.0, 0.0], calls=[3, 0], penalty=0.01) == pytest.approx([0.985, -0.985], abs=1e-5)
+
+
+def test_equal_scores_carry_no_outcome_signal_and_at_most_the_penalty():
+    # all correct, one sample consulted once, λ = 0.01. The old objective normalised 0.99, 1, 1, 1 by its
+    # std (0.0043) into −1.73, +0.58, +0.58, +0.58: a penalty as loud as a right-versus-wrong signal.
+    group = make_group([(1.0, 1), (1.0, 0), (1.0, 0), (1.0, 0)], penalty=0.01)
+    assert not has_signal(group)
+    adv = sample_advantages(group, LearnerConfig(dynamic_sampling=False))
+    assert adv == pytest.approx([-0.0075, 0.0025, 0.0025, 0.0025], abs=1e-9)
+    assert max(abs(a) for a in adv) <= 0.01 * 1  # λ·Δcalls
+    # overlong shaping alone does not make a group informative either (DAPO filters on accuracy)
+    assert not has_signal(make_group([(0.0, 0), (0.0, 2)], penalty=0.1))
+    assert has_signal(make_group([(0.0, 0), (1.0, 2)], penalty=0.1))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_with_a_penalty_up_to_0_1_a_correct_consulting_sample_outranks_a_wrong_silent_one(normalize):
+    # Every binary-score group of 4 with up to K·(B−1) = 3·3 = 9 calls per sample, λ ≤ 0.1 (seeded draws).
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(3000):
+        scores = rng.integers(0, 2, 4).astype(float)
+        calls = rng.integers(0, 10, 4)
+        if scores.min() == scores.max():
+            continue
+        adv = group_advantages(list(scores), list(calls), float(rng.uniform(0, 0.1)), normalize_std=normalize)
+        for i in range(4):
+            for j in range(4):
+                if scores[i] == 1 and scores[j] == 0 and calls[i] > 0 and calls[j] == 0:
+                    assert adv[i] > adv[j]
+                    checked += 1
+    assert checked > 500
+
+
+def test_the_penalty_is_the_one_recorded_with_the_group():
+    # recorded λ 0.05 (the learner's current λ is irrelevant): scores 1, 0; calls 2, 0 → ±1 ∓ 0.05·(±1)
+    group = make_group([(1.0, 2), (0.0, 0)], penalty=0.05)
+    assert sample_advantages(group, LearnerConfig()) == pytest.approx([0.95, -0.95], abs=1e-5)
+    group.anneal = AnnealState(step=0, acceptance=1, budget=2, penalty=0.0)
+    assert sample_advantages(group, LearnerConfig()) == pytest.approx([1.0, -1.0], abs=1e-5)
+
+
+def make_group(samples: list[tuple[float, int]], penalty: float) -> TrajectoryGroup:
+    """A group of (score, consult count) samples, each with two policy tokens, rolled out under λ = ``penalty``."""
+
     def sample(i, score, n_consults):
         consults = [
             ConsultRecord(
@@ -45,18 +100,22 @@ def test_shaped_reward_charges_each_consultation():
             seed=0,
         )
 
-    group = TrajectoryGroup(
+    return TrajectoryGroup(
         group_id="g",
         prompt=PromptTask(prompt_id="p", problem="x", answer="1"),
-        anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=0.1),
-        samples=[sample(0, 1.0, 0), sample(1, 1.0, 3), sample(2, 0.0, 1)],
+        anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=penalty),
+        samples=[sample(i, score, calls) for i, (score, calls) in enumerate(samples)],
         rollout_replica="r",
         created_at=0,
     )
-    assert shaped_rewards(group, LearnerConfig(), penalty=0.1) == pytest.approx([1.0, 0.7, -0.1])
+
+
+def test_outcome_rewards_add_overlong_shaping_on_policy_tokens_only():
+    group = make_group([(1.0, 0), (1.0, 3), (0.0, 1)], penalty=0.1)
+    assert outcome_rewards(group, LearnerConfig()) == pytest.approx([1.0, 1.0, 0.0])  # no penalty in here
     # overlong shaping counts policy tokens only (2 per sample here): limit 3, buffer 2 → (1-2)/2
     cfg = LearnerConfig(overlong_max_tokens=3, overlong_buffer=2)
-    assert shaped_rewards(group, cfg, penalty=0.0) == pytest.approx([0.5, 0.5, -0.5])
+    assert outcome_rewards(group, cfg) == pytest.approx([0.5, 0.5, -0.5])
 
 
 @pytest.mark.parametrize("tokens,expected", [(10, 0.0), (12, 0.0), (14, -0.5), (16, -1.0), (99, -1.0)])
