@@ -234,6 +234,15 @@ class LearnerConfig(Section):
     seed: int = 0
 
 
+class SupervisionConfig(Section):
+    """``eapo up``'s restart policy: a process that dies is restarted after a back-off, within a budget."""
+
+    max_restarts: int = Field(5, ge=0, description="restarts allowed per component before the run stops")
+    backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles per crash in a row")
+    backoff_max_s: float = Field(30.0, ge=0, description="the back-off's ceiling")
+    reset_after_s: float = Field(60.0, ge=0, description="up this long: the next crash backs off from the start")
+
+
 class EAPOConfig(BaseSettings):
     """Everything a role needs. Resolved once, written next to the results."""
 
@@ -250,6 +259,7 @@ class EAPOConfig(BaseSettings):
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
     anneal: AnnealConfig = AnnealConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
 
     @classmethod
     def settings_customise_sources(
