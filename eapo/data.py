@@ -1,9 +1,15 @@
-"""Loaders for real evaluation and training sets: JSONL or Parquet, fields chosen by (dotted) path.
+"""Loaders for real training and evaluation sets: JSONL or Parquet, fields chosen by (dotted) path.
+
+Core data code (the learner reads the training set, ``eapo eval`` the evaluation set; the ``data``
+config section names both). The Parquet files of the Hugging Face hub's AIME/AIMO/DAPO sets are read
+with pyarrow, without the ``datasets`` library: nothing is downloaded at run time.
 
 Layouts we ship presets for (field paths into one record):
 - ``aime`` / ``aimo``: ``problem``, ``answer``
 - ``dapo``: DAPO-Math-17k — ``prompt`` is a chat list whose last user message holds the problem,
-  ``reward_model.ground_truth`` the answer.
+  ``reward_model.ground_truth`` the answer (the problem is re-rendered with the policy's own chat
+  template and the consult instruction, so only the user's text is kept);
+- ``world``: the tiny world's splits (``id``, ``tier``).
 Any other layout: pass ``problem_field``/``answer_field`` (and ``id_field``) yourself; for short-answer
 sets (QA) set ``answer_kind="short"`` (exact match and F1), and ``answer_pattern`` where the task has its
 own answer format (a regex whose first group is the answer, e.g. ``"Answer: (.+)"``).
@@ -26,6 +32,7 @@ class Layout:
     problem_field: str = "problem"
     answer_field: str = "answer"
     id_field: str | None = None
+    tier_field: str | None = None
     answer_kind: AnswerKind = "math"
     answer_pattern: str | None = None
 
@@ -33,7 +40,7 @@ class Layout:
 PRESETS = {
     "aime": Layout(),
     "aimo": Layout(),
-    "world": Layout(id_field="id"),
+    "world": Layout(id_field="id", tier_field="tier"),
     "dapo": Layout(problem_field="prompt", answer_field="reward_model.ground_truth", id_field="extra_info.index"),
 }
 
@@ -75,6 +82,12 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def load_problems(path: str | Path, layout: str | Layout = "aime", tier: int = 0) -> list[Problem]:
     """Every record as a Problem; a record missing a field is an error naming the file and line."""
     path = Path(path)
+    if isinstance(layout, str) and layout not in PRESETS:
+        raise ValueError(f"unknown data layout {layout!r}: one of {sorted(PRESETS)}, or give the fields")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such data file")
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: expected a .jsonl or .parquet file")
     spec = PRESETS[layout] if isinstance(layout, str) else layout
     problems = []
     for where, record in _records(path):
@@ -82,9 +95,10 @@ def load_problems(path: str | Path, layout: str | Layout = "aime", tier: int = 0
             problem = _problem_text(_get(record, spec.problem_field))
             answer = str(_get(record, spec.answer_field))
             pid = str(_get(record, spec.id_field)) if spec.id_field else f"{path.stem}-{where}"
-        except (KeyError, ValueError) as exc:
+            level = int(_get(record, spec.tier_field)) if spec.tier_field else tier
+        except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"{path}:{where}: missing or unreadable field {exc}") from exc
-        problems.append(Problem(pid, problem, answer, tier, spec.answer_kind, spec.answer_pattern))
+        problems.append(Problem(pid, problem, answer, level, spec.answer_kind, spec.answer_pattern))
     if not problems:
         raise ValueError(f"{path}: no records")
     return problems

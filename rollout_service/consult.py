@@ -1,7 +1,10 @@
 """Parsing the policy's consult block, with one documented rule per kind of malformation.
 
 Rules (each counted by ``ParsedConsult.issues``, never an exception):
-- the block is the text after the last ``<consult>`` of the turn (a repeated or nested open tag
+- the block is read up to the turn's first ``</consult>``: a turn ends at the token that completes the
+  tag, and under a BPE tokenizer that token may carry text past it (``></``, ``>\n``), which is not
+  part of any query;
+- the block is the text after the last ``<consult>`` before that (a repeated or nested open tag
   starts the block over: ``nested``); no open tag at all → no queries (``unopened``);
 - queries are split on ``;``, stripped; empty ones are dropped (``empty_query``);
 - duplicates are kept — asking the same question of several experts is direct consultation;
@@ -26,7 +29,7 @@ class ParsedConsult:
 def parse_consult(turn_text: str, max_queries: int, max_query_chars: int = 512) -> ParsedConsult:
     """Queries of the consult block that ends ``turn_text`` (the policy's text of one turn)."""
     issues: list[str] = []
-    body = turn_text.removesuffix(fmt.CONSULT_CLOSE)
+    body = turn_text.split(fmt.CONSULT_CLOSE, 1)[0]
     if fmt.CONSULT_OPEN not in body:
         return ParsedConsult([], ["unopened"])
     if body.count(fmt.CONSULT_OPEN) > 1:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from eapo.config import EAPOConfig, EvalMode
+from eapo.data import Layout, load_problems
 from proto import AnnealState, PromptTask, Trajectory
-from rollout_service.datasets import Layout, load_problems
 from rollout_service.engine import TransformersEngine
 from rollout_service.episode import ExpertClient, Experts, PolicyExperts, gateway_session, run_episode
 from rollout_service.metrics_eval import summarize

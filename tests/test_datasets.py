@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout_service.datasets import Layout, load_problems
+from eapo.data import Layout, load_problems
+from eapo.world.tasks import read_jsonl
 
 DATA = Path(__file__).parent / "data"
 
@@ -35,3 +36,23 @@ def test_missing_field_names_file_and_line(tmp_path):
     path.write_text('{"problem": "x", "answer": "1"}\n{"problem": "y"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing or unreadable field 'answer'"):
         load_problems(path)
+
+
+def test_world_layout_keeps_ids_and_tiers(tiny_world):
+    problems = load_problems(Path(tiny_world.dir) / "train.jsonl", "world")
+    assert problems == read_jsonl(Path(tiny_world.dir) / "train.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "message"),
+    [
+        ("set.jsonl", "squad", "unknown data layout 'squad'"),
+        ("absent.jsonl", "aime", "no such data file"),
+        ("set.csv", "aime", r"expected a \.jsonl or \.parquet file"),
+    ],
+)
+def test_bad_sources_are_refused_clearly(tmp_path, name, layout, message):
+    (tmp_path / "set.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    (tmp_path / "set.csv").write_text("problem,answer\n1+1,2\n")
+    with pytest.raises(ValueError, match=message):
+        load_problems(tmp_path / name, layout)

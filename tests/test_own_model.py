@@ -16,6 +16,7 @@ from eapo.redis_server import free_port
 from eapo.sampling import SampleRequest, completed_stop, generate_batch, text_decoder
 from eapo.world.bootstrap import load_model
 from proto import episode_format as fmt
+from rollout_service.consult import ParsedConsult, parse_consult
 from rollout_service.remote_engine import RemotePolicyEngine
 
 BLOCK = "<consult>3*4; 2+3*4</consult><expert>"  # the closing '>' merges with the next '<'
@@ -134,3 +135,11 @@ async def test_the_cpu_server_and_remote_engine_stop_as_vllm_does(own_model, tok
             await engine.close()
     assert remote.token_ids == local.token_ids and remote.stop_string == fmt.CONSULT_CLOSE
     assert remote.logprobs == pytest.approx(local.logprobs, abs=1e-4)
+
+
+def test_the_parser_reads_the_queries_up_to_a_tag_that_a_token_ran_past(tok):
+    ids = tok.encode(BLOCK)
+    n = next(n for n in range(1, len(ids) + 1) if completed_stop(text_decoder(tok), ids[:n], [fmt.CONSULT_CLOSE]))
+    turn = tok.decode(ids[:n])
+    assert not turn.endswith(fmt.CONSULT_CLOSE)  # the last token ran past the tag
+    assert parse_consult(turn, max_queries=3) == ParsedConsult(["3*4", "2+3*4"], [])
