@@ -92,6 +92,15 @@ class DnsPool(Section):
     weight: float = Field(1.0, gt=0)
 
 
+class DegradeConfig(Section):
+    """A robustness setting of the paper's Appendix E, applied by the gateway to one pool's consult answers."""
+
+    mode: Literal["high_error", "content_free"] = Field(
+        description="high_error: the answer's result is made wrong; content_free: a fluent answer with no information"
+    )
+    rate: float = Field(1.0, ge=0.0, le=1.0, description="share of answers degraded (a seeded draw per query)")
+
+
 class GatewayConfig(Section):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -125,7 +134,11 @@ class GatewayConfig(Section):
         description="idle client connections are closed after this; longer than clients' own idle "
         "timeouts (httpx 5 s, aiohttp 15 s), so that a client never sends on a connection the gateway is closing",
     )
-    seed: int = Field(0, description="seeds the random tie-breaks and power-of-two draws")
+    degrade: dict[str, DegradeConfig] = Field(
+        default_factory=dict,
+        description="served model name -> robustness setting (paper Appendix E) applied to its /v1/consult answers",
+    )
+    seed: int = Field(0, description="seeds the random tie-breaks, power-of-two draws and degrade draws")
 
 
 class RolloutConfig(Section):

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from eapo.config import GatewayConfig
 from eapo.metrics import labelled
 from expert_gateway import admin
+from expert_gateway.degrade import degrade
 from expert_gateway.pools import AllTried, Backend, NoBackend, NoHealthyBackend, Pools, QueueFull
 from expert_gateway.security import REJECTED, BearerToken, BodyLimit, bearer_guard
 from expert_gateway.state import GatewayState, State
@@ -461,6 +462,8 @@ async def consult_one(
         if status != 200:
             raise UpstreamFailed(f"HTTP {status}: {payload[:200].decode(errors='replace')}")
         answer = json.loads(payload)["choices"][0]["message"]["content"]
+        if (setting := state.config.degrade.get(model)) is not None:
+            answer = degrade(setting, model, answer, state.config.seed, f"{req.episode_id}:{index}:{query}")
         return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)
     except (UpstreamFailed, NoBackend, QueueFull, ValueError, KeyError, IndexError, TypeError) as exc:
         return ConsultResult(

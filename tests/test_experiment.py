@@ -11,11 +11,28 @@ import yaml
 from eapo.config import ExperimentConfig
 from eapo.experiment import eval_steps, load_experiment, run_experiment
 from eapo.report import spread, write_report
+from learner.anneal import anneal_state
 
 
 def test_eval_steps_always_include_the_start_and_the_last_step():
     assert eval_steps(40, 10) == [0, 10, 20, 30, 40]
     assert eval_steps(7, 5) == [0, 5, 7]
+
+
+@pytest.mark.parametrize("path", ["configs/experiment.yaml", "configs/ablations.yaml"])
+def test_shipped_experiments_resolve_every_arm(path):
+    exp = load_experiment(path)
+    arms = {arm: exp.arm_config(arm, 0) for arm in exp.arms}
+    if "consult-prompt-control" in arms:  # the consult prompt alone: nothing shown, nothing charged
+        control = arms["consult-prompt-control"]
+        for step in (0, 150, 400):
+            state = anneal_state(control.anneal, step)
+            assert state.acceptance == 0.0 and state.penalty == 0.0
+        assert control.rollout.consult and control.anneal.budget == arms["eapo"].anneal.budget
+        assert arms["eapo-high-error-experts"].gateway.degrade["expert"].mode == "high_error"
+        assert arms["eapo-content-free-experts"].gateway.degrade["expert"].mode == "content_free"
+        slow, fast = (anneal_state(arms[a].anneal, 150).acceptance for a in ("eapo-slow-decay", "eapo-fast-decay"))
+        assert fast == 0.0 < anneal_state(arms["eapo"].anneal, 150).acceptance < slow
 
 
 def test_arm_overrides_merge_into_the_shared_run_without_touching_it(tmp_path):
