@@ -43,6 +43,8 @@ CHAT_TEMPLATE = (
     "Q: {{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
 )
 Sample = tuple[str, str]  # (prompt, completion): loss on the completion only
+HEAD_DIM = 32  # vLLM's CPU attention serves 32, 64, 80, 96, 112, 128, …
+WORLD_FORMAT = 2  # 2: heads of HEAD_DIM; direct consultation re-derived in the policy's own tokens
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -80,9 +82,9 @@ def policy_sample(rng: random.Random, max_queries: int = 3) -> Sample:
     prompt, r = fmt.training_prompt(expr), rng.random()
     if r < 0.35:  # self-resolution
         body = worked_solution(expr)
-    elif r < 0.6:  # direct consultation, the same question to 1..K experts, then reconcile
+    elif r < 0.6:  # direct consultation, the same question to 1..K experts, then re-derived in its own tokens
         k = rng.randint(1, max_queries)
-        body = fmt.consult_block([expr] * k) + fmt.expert_block(worked_solution(expr)) * k + f" \\boxed{{{answer}}}"
+        body = fmt.consult_block([expr] * k) + fmt.expert_block(worked_solution(expr)) * k + worked_solution(expr)
     elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
         (first, _value), *rest = solution_steps(expr)
         body = fmt.consult_block([first]) + fmt.expert_block(worked_solution(first))
@@ -93,13 +95,17 @@ def policy_sample(rng: random.Random, max_queries: int = 3) -> Sample:
 
 
 def new_model(vocab_size: int, hidden: int, layers: int, max_positions: int, tok: PreTrainedTokenizerFast):
+    """A Qwen2 with attention heads of ``HEAD_DIM``: a size vLLM's CPU backend serves (it refuses 16 and 24)."""
+    if hidden % HEAD_DIM:
+        raise ValueError(f"hidden size {hidden} is not a multiple of the head size {HEAD_DIM}")
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=hidden * 3,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=hidden // HEAD_DIM,
+        num_key_value_heads=hidden // HEAD_DIM,
+        head_dim=HEAD_DIM,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=tok.eos_token_id,
@@ -168,7 +174,7 @@ def _train(root: Path, name: str, spec: ModelSpec, cfg: WorldConfig) -> float:
 
 
 def _fingerprint(cfg: WorldConfig) -> str:
-    data = {**cfg.model_dump(mode="json", exclude={"dir"}), "chat_template": CHAT_TEMPLATE}
+    data = {**cfg.model_dump(mode="json", exclude={"dir"}), "chat_template": CHAT_TEMPLATE, "format": WORLD_FORMAT}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
