@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proto.schemas import AnswerKind
+
 
 class Section(BaseModel):
     model_config = {"extra": "forbid"}
@@ -59,6 +61,45 @@ class WorldConfig(Section):
     )
     sft_batch: int = 64
     max_positions: int = 384
+
+
+class ModelConfig(Section):
+    """The models of a run: a user's own policy by path, the experts by the name their pools serve."""
+
+    policy: Path | None = Field(
+        None,
+        description="the policy to train and evaluate: a Hugging Face model directory (config.json, safetensors, "
+        "tokenizer.json, a chat template in tokenizer_config.json or chat_template.jinja); unset: the tiny world's",
+    )
+    experts: list[str] = Field(
+        default_factory=lambda: ["expert"],
+        min_length=1,
+        description="served model names of the expert pools (the gateway routes by name); a consult block's "
+        "queries go to them in turn (query i to pool i mod n), so several pools make a heterogeneous panel",
+    )
+
+
+class DataSource(Section):
+    """One data set: a JSONL or Parquet file and the layout of its records (``eapo.data``)."""
+
+    path: Path | None = Field(None, description="JSONL or Parquet file; unset: the tiny world's split")
+    layout: Literal["world", "aime", "aimo", "dapo"] = Field(
+        "world",
+        description="field preset: world (id, problem, answer, tier), aime/aimo (problem, answer), dapo "
+        "(prompt as chat messages, reward_model.ground_truth)",
+    )
+    problem_field: str | None = Field(None, description="override the layout's (dotted path into a record)")
+    answer_field: str | None = Field(None, description="override the layout's (dotted path into a record)")
+    id_field: str | None = Field(None, description="override the layout's (unset in the layout: file and line)")
+    answer_kind: AnswerKind | None = Field(None, description="math (math-verify) or short (exact match and F1)")
+    answer_pattern: str | None = Field(None, description="the task's own answer format: a regex, group 1 the answer")
+
+
+class DataConfig(Section):
+    """Training prompts (the learner feeds them) and the evaluation set (``eapo eval``'s default)."""
+
+    train: DataSource = DataSource()
+    eval: DataSource = DataSource()
 
 
 class ExpertServerConfig(Section):
@@ -146,7 +187,6 @@ class RolloutConfig(Section):
     group_size: int = Field(4, description="G: episodes per prompt")
     max_groups_in_flight: int = 4
     max_queries: int = Field(3, description="K: queries per consult block")
-    expert_model: str = "expert"
     gateway_url: str = "http://127.0.0.1:8000"
     max_new_tokens: int = Field(48, description="tokens the policy may sample per turn")
     max_context: int = 320
@@ -266,7 +306,9 @@ class EAPOConfig(BaseSettings):
     log_level: str = "INFO"
     metrics_host: str = Field("127.0.0.1", description="address of the learner's and rollout's /metrics")
     redis: RedisConfig = RedisConfig()
-    world: WorldConfig = WorldConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    world: WorldConfig = Field(WorldConfig(), description="the tiny world `eapo bootstrap` builds (model/data default)")
     expert_server: ExpertServerConfig = ExpertServerConfig()
     gateway: GatewayConfig = GatewayConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -293,6 +335,15 @@ class EAPOConfig(BaseSettings):
                 f"rollout.max_queries={self.rollout.max_queries} exceeds gateway.max_queries={self.gateway.max_queries}"
             )
         return self
+
+    @property
+    def policy_path(self) -> Path:
+        """The initial policy: ``model.policy``, else the tiny world's."""
+        return self.model.policy or self.world.dir / "policy"
+
+    def data_path(self, split: Literal["train", "eval"]) -> Path:
+        """The file of ``data.<split>``, else the tiny world's split."""
+        return getattr(self.data, split).path or self.world.dir / f"{split}.jsonl"
 
     @property
     def weights_dir(self) -> Path:

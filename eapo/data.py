@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from eapo.config import EAPOConfig
 from eapo.world.tasks import Problem
 from proto.schemas import AnswerKind
 
@@ -102,3 +103,15 @@ def load_problems(path: str | Path, layout: str | Layout = "aime", tier: int = 0
     if not problems:
         raise ValueError(f"{path}: no records")
     return problems
+
+
+def load_split(cfg: EAPOConfig, split: Literal["train", "eval"]) -> list[Problem]:
+    """The problems of ``data.<split>``: its file (the tiny world's split by default) in its layout, with
+    the fields the config overrides."""
+    source = getattr(cfg.data, split)
+    overrides = {
+        name: value
+        for name in ("problem_field", "answer_field", "id_field", "answer_kind", "answer_pattern")
+        if (value := getattr(source, name)) is not None
+    }
+    return load_problems(cfg.data_path(split), replace(PRESETS[source.layout], **overrides))

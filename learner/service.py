@@ -17,16 +17,16 @@ import logging
 import random
 import time
 from collections import Counter
-from pathlib import Path
 from statistics import fmean
 
 import redis.asyncio as aioredis
 import torch
 
 from eapo.config import EAPOConfig
+from eapo.data import load_split
 from eapo.metrics import StepGauges, serve_metrics
 from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
-from eapo.world.tasks import read_jsonl
+from eapo.world.tasks import Problem
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
 from learner.ledger import Ledger
@@ -42,11 +42,9 @@ log = logging.getLogger(__name__)
 class PromptFeeder:
     """Admits training prompts to the prompts stream in a seeded order, up to a moving limit."""
 
-    def __init__(self, client: aioredis.Redis, names: Names, problems_path: Path, seed: int, high_water: int):
+    def __init__(self, client: aioredis.Redis, names: Names, problems: list[Problem], seed: int, high_water: int):
         self.client, self.names = client, names
-        self.problems = read_jsonl(problems_path)
-        if not self.problems:
-            raise ValueError(f"{problems_path}: no training problems")
+        self.problems = problems
         self.order = list(range(len(self.problems)))
         random.Random(seed).shuffle(self.order)
         self.admitted = 0
@@ -170,7 +168,7 @@ class Learner:
         )
         await consumer.ensure_group()
         await ensure_group(self.client, self.names.prompts, self.names.rollout_group)
-        feeder = PromptFeeder(self.client, self.names, cfg.world.dir / "train.jsonl", cfg.seed, 1 << 30)
+        feeder = PromptFeeder(self.client, self.names, load_split(cfg, "train"), cfg.seed, 1 << 30)
         await self.client.delete(self.names.done)
         start = await self._resume(ranks, feeder)
         if lc.broadcast.servers:
@@ -250,7 +248,7 @@ class Learner:
 
 def run_learner(cfg: EAPOConfig, redis_url: str) -> None:
     """Entry point of every rank (alone, or under ``torchrun``): rank 0 drives, the others follow."""
-    ranks = Ranks(Trainer(cfg.learner, cfg.world.dir / "policy"))
+    ranks = Ranks(Trainer(cfg.learner, cfg.policy_path))
     try:
         if ranks.rank == 0:
             _drive(cfg, redis_url, ranks)

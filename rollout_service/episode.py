@@ -4,6 +4,10 @@ Token-in, token-out: sampled ids and their behaviour log-probs are appended exac
 only injected text (expert blocks) is tokenized, with loss mask 0. Each answer returned for a query
 is shown to the policy only if the episode's seeded draw ``u < p(t)``; the draw and the decision
 are recorded either way.
+
+Any tokenizer: prompts come from the policy's own chat template (``proto.episode_format``), a consult
+turn ends on the closing tag as a stop *string* (``eapo.sampling``: under BPE the tag is several tokens,
+and its last may run past it), and expert blocks continue the same assistant turn as plain text.
 """
 
 from __future__ import annotations
@@ -67,10 +71,14 @@ def token_text(tok: PreTrainedTokenizerFast, ids: list[int], skip_special_tokens
     return tok.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-@functools.cache
-def _stop_ids(tok: PreTrainedTokenizerFast) -> tuple[int, int]:
-    """EOS and the consult block's closing tag (the wrapper's attribute lookups cost µs per episode)."""
-    return tok.eos_token_id, tok.convert_tokens_to_ids(fmt.CONSULT_CLOSE)
+@functools.lru_cache(maxsize=1024)
+def prompt_ids(tok: PreTrainedTokenizerFast, problem: str, max_queries: int | None) -> tuple[int, ...]:
+    """The prompt under the policy's own chat template: the training prompt (the consult instruction
+    with K = ``max_queries``) or, with None, the minimal evaluation prompt. The template writes any BOS
+    itself, so no special tokens are added (as vLLM's chat endpoint does). Cached: a group's G episodes
+    share a prompt, and rendering a template costs more than the encoding."""
+    messages = fmt.eval_messages(problem) if max_queries is None else fmt.training_messages(problem, max_queries)
+    return tuple(tok.backend_tokenizer.encode(fmt.render_prompt(tok, messages), add_special_tokens=False).ids)
 
 
 def gateway_session(cfg: EAPOConfig) -> aiohttp.ClientSession:
@@ -82,21 +90,38 @@ def gateway_session(cfg: EAPOConfig) -> aiohttp.ClientSession:
 
 @dataclass
 class ExpertClient:
-    """Sends one consult block to the gateway as one batch; failures become per-query errors."""
+    """Sends one consult block to the gateway, one batch per expert pool; failures become per-query
+    errors. With several pools (``model.experts``) query i goes to pool i mod n, all in parallel."""
 
     session: aiohttp.ClientSession
     url: str
-    model: str
+    model: str | list[str]
     max_tokens: int
     timeout_s: float
 
     @classmethod
-    def for_rollout(cls, session: aiohttp.ClientSession, rc: RolloutConfig) -> ExpertClient:
-        return cls(session, rc.gateway_url.rstrip("/"), rc.expert_model, rc.expert_max_tokens, rc.expert_timeout_s)
+    def for_rollout(cls, session: aiohttp.ClientSession, cfg: EAPOConfig) -> ExpertClient:
+        rc = cfg.rollout
+        return cls(session, rc.gateway_url.rstrip("/"), cfg.model.experts, rc.expert_max_tokens, rc.expert_timeout_s)
 
     async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+        pools = [self.model] if isinstance(self.model, str) else self.model
+        if len(pools) == 1 or len(queries) == 1:
+            return await self._ask(pools[0], queries, episode_id)
+        shares = {pool: list(range(i, len(queries), len(pools))) for i, pool in enumerate(pools[: len(queries)])}
+        answers = await asyncio.gather(
+            *(self._ask(pool, [queries[i] for i in idx], episode_id) for pool, idx in shares.items())
+        )
+        merged = {
+            i: res.model_copy(update={"index": i})
+            for idx, results in zip(shares.values(), answers, strict=True)
+            for i, res in zip(idx, results, strict=True)
+        }
+        return [merged[i] for i in range(len(queries))]
+
+    async def _ask(self, model: str, queries: list[str], episode_id: str) -> list[ConsultResult]:
         req = ConsultRequest(
-            model=self.model,
+            model=model,
             queries=queries,
             max_tokens=self.max_tokens,
             deadline_s=self.timeout_s,
@@ -143,10 +168,9 @@ class PolicyExperts:
 
     async def _answer(self, index: int, query: str) -> ConsultResult:
         tok = self.engine.tokenizer
-        chat = tok.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True, tokenize=False)
         t0 = time.perf_counter()
         request = SampleRequest(
-            prompt_ids=token_ids(tok, chat, start=True),
+            prompt_ids=list(prompt_ids(tok, query, None)),
             max_new_tokens=self.max_tokens,
             stop_ids=frozenset({tok.eos_token_id}),
             temperature=0.0,
@@ -173,11 +197,10 @@ async def run_episode(
     tok = engine.tokenizer
     seed = episode_seed(cfg.seed, task.prompt_id, sample_index)
     rng = random.Random(seed)
-    eos, close = _stop_ids(tok)
+    eos = tok.eos_token_id
     if anneal.budget < 2:
         experts = None
-    prompt = fmt.training_prompt(task.problem) if experts else fmt.eval_prompt(task.problem)
-    ids = token_ids(tok, prompt, start=True)
+    ids = list(prompt_ids(tok, task.problem, cfg.max_queries if experts else None))
     prompt_len = len(ids)
     mask = [False] * prompt_len
     logprobs = [0.0] * prompt_len
@@ -187,7 +210,6 @@ async def run_episode(
     finish = "budget"
     for turn in range(anneal.budget):
         may_consult = experts is not None and turn < anneal.budget - 1
-        stop_ids = frozenset({eos, close}) if may_consult else frozenset({eos})
         room = cfg.max_context - len(ids)
         if room <= 0:
             finish = "context"
@@ -196,7 +218,8 @@ async def run_episode(
             SampleRequest(
                 prompt_ids=list(ids),
                 max_new_tokens=min(cfg.max_new_tokens, room),
-                stop_ids=stop_ids,
+                stop_ids=frozenset({eos}),
+                stop_strings=(fmt.CONSULT_CLOSE,) if may_consult else (),
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 seed=rng.getrandbits(63),
@@ -206,8 +229,7 @@ async def run_episode(
         ids += result.token_ids
         mask += [True] * len(result.token_ids)
         logprobs += result.logprobs
-        last = result.token_ids[-1] if result.token_ids else None
-        if may_consult and result.finish == "stop" and last == close:
+        if may_consult and result.stop_string == fmt.CONSULT_CLOSE:
             turns.append(TurnRecord(start=start, end=len(ids), policy_version=version, finish="consult"))
             parsed = parse_consult(token_text(tok, result.token_ids), cfg.max_queries)
             for issue in parsed.issues:

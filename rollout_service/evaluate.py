@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from eapo.config import EAPOConfig, EvalMode
-from eapo.data import Layout, load_problems
+from eapo.data import Layout, load_problems, load_split
 from proto import AnnealState, PromptTask, Trajectory
 from rollout_service.engine import TransformersEngine
 from rollout_service.episode import ExpertClient, Experts, PolicyExperts, gateway_session, run_episode
@@ -36,13 +36,14 @@ def assisted_state(cfg: EAPOConfig) -> AnnealState:
 async def evaluate(
     cfg: EAPOConfig,
     model: Path,
-    dataset: Path,
+    dataset: Path | None,
     layout: str | Layout,
     samples: int,
     limit: int | None = None,
     mode: EvalMode = "alone",
 ) -> dict:
-    problems = load_problems(dataset, layout)[:limit]
+    """``dataset`` in ``layout``; None: the configured ``data.eval`` (its file and layout)."""
+    problems = (load_split(cfg, "eval") if dataset is None else load_problems(dataset, layout))[:limit]
     engine = TransformersEngine(model, version=0, max_batch=cfg.rollout.max_batch)
     slots = asyncio.Semaphore(cfg.rollout.max_batch)
     t0 = time.monotonic()
@@ -50,7 +51,7 @@ async def evaluate(
         experts: Experts | None = None
         state = EVAL_STATE
         if mode == "expert-assisted":
-            experts, state = ExpertClient.for_rollout(session, cfg.rollout), assisted_state(cfg)
+            experts, state = ExpertClient.for_rollout(session, cfg), assisted_state(cfg)
         elif mode == "self-collaboration":
             experts, state = PolicyExperts(engine, cfg.rollout.expert_max_tokens), assisted_state(cfg)
 
@@ -79,7 +80,7 @@ async def evaluate(
     return {
         "model": str(model),
         "mode": mode,
-        "dataset": str(dataset),
+        "dataset": str(dataset or cfg.data_path("eval")),
         "expert_calls_per_episode": sum(calls) / len(calls) if calls else 0.0,
         "seed": cfg.rollout.seed,
         "summary": summary,
@@ -98,7 +99,9 @@ def run_eval(
     limit: int | None,
     mode: EvalMode = "alone",
 ) -> dict:
-    model, dataset = model or cfg.world.dir / "policy", dataset or cfg.world.dir / "eval.jsonl"
+    """Defaults: the configured policy (``model.policy``) and evaluation set (``data.eval``, whose layout
+    then applies)."""
+    model = model or cfg.policy_path
     report = asyncio.run(evaluate(cfg, model, dataset, layout, samples, limit, mode))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -119,7 +119,7 @@ class RolloutService:
         slots = asyncio.Semaphore(rc.max_groups_in_flight)
         tasks: set[asyncio.Task] = set()
         async with gateway_session(self.cfg) as session:
-            experts = ExpertClient.for_rollout(session, rc) if rc.consult else None
+            experts = ExpertClient.for_rollout(session, self.cfg) if rc.consult else None
             log.info("rollout %s serving with policy version %d", rc.replica, self.engine.version)
             while not self.stop.is_set():
                 if await self.client.exists(self.names.done):

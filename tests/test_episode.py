@@ -32,8 +32,9 @@ class ScriptedEngine:
     async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
         self.calls.append(list(request.prompt_ids))
         ids = self.turns[len(self.calls) - 1]
-        finish = "stop" if ids[-1] in request.stop_ids else "length"
-        return SampleResult(ids, [-0.5] * len(ids), finish), self._version
+        stop = next((s for s in request.stop_strings if s in self.tokenizer.decode(ids)), None)
+        finish = "stop" if ids[-1] in request.stop_ids or stop is not None else "length"
+        return SampleResult(ids, [-0.5] * len(ids), finish, stop), self._version
 
     async def load_version(self, version: int, path: Path) -> None:
         raise NotImplementedError

@@ -4,19 +4,28 @@ template, a tiny Qwen2 briefly fine-tuned to consult (``tests/bpe_model.py``).""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from bpe_model import build_model, build_tokenizer, prompt
-from helpers import ServerThread
+from helpers import FakeBackend, ServerThread
 
+from eapo.config import ExpertBackend, GatewayConfig, RolloutConfig
 from eapo.expert_server import create_app
 from eapo.redis_server import free_port
 from eapo.sampling import SampleRequest, completed_stop, generate_batch, text_decoder
 from eapo.world.bootstrap import load_model
+from eapo.world.tasks import evaluate
+from expert_gateway.app import create_app as create_gateway
+from learner.loss import token_logprobs
+from proto import AnnealState, ConsultResult, PromptTask
 from proto import episode_format as fmt
 from rollout_service.consult import ParsedConsult, parse_consult
+from rollout_service.engine import TransformersEngine
+from rollout_service.episode import ExpertClient, run_episode
 from rollout_service.remote_engine import RemotePolicyEngine
 
 BLOCK = "<consult>3*4; 2+3*4</consult><expert>"  # the closing '>' merges with the next '<'
@@ -143,3 +152,66 @@ def test_the_parser_reads_the_queries_up_to_a_tag_that_a_token_ran_past(tok):
     turn = tok.decode(ids[:n])
     assert not turn.endswith(fmt.CONSULT_CLOSE)  # the last token ran past the tag
     assert parse_consult(turn, max_queries=3) == ParsedConsult(["3*4", "2+3*4"], [])
+
+
+class ArithmeticExperts:
+    """Exact experts, in process: the episode's own bookkeeping is what is under test here."""
+
+    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+        return [ConsultResult(index=i, answer=self.answer(q)) for i, q in enumerate(queries)]
+
+    @staticmethod
+    def answer(query: str) -> str:
+        try:
+            return str(evaluate(query))
+        except (ValueError, KeyError, IndexError, ZeroDivisionError):  # the policy's query is not arithmetic
+            return "no idea"
+
+
+@pytest.mark.asyncio
+async def test_episodes_consult_with_exact_masks_and_the_learners_log_probs(own_model):
+    """Turns end on the tag; the recorded queries are the parsed block; injected blocks are exactly the
+    mask's zeros after the prompt; each sampled token's behaviour log-prob is the learner's forward."""
+    engine = TransformersEngine(own_model.dir, version=0)
+    cfg = RolloutConfig(max_new_tokens=32, max_context=400, max_queries=3)
+    anneal = AnnealState(step=0, acceptance=0.5, budget=3, penalty=0.0)
+    task = PromptTask(prompt_id="p", problem="12+3*4", answer="24")
+    trajs = await asyncio.gather(*(run_episode(engine, ArithmeticExperts(), task, anneal, cfg, i) for i in range(8)))
+    await engine.close()
+    tok = engine.tokenizer
+    assert sum(bool(t.consults) for t in trajs) >= 4  # the policy consults
+    for t in trajs:
+        ids = t.token_ids.tolist()
+        assert tok.decode(ids[: t.prompt_len]) == prompt(tok, task.problem)  # its own chat template
+        policy = np.zeros(len(ids), dtype=bool)
+        for turn in t.turns:
+            policy[turn.start : turn.end] = True
+            if turn.finish == "consult":
+                text = tok.decode(ids[turn.start : turn.end])
+                assert fmt.CONSULT_CLOSE in text
+                queries = parse_consult(text, cfg.max_queries).queries
+                assert [c.query for c in t.consults if t.turns[c.turn] is turn] == queries
+        np.testing.assert_array_equal(t.loss_mask, policy)  # 1 exactly on sampled tokens
+        for c in t.consults:
+            shown = c.detail if c.accepted else None
+            assert tok.decode(ids[c.injected_start : c.injected_end]) == fmt.expert_block(shown)
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            learner = token_logprobs(own_model.model(input_ids=x).logits, x)[0].numpy()
+        np.testing.assert_allclose(t.behaviour_logprobs[policy], learner[policy], atol=2e-4)
+
+
+@pytest.mark.asyncio
+async def test_queries_go_to_several_expert_pools_in_turn():
+    """model.experts names two pools: query i goes to pool i mod 2, in parallel, answers in order."""
+    import aiohttp
+
+    with FakeBackend("solver-pod", model="solver") as a, FakeBackend("calc-pod", model="calculator") as b:
+        backends = [ExpertBackend(model="solver", url=a.url), ExpertBackend(model="calculator", url=b.url)]
+        with ServerThread(create_gateway(GatewayConfig(backends=backends)), free_port()) as gateway:
+            async with aiohttp.ClientSession() as session:
+                client = ExpertClient(session, gateway.url, ["solver", "calculator"], max_tokens=8, timeout_s=10)
+                answers = await client.consult(["1+1", "2+2", "3+3"], "e0")
+                single = await client.consult(["4+4"], "e1")
+    assert [(r.index, r.answer) for r in answers] == [(0, "solver-pod"), (1, "calc-pod"), (2, "solver-pod")]
+    assert [r.answer for r in single] == ["solver-pod"]
