@@ -28,8 +28,10 @@ def _redis_url(cfg: EAPOConfig) -> str:
 
 
 def cmd_up(cfg: EAPOConfig, args: argparse.Namespace) -> int:
-    from eapo.up import run_stack
+    from eapo.up import resume_config, run_stack
 
+    if args.resume is not None:
+        return run_stack(resume_config(args.resume, args.config), config_path=args.config, resume=True)
     return run_stack(cfg, config_path=args.config)
 
 
@@ -144,7 +146,11 @@ def cmd_report(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
 OWN_CONFIG = {"experiment", "report"}
 
 COMMANDS = {
-    "up": (cmd_up, "bring up the whole local stack (Redis, experts, gateway, learner, rollout), train, stop"),
+    "up": (
+        cmd_up,
+        "bring up the whole local stack (Redis, experts, gateway, learner, rollout), train, stop; a process that "
+        "dies is restarted with back-off within a restart budget (config section `supervision`)",
+    ),
     "bootstrap": (cmd_bootstrap, "build the tiny CPU world: tasks, tokenizer, policy and expert models"),
     "expert-server": (cmd_expert_server, "serve one model with the CPU OpenAI-compatible server"),
     "gateway": (cmd_gateway, "run the expert gateway (FastAPI)"),
@@ -169,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("dir", type=Path, help="the experiment's output directory")
         else:
             p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
+        if name == "up":
+            p.add_argument(
+                "--resume",
+                type=Path,
+                metavar="RUN_DIR",
+                help="continue the run in RUN_DIR (stopped, crashed or killed): its stored config (or --config, "
+                "which may change only learner.steps, keep_* and supervision), its private Redis replayed from "
+                "the append-only file, the learner from its newest checkpoint, the rollout's held prompts re-read",
+            )
         if name == "bootstrap":
             p.add_argument("--force", action="store_true", help="rebuild even if the cached world matches")
         if name == "eval":

@@ -12,8 +12,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
+
+if TYPE_CHECKING:
+    from eapo.supervise import Component
 
 # Ports handed out below the kernel's ephemeral range (32768+ on Linux): a port from bind(0) can be
 # taken by any outgoing connection (Redis clients, torch's TCPStore) before the server that was meant
@@ -60,7 +64,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def start(self, timeout_s: float = 10.0, die_with_parent: bool = False) -> RedisServer:
+        """Start the server (replaying ``data_dir``'s append-only file, if any) and wait until it answers.
+        ``die_with_parent``: SIGKILLed with this process (``eapo up``), never left serving a stale run."""
+        from eapo.supervise import popen_child
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.executable,
@@ -82,7 +90,7 @@ class RedisServer:
             "yes",
         ]
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.process = popen_child(args, stdout=log, stderr=subprocess.STDOUT, die_with_parent=die_with_parent)
         log.close()
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
@@ -100,6 +108,19 @@ class RedisServer:
                 time.sleep(0.05)
         client.close()
         return self
+
+    def component(self, name: str = "redis", die_with_parent: bool = False) -> Component:
+        """This server under a ``Supervisor``: its first start is this one's; a restart replays the
+        append-only file on the same port, so every client's URL stays valid."""
+        from eapo.supervise import Component
+
+        def start() -> subprocess.Popen[bytes]:
+            if self.process is None or self.process.poll() is not None:
+                self.start(timeout_s=120, die_with_parent=die_with_parent)
+            assert self.process is not None
+            return self.process
+
+        return Component(name, start)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

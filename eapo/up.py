@@ -1,10 +1,14 @@
-"""``eapo up``: the whole loop on one machine, every service a real process.
+"""``eapo up``: the whole loop on one machine, every service a real process, supervised.
 
 Bootstraps the tiny world, starts a private Redis (unless ``REDIS_URL``/``redis.url``), one CPU
 expert server per checkpoint of ``expert_server.pool``, the gateway, the learner and one rollout
-replica; waits for health; prints progress from the learner's metrics; and stops everything — after
-the learner's last step, on failure, or on Ctrl-C. The run directory gets the resolved config,
-metrics.jsonl, per-process logs, the weight versions and summary.json.
+replica; waits for health; prints progress from the learner's metrics; restarts whatever dies
+(``eapo.supervise``: back-off, a restart budget); and stops everything — after the learner's last
+step, when a restart budget is spent, or on Ctrl-C. The run directory gets the resolved config,
+metrics.jsonl, per-process logs (``logs/up.log``: what the supervisor did), the weight versions and
+summary.json. ``eapo up --resume RUN_DIR`` continues a run that stopped or was killed: the same
+config, the private Redis replayed from its append-only file, the learner from its newest checkpoint,
+the rollout re-reading the prompts it held.
 """
 
 from __future__ import annotations
@@ -17,16 +21,23 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from eapo.config import EAPOConfig, ExpertBackend
+from eapo.config import EAPOConfig, ExpertBackend, load_config
 from eapo.redis_server import RedisServer, free_port, resolve_redis_url
+from eapo.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
 from eapo.world.bootstrap import bootstrap
 
 log = logging.getLogger(__name__)
+
+# Keys ``eapo up`` resolves afresh at every start (ports, the private Redis's address): never a change.
+RESOLVED_KEYS = ("run_dir", "redis.url", "gateway.port", "gateway.backends", "rollout.gateway_url")
+# Keys a resumed run may change: they bound the run or say how to watch it, not what it trains.
+SAFE_KEYS = ("log_level", "learner.steps", "learner.keep_versions", "learner.keep_checkpoints", "supervision")
 
 
 @dataclass
@@ -40,12 +51,13 @@ def _spawn(name: str, role: str, config: Path, logs: Path, env: dict[str, str]) 
     logs.mkdir(parents=True, exist_ok=True)
     out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     full_env = {**os.environ, "EAPO_ROLE": name, "PYTHONUNBUFFERED": "1", **env}
-    proc = subprocess.Popen(
+    proc = popen_child(
         [sys.executable, "-m", "eapo.cli", role, "--config", str(config)],
         stdout=out,
         stderr=subprocess.STDOUT,
         env=full_env,
-        start_new_session=True,
+        start_new_session=True,  # Ctrl-C reaches ``eapo up`` only, which stops the children in order
+        die_with_parent=True,
     )
     out.close()
     return Child(name, proc)
@@ -60,32 +72,31 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def _wait_healthy(children: list[Child], timeout_s: float) -> None:
+def _wait_healthy(urls: dict[str, str], timeout_s: float, tick: Callable[[str], None]) -> None:
+    """Until every URL answers 200; ``tick(name)`` runs between tries (it raises if ``name`` is gone for
+    good, or lets the supervisor restart it)."""
     deadline = time.monotonic() + timeout_s
-    for child in children:
-        if child.health_url is None:
-            continue
-        while not http_ok(child.health_url):
-            if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.process.returncode} before it was healthy")
+    for name, url in urls.items():
+        while not http_ok(url):
+            tick(name)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{child.name} not healthy at {child.health_url} after {timeout_s:.0f}s")
+                raise RuntimeError(f"{name} not healthy at {url} after {timeout_s:.0f}s")
             time.sleep(0.2)
+
+
+def _exited(children: list[Child]) -> Callable[[str], None]:
+    by_name = {c.name: c for c in children}
+
+    def tick(name: str) -> None:
+        if by_name[name].process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {by_name[name].process.returncode} before it was healthy")
+
+    return tick
 
 
 def _stop(children: list[Child], timeout_s: float = 30.0) -> None:
     """SIGTERM in reverse start order, then SIGKILL what has not exited by the deadline."""
-    for child in reversed(children):
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for child in reversed(children):
-        try:
-            child.process.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", child.name)
-            os.killpg(child.process.pid, signal.SIGKILL)
-            child.process.wait()
+    terminate([c.process for c in reversed(children)], timeout_s)
 
 
 def _print_progress(metrics: Path, shown: int, total: int) -> int:
@@ -119,23 +130,30 @@ def resolve_ports(cfg: EAPOConfig) -> EAPOConfig:
     return resolved
 
 
-def spawn_expert_pool(resolved: EAPOConfig, config_file: Path, logs: Path) -> list[Child]:
-    """One expert server per checkpoint of ``expert_server.pool``, all under one served name, and the
-    gateway in front of them (ports from ``resolve_ports``)."""
-    children = []
+def expert_pool_specs(resolved: EAPOConfig) -> list[tuple[str, str, dict[str, str], str]]:
+    """(name, role, environment, health URL) of one expert server per checkpoint of
+    ``expert_server.pool``, all under one served name, and of the gateway in front of them (ports from
+    ``resolve_ports``)."""
+    specs = []
     for i, (checkpoint, backend) in enumerate(zip(resolved.expert_server.pool, resolved.gateway.backends, strict=True)):
-        port = backend.url.rsplit(":", 1)[1]
         env = {
-            "EAPO_EXPERT_SERVER__PORT": port,
+            "EAPO_EXPERT_SERVER__PORT": backend.url.rsplit(":", 1)[1],
             "EAPO_EXPERT_SERVER__MODEL_PATH": str(resolved.world.dir / checkpoint),
             "OMP_NUM_THREADS": "1",
         }
-        child = _spawn(f"expert-{i}", "expert-server", config_file, logs, env)
-        child.health_url = f"{backend.url}/health"
+        specs.append((f"expert-{i}", "expert-server", env, f"{backend.url}/health"))
+    specs.append(("gateway", "gateway", resolved.secret_env(), f"{resolved.rollout.gateway_url}/readyz"))
+    return specs
+
+
+def spawn_expert_pool(resolved: EAPOConfig, config_file: Path, logs: Path) -> list[Child]:
+    """The expert servers and the gateway of ``expert_pool_specs``, started (not yet healthy)."""
+    children = []
+    for name, role, env, url in expert_pool_specs(resolved):
+        child = _spawn(name, role, config_file, logs, env)
+        child.health_url = url
         children.append(child)
-    gateway = _spawn("gateway", "gateway", config_file, logs, resolved.secret_env())
-    gateway.health_url = f"{resolved.rollout.gateway_url}/readyz"
-    return [*children, gateway]
+    return children
 
 
 @contextmanager
@@ -147,71 +165,193 @@ def expert_pool(cfg: EAPOConfig) -> Iterator[EAPOConfig]:
     resolved.dump_yaml(config_file)
     children = spawn_expert_pool(resolved, config_file, cfg.run_dir / "logs")
     try:
-        _wait_healthy(children, timeout_s=120)
+        _wait_healthy({c.name: c.health_url for c in children if c.health_url}, 120, _exited(children))
         yield resolved
     finally:
         _stop(children)
 
 
-def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(accepted, refused): the keys whose value differs between a run's stored config and the config
+    it is resumed with, each as ``key: old -> new``. Keys ``eapo up`` resolves itself are not changes."""
+    old, now = _flatten(stored), _flatten(new)
+    accepted, refused = [], []
+    for key in sorted(old.keys() | now.keys()):
+        if key.startswith(RESOLVED_KEYS) or old.get(key) == now.get(key):
+            continue
+        line = f"{key}: {old.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        (accepted if key.startswith(SAFE_KEYS) else refused).append(line)
+    return accepted, refused
+
+
+def resume_config(run_dir: Path, config_path: Path | None = None) -> EAPOConfig:
+    """The config to resume ``run_dir`` with: its stored config (or ``config_path``), environment
+    overrides applied. Refuses (SystemExit) a change that would break the run — a different model,
+    data, schedule or stream layout under the same checkpoints and ledger — naming each changed key."""
+    stored_file = run_dir / "config.yaml"
+    if not stored_file.exists():
+        raise SystemExit(f"{run_dir} holds no run to resume (no config.yaml)")
+    up_state = run_dir / "up.json"
+    if up_state.exists():
+        pid = json.loads(up_state.read_text()).get("pid")
+        if pid and pid != os.getpid() and _is_eapo_up(pid):
+            raise SystemExit(f"{run_dir} is still being run by eapo up (pid {pid}); stop it first")
+    cfg = load_config(config_path or stored_file)
+    stored = yaml_load(stored_file)
+    accepted, refused = config_changes(stored, cfg.model_dump(mode="json"))
+    if refused:
+        raise SystemExit(
+            f"refusing to resume {run_dir}: these settings differ from the run's and would break it:\n  "
+            + "\n  ".join(refused)
+            + f"\n(safe to change: {', '.join(SAFE_KEYS)})"
+        )
+    for line in accepted:
+        print(f"[eapo up] resuming with a changed setting: {line}", flush=True)
+    cfg.run_dir = run_dir
+    if (run_dir / "redis").is_dir() and not os.environ.get("REDIS_URL"):
+        cfg.redis.url = None  # it ran on a private Redis: start it again from its append-only file
+    return cfg
+
+
+def yaml_load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _is_eapo_up(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"up" in cmdline and any(b"eapo" in part for part in cmdline)
+
+
+def _last_step(metrics: Path) -> int:
+    if not metrics.exists():
+        return 0
+    lines = metrics.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+class _Stack:
+    """The supervised processes of one ``eapo up``, and the record of them in the run directory."""
+
+    def __init__(self, cfg: EAPOConfig, config_file: Path, supervisor: Supervisor):
+        self.cfg, self.config_file, self.supervisor = cfg, config_file, supervisor
+        self.logs = cfg.run_dir / "logs"
+        self.pids: dict[str, int] = {}
+
+    def add(self, name: str, role: str, env: dict[str, str], finished: Callable[[int], bool] | None = None) -> None:
+        def start() -> subprocess.Popen[bytes]:
+            return self._started(name, _spawn(name, role, self.config_file, self.logs, env).process)
+
+        self.supervisor.add(Component(name, start, finished or (lambda code: False)))
+
+    def add_redis(self, server: RedisServer) -> None:
+        redis = server.component(die_with_parent=True)
+        start = redis.start
+        redis.start = lambda: self._started("redis", start())
+        self.supervisor.add(redis)
+
+    def _started(self, name: str, process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self.pids[name] = process.pid
+        (self.cfg.run_dir / "processes.json").write_text(json.dumps(self.pids, indent=2))
+        return process
+
+    def exit_codes(self) -> dict[str, int | None]:
+        return {c.name: c.process.returncode for c in self.supervisor.components.values() if c.process is not None}
+
+
+def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = False) -> int:
+    """Run (or with ``resume``, continue) the training run of ``cfg`` under supervision; the exit code."""
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
     t0 = time.monotonic()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "metrics.jsonl").exists():
-        raise SystemExit(f"{run_dir} already holds a run; choose another run_dir (EAPO_RUN_DIR=...)")
-    print(f"[eapo up] run directory {run_dir}", flush=True)
-    print("[eapo up] bootstrapping the tiny world (cached after the first run)…", flush=True)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and not resume:
+        raise SystemExit(
+            f"{run_dir} already holds a run; continue it with `eapo up --resume {run_dir}`, "
+            "or choose another run_dir (EAPO_RUN_DIR=...)"
+        )
+    (run_dir / "up.json").write_text(json.dumps({"pid": os.getpid(), "resumed": resume}))
+    resume_hint = f"resume with: eapo up --resume {run_dir}"
+    up_log = run_dir / "logs" / "up.log"
+    up_log.parent.mkdir(parents=True, exist_ok=True)
+
+    def say(line: str, stream: Any = sys.stdout) -> None:
+        print(f"[eapo up] {line}", file=stream, flush=True)
+        with open(up_log, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+
+    say(
+        f"{'resuming' if resume else 'run directory'} {run_dir}" + (f" at step {_last_step(metrics)}" if resume else "")
+    )
+    say("bootstrapping the tiny world (cached after the first run)…")
     bootstrap(cfg.world)
 
-    redis_server = None
+    supervisor = Supervisor(cfg.supervision, on_event=say)
     url = resolve_redis_url(cfg.redis.url)
+    redis_server = None
     if url is None:
-        redis_server = RedisServer(run_dir / "redis").start()
+        redis_server = RedisServer(run_dir / "redis")
         url = redis_server.url
-        print(f"[eapo up] private Redis ({redis_server.executable}) on {url}", flush=True)
     resolved = resolve_ports(cfg)
     resolved.redis.url = url
     config_file = run_dir / "config.yaml"
     resolved.dump_yaml(config_file)
-
-    logs = run_dir / "logs"
-    children: list[Child] = []
+    stack = _Stack(resolved, config_file, supervisor)
+    # The learner is finished when it exits 0 after its last step; a replica when it exits 0 after that
+    # step (it saw the learner's done flag, possibly before the learner itself exited). Any other exit —
+    # a crash, or a stop from outside before the end — is restarted.
+    finished = lambda code: code == 0 and _last_step(metrics) >= cfg.learner.steps  # noqa: E731
     code = 1
     try:
-        children += spawn_expert_pool(resolved, config_file, logs)
-        _wait_healthy(children, timeout_s=120)
-        print(f"[eapo up] experts and gateway healthy ({time.monotonic() - t0:.0f}s)", flush=True)
-        learner = _spawn("learner", "learner", config_file, logs, cfg.secret_env())
-        rollout = _spawn("rollout-0", "rollout", config_file, logs, {"OMP_NUM_THREADS": "1", **cfg.secret_env()})
-        children += [learner, rollout]
+        if redis_server is not None:
+            stack.add_redis(redis_server)
+            say(f"private Redis ({redis_server.executable}) on {url}")
+        specs = expert_pool_specs(resolved)
+        for name, role, env, _url in specs:
+            stack.add(name, role, env)
+        _wait_healthy({name: health for name, _, _, health in specs}, 120, lambda name: supervisor.check())
+        say(f"experts and gateway healthy ({time.monotonic() - t0:.0f}s)")
+        stack.add("learner", "learner", cfg.secret_env(), finished=finished)
+        learner = supervisor.components["learner"]
+        stack.add("rollout-0", "rollout", {"OMP_NUM_THREADS": "1", **cfg.secret_env()}, finished=finished)
+        rollout = supervisor.components["rollout-0"]
         shown = 0
-        while learner.process.poll() is None:
-            for child in children:
-                code_now = child.process.poll()
-                drained = child is rollout and code_now == 0  # it saw the learner's done flag first
-                if child is not learner and code_now is not None and not drained:
-                    raise RuntimeError(
-                        f"{child.name} exited early with code {child.process.returncode}; "
-                        f"see {logs / (child.name + '.log')}"
-                    )
-            shown = _print_progress(run_dir / "metrics.jsonl", shown, cfg.learner.steps)
+        drain_deadline: float | None = None
+        while not (learner.done and rollout.done):
+            supervisor.check()
+            shown = _print_progress(metrics, shown, cfg.learner.steps)
+            if learner.done and drain_deadline is None:
+                drain_deadline = time.monotonic() + 120
+            if drain_deadline is not None and time.monotonic() > drain_deadline:
+                raise RuntimeError("the rollout did not drain within 120s of the learner's last step")
             time.sleep(0.5)
-        _print_progress(run_dir / "metrics.jsonl", shown, cfg.learner.steps)
-        if learner.process.returncode != 0:
-            raise RuntimeError(f"learner exited with code {learner.process.returncode}; see {logs / 'learner.log'}")
-        rollout.process.wait(timeout=120)  # it drains and exits once the learner says done
+        _print_progress(metrics, shown, cfg.learner.steps)
         code = 0
     except KeyboardInterrupt:
-        print("[eapo up] interrupted: stopping every process", flush=True)
+        say(f"interrupted: stopping every process; {resume_hint}")
         code = 130
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        print(f"[eapo up] failed: {exc}", file=sys.stderr, flush=True)
+    except RestartBudgetSpent as exc:
+        say(f"stopping: {exc}; see {run_dir / 'logs' / (exc.name + '.log')}; {resume_hint}", sys.stderr)
+        code = 3
+    except RuntimeError as exc:
+        say(f"failed: {exc}; {resume_hint}", sys.stderr)
     finally:
-        _stop(children)
-        if redis_server is not None:
-            redis_server.stop()
-    exit_codes = {c.name: c.process.returncode for c in children}
+        supervisor.stop_all()
+    exit_codes = stack.exit_codes()
     clean = all(rc == 0 or rc == -signal.SIGTERM for rc in exit_codes.values())
     summary = {
         "ok": code == 0 and clean,
@@ -219,13 +359,14 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None) -> int:
         "seconds": round(time.monotonic() - t0, 1),
         "final_weights": str(resolved.weights_dir / f"v{cfg.learner.steps:06d}") if code == 0 else None,
         "exit_codes": exit_codes,
+        "restarts": {c.name: c.restarts for c in supervisor.components.values()},
+        "resumed": resume,
         "config": str(config_file),
         "source_config": str(config_path) if config_path else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"[eapo up] {'done' if summary['ok'] else 'FAILED'} in {summary['seconds']:.0f}s; "
-        f"exit codes {exit_codes}; summary at {run_dir / 'summary.json'}",
-        flush=True,
+    say(
+        f"{'done' if summary['ok'] else 'FAILED'} in {summary['seconds']:.0f}s; "
+        f"exit codes {exit_codes}; restarts {summary['restarts']}; summary at {run_dir / 'summary.json'}"
     )
     return 0 if summary["ok"] else (code or 1)

@@ -1,0 +1,100 @@
+"""The supervisor of ``eapo up`` and the chaos suite, on real short-lived processes, and the guard
+that keeps ``eapo up --resume`` from continuing a run under a config that would break it."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eapo.config import SupervisionConfig
+from eapo.supervise import Component, RestartBudgetSpent, Supervisor
+from eapo.up import config_changes
+
+
+def exits(code: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({code})"])
+
+
+def check_until(sup: Supervisor, predicate, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        sup.check()
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_a_crashing_component_is_restarted_with_growing_backoff_until_its_budget_is_spent():
+    events: list[str] = []
+    starts: list[float] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        starts.append(time.monotonic())
+        return exits(3)
+
+    sup = Supervisor(SupervisionConfig(max_restarts=3, backoff_s=0.2, backoff_max_s=0.3), on_event=events.append)
+    sup.add(Component("worker", start))
+    with pytest.raises(RestartBudgetSpent) as spent:
+        check_until(sup, lambda: False)
+    assert spent.value.name == "worker" and spent.value.returncode == 3 and spent.value.restarts == 3
+    assert len(starts) == 4  # the first start and three restarts
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.3 and gaps[2] >= 0.3  # doubled, then capped (lower bounds only)
+    assert "worker exited with code 3; restarting in 0.2s" in events
+    assert "restarting worker (restart 3 of 3)" in events
+
+
+def test_a_finished_component_is_not_restarted_and_a_healthy_run_resets_the_backoff():
+    events: list[str] = []
+    sup = Supervisor(SupervisionConfig(max_restarts=0), on_event=events.append)
+    done = sup.add(Component("learner", lambda: exits(0), finished=lambda code: code == 0))
+    check_until(sup, lambda: done.done)
+    assert done.restarts == 0 and events == []
+
+    clock = [0.0]
+    sup = Supervisor(SupervisionConfig(backoff_s=1, reset_after_s=10), on_event=events.append, clock=lambda: clock[0])
+    flaky = sup.add(Component("expert", lambda: exits(1)))
+    flaky.process.wait()
+    sup.check()  # crash 1 right after its start: 1 s
+    clock[0] = 1.0
+    sup.check()  # restarted at t=1
+    flaky.process.wait()
+    sup.check()  # crash 2 in a row: 2 s
+    assert flaky.restart_at == 3.0
+    clock[0] = 3.0
+    sup.check()  # restarted at t=3, then stays up past reset_after_s
+    flaky.process.wait()
+    clock[0] = 20.0
+    sup.check()
+    assert flaky.restart_at == 21.0  # back to the first back-off
+
+
+def test_stop_all_terminates_every_process_and_restarts_nothing():
+    sup = Supervisor(SupervisionConfig(backoff_s=0))
+    sleeper = sup.add(
+        Component("sleeper", lambda: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+    )
+    sup.stop_all(timeout_s=30)
+    assert sleeper.process.returncode is not None
+    sup.check()
+    assert sleeper.restarts == 0
+
+
+def test_resume_refuses_a_changed_model_and_accepts_a_longer_run():
+    stored = {
+        "run_dir": "runs/a",
+        "log_level": "INFO",
+        "redis": {"url": "redis://127.0.0.1:1/0", "prefix": "eapo"},
+        "gateway": {"port": 1, "backends": [{"url": "http://127.0.0.1:2"}]},
+        "learner": {"steps": 20, "lr": 1e-6},
+    }
+    same_but_resolved = stored | {"redis": {"url": None, "prefix": "eapo"}, "gateway": {"port": 9, "backends": []}}
+    assert config_changes(stored, same_but_resolved) == ([], [])
+    longer = stored | {"learner": {"steps": 60, "lr": 1e-6}, "log_level": "DEBUG"}
+    assert config_changes(stored, longer) == (["learner.steps: 20 -> 60", "log_level: 'INFO' -> 'DEBUG'"], [])
+    other = stored | {"learner": {"steps": 20, "lr": 1e-5}, "redis": {"url": None, "prefix": "other"}}
+    accepted, refused = config_changes(stored, other)
+    assert accepted == [] and refused == ["learner.lr: 1e-06 -> 1e-05", "redis.prefix: 'eapo' -> 'other'"]
