@@ -121,14 +121,21 @@ async def test_backend_sigkilled_under_load_costs_no_client_request():
 
 
 async def test_client_disconnect_cancels_the_upstream_request():
-    with FakeBackend("slow", latency_ms=3000) as slow, gateway_for([slow.url]) as gw:
-        async with httpx.AsyncClient(timeout=0.5) as client:
-            for body in (CHAT, CHAT | {"stream": True}):
-                with contextlib.suppress(httpx.ReadTimeout):
-                    await client.post(f"{gw.url}/v1/chat/completions", json=body)
-            consult = {"model": "expert", "queries": ["a", "b"]}
-            with contextlib.suppress(httpx.ReadTimeout):
-                await client.post(f"{gw.url}/v1/consult", json=consult)
+    with FakeBackend("slow", latency_ms=120_000) as slow, gateway_for([slow.url]) as gw:
+
+        async def hang_up(path: str, body: dict, upstream: int) -> None:
+            """Send, wait until the gateway has the request in flight upstream, then go away."""
+            async with httpx.AsyncClient(timeout=300) as client:
+                call = asyncio.create_task(client.post(f"{gw.url}{path}", json=body))
+                in_flight = lambda: backends(gw.url)[slow.url]["in_flight"]  # noqa: E731
+                await asyncio.to_thread(wait_until, lambda: in_flight() == upstream)
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+            await asyncio.to_thread(wait_until, lambda: in_flight() == 0)
+
+        for body in (CHAT, CHAT | {"stream": True}):
+            await hang_up("/v1/chat/completions", body, 1)
+        await hang_up("/v1/consult", {"model": "expert", "queries": ["a", "b"]}, 2)
         await asyncio.to_thread(wait_until, lambda: slow.counters()["cancelled"] == 4)
-        assert backends(gw.url)[slow.url]["in_flight"] == 0
         assert slow.counters()["served"] == 0

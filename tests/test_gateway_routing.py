@@ -134,8 +134,8 @@ def test_sticky_episodes_keep_their_backend_until_it_is_overloaded(pair):
 
 def test_full_queue_answers_429_and_queued_requests_are_served(pair):
     a, _ = pair
-    a.control(latency_ms=500)
-    with gateway([a], max_in_flight_per_backend=2, queue_size=3, queue_timeout_s=5) as gw:
+    a.control(latency_ms=2000)  # long enough for all eight to arrive while the first two are in flight
+    with gateway([a], max_in_flight_per_backend=2, queue_size=3, queue_timeout_s=60) as gw:
         results = asyncio.run(concurrently(gw.url, 8))
         codes = collections.Counter(r.status_code for r in results)
         assert codes == {200: 5, 429: 3}, codes  # 2 in flight + 3 queued are served, the rest refused
@@ -148,7 +148,7 @@ def test_full_queue_answers_429_and_queued_requests_are_served(pair):
 
 def test_queue_wait_past_its_deadline_answers_429(pair):
     a, _ = pair
-    a.control(latency_ms=1500)
+    a.control(latency_ms=5000)  # the queued two time out long before the first answer, however busy the machine
     with gateway([a], max_in_flight_per_backend=1, queue_timeout_s=0.3) as gw:
         codes = collections.Counter(r.status_code for r in asyncio.run(concurrently(gw.url, 3)))
     assert codes == {200: 1, 429: 2}, codes
@@ -163,18 +163,18 @@ def test_admin_adds_drains_and_removes_backends(pair):
         assert httpx.post(f"{gw.url}/admin/backends", json={"model": "expert", "url": b.url}).status_code == 409
         assert {answer(httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT)) for _ in range(8)} == {"a", "b"}
 
-        a.control(latency_ms=800)
+        a.control(latency_ms=3000)
 
         async def drain_during_requests():
             async with httpx.AsyncClient(timeout=30) as client:
                 slow = [asyncio.create_task(client.post(f"{gw.url}/v1/chat/completions", json=CHAT)) for _ in range(6)]
-                await asyncio.sleep(0.3)  # some are in flight on a
+                await wait_for_in_flight(client, gw.url, a.url)  # some are in flight on a
                 drained = await client.post(f"{gw.url}/admin/backends/drain", params={"url": a.url})
                 after = [await client.post(f"{gw.url}/v1/chat/completions", json=CHAT) for _ in range(4)]
                 return drained, await asyncio.gather(*slow), after
 
         drained, during, after = asyncio.run(drain_during_requests())
-        assert drained.json()[0]["state"] == "draining"
+        assert drained.json()[0]["state"] == "draining" and drained.json()[0]["in_flight"] > 0
         assert all(r.status_code == 200 for r in during)  # in-flight requests on the drained backend finished
         assert {answer(r) for r in after} == {"b"}  # new requests avoid it
         removed = httpx.delete(f"{gw.url}/admin/backends", params={"url": a.url})
@@ -252,7 +252,15 @@ def test_bad_requests_get_clear_errors(pair, body, status, message):
         assert schema.status_code == 422 and "queries" in schema.json()["error"]["message"]
 
 
-def wait_until(predicate, timeout=10.0):
+async def wait_for_in_flight(client: httpx.AsyncClient, gw: str, url: str, timeout_s: float = 60.0) -> None:
+    """Until the gateway has a request in flight on backend ``url``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not any(v["url"] == url and v["in_flight"] for v in (await client.get(f"{gw}/admin/backends")).json()):
+        assert asyncio.get_running_loop().time() < deadline, f"no request in flight on {url}"
+        await asyncio.sleep(0.02)
+
+
+def wait_until(predicate, timeout=60.0):
     import time
 
     deadline = time.monotonic() + timeout

@@ -43,6 +43,14 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+async def until(predicate, timeout_s: float = 30.0) -> None:
+    """Let the loop run until ``predicate()``, however slow the machine (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 async def answer_forever(reader, writer, n) -> None:
     while True:
         await read_request(reader)
@@ -135,8 +143,8 @@ async def test_a_large_body_pauses_the_socket_and_arrives_whole():
     async with Server(handle) as url:
         pool = HttpPool(url)
         resp = await pool.request("GET", "big")
-        await asyncio.sleep(0.2)  # the whole body is sent; unread, it stops at the high-water mark
         (conn,) = pool.open
+        await until(lambda: conn.paused)  # the whole body is sent; unread, it stops at the high-water mark
         assert conn.paused and conn.buffered <= 2 * HIGH_WATER  # the mark plus at most one socket read
         assert await resp.read() == body and not conn.paused
         resp.release()
@@ -148,7 +156,7 @@ async def test_time_out_closes_the_connection():
         pool = HttpPool(url)
         with pytest.raises(UpstreamError, match="timed out"):
             await pool.request("POST", "v1/completions", b"{}", timeout_s=0.2)
-        await asyncio.wait_for(server.closed.wait(), 2)
+        await asyncio.wait_for(server.closed.wait(), 30)
         assert not pool.open and not pool.idle
 
 
@@ -158,11 +166,11 @@ async def test_cancelling_a_request_closes_its_connection():
     async with server as url:
         pool = HttpPool(url)
         task = asyncio.create_task(pool.request("POST", "v1/completions", b"{}"))
-        await asyncio.sleep(0.1)
+        await until(lambda: server.connections == 1)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await asyncio.wait_for(server.closed.wait(), 2)
+        await asyncio.wait_for(server.closed.wait(), 30)
         assert not pool.open
 
 
