@@ -294,9 +294,7 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = F
         with open(up_log, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
-    say(
-        f"{'resuming' if resume else 'run directory'} {run_dir}" + (f" at step {_last_step(metrics)}" if resume else "")
-    )
+    say(f"resuming {run_dir} after step {_last_step(metrics)}" if resume else f"run directory {run_dir}")
     say("bootstrapping the tiny world (cached after the first run)…")
     bootstrap(cfg.world)
 
