@@ -5,12 +5,17 @@ template, a tiny Qwen2 briefly fine-tuned to consult (``tests/bpe_model.py``).""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from bpe_model import build_model, build_tokenizer, prompt
+import yaml
+from bpe_model import build_model, build_tokenizer, prompt, write_problems
 from helpers import FakeBackend, ServerThread
 
 from eapo.config import ExpertBackend, GatewayConfig, RolloutConfig
@@ -23,6 +28,7 @@ from expert_gateway.app import create_app as create_gateway
 from learner.loss import token_logprobs
 from proto import AnnealState, ConsultResult, PromptTask
 from proto import episode_format as fmt
+from proto.weights import verify_version, version_dir
 from rollout_service.consult import ParsedConsult, parse_consult
 from rollout_service.engine import TransformersEngine
 from rollout_service.episode import ExpertClient, run_episode
@@ -215,3 +221,43 @@ async def test_queries_go_to_several_expert_pools_in_turn():
                 single = await client.consult(["4+4"], "e1")
     assert [(r.index, r.answer) for r in answers] == [(0, "solver-pod"), (1, "calc-pod"), (2, "solver-pod")]
     assert [r.answer for r in single] == ["solver-pod"]
+
+
+@pytest.mark.e2e
+def test_eapo_up_trains_and_eapo_eval_judges_a_users_own_model_through_config_alone(own_model, tiny_world, tmp_path):
+    """`model:` and `data:` point at the BPE model and a JSONL set of the user's own: the stack trains
+    it 20 steps, its episodes consult, and `eapo eval` answers with the result."""
+    run_dir = tmp_path / "run"
+    train = write_problems(tmp_path / "train.jsonl", 48, seed=1)
+    held_out = write_problems(tmp_path / "held-out.jsonl", 8, seed=2)
+    config = {
+        "run_dir": str(run_dir),
+        "world": tiny_world.model_dump(mode="json"),  # built already: `eapo up` finds it cached
+        "model": {"policy": str(own_model.dir), "experts": ["expert"]},
+        "data": {"train": {"path": str(train), "layout": "aime"}, "eval": {"path": str(held_out), "layout": "aime"}},
+        "expert_server": {"pool": [str(Path(tiny_world.dir) / "expert")]},  # an absolute checkpoint path
+        "learner": {"steps": 20, "batch_groups": 1, "dynamic_sampling": False, "lr": 1e-4},
+        "rollout": {"group_size": 4, "max_groups_in_flight": 2, "max_new_tokens": 24, "max_context": 400},
+        "anneal": {
+            "budget": {"kind": "constant", "start": 3, "end": 3},
+            "penalty": {"kind": "constant", "start": 0.1, "end": 0.1},
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    up = subprocess.run(
+        [sys.executable, "-m", "eapo.cli", "up", "--config", str(path)], capture_output=True, text=True, timeout=900
+    )
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics][-1] == 20
+    assert sum(m["calls_per_episode"] for m in metrics) > 0  # consult blocks were detected under BPE
+    final = version_dir(run_dir / "weights", 20)
+    assert verify_version(final).version == 20
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--config", str(path), "--model", str(final), "--samples", "2", "--out", str(out)]
+    evaluated = subprocess.run([sys.executable, "-m", "eapo.cli", *argv], capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dataset"] == str(held_out) and report["summary"]["problems"] == 8
+    assert report["expert_calls_per_episode"] == 0  # judged alone
