@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,16 +47,24 @@ def write_config(tiny_world, tmp_path: Path, steps: int) -> tuple[Path, Path]:
     return path, run_dir
 
 
-def up(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``eapo up`` in its own process group, as a shell would start it; output to ``log``."""
+@contextmanager
+def up(*args: str, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``eapo up`` in its own process group, as a shell would start it; output to ``log``. Whatever of
+    it still runs when the block ends is SIGKILLed (its children die with it)."""
     with open(log, "ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "eapo.cli", "up", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def pids(run_dir: Path) -> dict[str, int]:
@@ -88,6 +98,16 @@ def audit_from_the_start(run_dir: Path, proc: subprocess.Popen[bytes]) -> redis.
     return client
 
 
+@contextmanager
+def audited_up(tiny_world, tmp_path: Path, steps: int) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path, Path]]:
+    """A run of ``steps`` under ``eapo up``, audited from its first group: (process, run dir, config, log)."""
+    config, run_dir = write_config(tiny_world, tmp_path, steps)
+    log = tmp_path / "up.log"
+    with up("--config", str(config), log=log) as proc:
+        audit_from_the_start(run_dir, proc).close()
+        yield proc, run_dir, config, log
+
+
 def _ping(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
@@ -107,12 +127,8 @@ def ledger_after(run_dir: Path, steps: int) -> dict:
 
 @pytest.mark.timeout(900)
 def test_up_restarts_a_killed_learner_rollout_and_redis_and_finishes(tiny_world, tmp_path):
-    steps = 10
-    config, run_dir = write_config(tiny_world, tmp_path, steps)
-    log = tmp_path / "up.log"
-    proc = up("--config", str(config), log=log)
-    try:
-        audit_from_the_start(run_dir, proc).close()
+    steps = 8
+    with audited_up(tiny_world, tmp_path, steps) as (proc, run_dir, _config, log):
         for victim in ("learner", "rollout-0", "redis"):
             wait_for(lambda v=victim: proc.poll() is None and v in pids(run_dir), 300, f"{victim} running")
             reached = max(last_step(run_dir), 1)
@@ -124,10 +140,6 @@ def test_up_restarts_a_killed_learner_rollout_and_redis_and_finishes(tiny_world,
             at = last_step(run_dir)
             wait_for(lambda a=at: proc.poll() is not None or last_step(run_dir) > a, 300, f"a step after {victim}")
         assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     out = log.read_text()
     for victim in ("learner", "rollout-0", "redis"):
         assert f"{victim} exited with code -9; restarting in" in out, out[-4000:]
@@ -138,20 +150,12 @@ def test_up_restarts_a_killed_learner_rollout_and_redis_and_finishes(tiny_world,
 
 @pytest.mark.timeout(900)
 def test_up_killed_whole_is_finished_by_resume_and_a_changed_config_is_refused(tiny_world, tmp_path):
-    steps = 6
-    config, run_dir = write_config(tiny_world, tmp_path, steps)
-    log = tmp_path / "up.log"
-    proc = up("--config", str(config), log=log)
-    try:
-        audit_from_the_start(run_dir, proc).close()
+    steps = 5
+    with audited_up(tiny_world, tmp_path, steps) as (proc, run_dir, config, log):
         wait_for(lambda: proc.poll() is None and last_step(run_dir) >= 2, 300, "step 2")
         children = pids(run_dir)
         os.killpg(proc.pid, signal.SIGKILL)  # the parent and its group: no clean stop of anything
         proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     # Its children die with it (they are in sessions of their own, so not through the group).
     wait_for(lambda: all(gone(pid) for pid in children.values()), 60, "every child of the killed eapo up gone")
     stopped_at = last_step(run_dir)
@@ -170,13 +174,8 @@ def test_up_killed_whole_is_finished_by_resume_and_a_changed_config_is_refused(t
     )
     assert changed.returncode != 0 and "learner.lr: " in changed.stderr and "-> 0.5" in changed.stderr, changed.stderr
 
-    resumed = up("--resume", str(run_dir), log=log)
-    try:
+    with up("--resume", str(run_dir), log=log) as resumed:
         assert resumed.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        if resumed.poll() is None:
-            os.killpg(resumed.pid, signal.SIGKILL)
-            resumed.wait()
     assert f"resuming {run_dir} after step {stopped_at}" in log.read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ok"] and summary["resumed"], summary
