@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,3 +88,30 @@ def test_every_role_has_help(command):
         [sys.executable, "-m", "eapo.cli", command, "--help"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and ("--config" in proc.stdout or command == "report")
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "gpu-8b.yaml"])
+def test_run_configs_validate(name):
+    load_config(CONFIGS / name)
+
+
+def test_the_gpu_example_has_the_papers_table_5_settings():
+    cfg = load_config(CONFIGS / "gpu-8b.yaml")
+    lc, rc = cfg.learner, cfg.rollout
+    assert (lc.lr, lc.warmup_steps, lc.clip_low, lc.clip_high, lc.batch_groups) == (1e-6, 10, 0.20, 0.28, 32)
+    assert (rc.temperature, rc.top_p, rc.max_new_tokens, rc.max_context - rc.max_new_tokens) == (1.0, 1.0, 20480, 2048)
+    assert rc.max_groups_in_flight == 96 and rc.group_size > 1 and rc.engine == "vllm"
+    assert cfg.policy_path == cfg.model.policy and cfg.data_path("train").suffix == ".parquet"
+    assert set(cfg.model.experts) == {pool.model for pool in cfg.gateway.discovery}  # every pool is routed
+
+
+def test_model_and_data_default_to_the_tiny_world_and_bad_ones_are_refused(tmp_path):
+    cfg = load_config(None, world={"dir": str(tmp_path / "w")})
+    assert cfg.policy_path == tmp_path / "w" / "policy" and cfg.data_path("eval") == tmp_path / "w" / "eval.jsonl"
+    with pytest.raises(ValueError, match="layout"):
+        load_config(None, data={"train": {"path": "x.jsonl", "layout": "squad"}})
+    with pytest.raises(ValueError, match="experts"):
+        load_config(None, model={"experts": []})

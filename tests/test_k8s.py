@@ -266,3 +266,18 @@ def test_dockerfile_stages_are_pinned_and_non_root():
         users = re.findall(r"^USER (\S+)$", block, re.M)
         assert users and users[-1].split(":")[0] not in ("root", "0"), block.splitlines()[0]
     assert "vllm/vllm-openai" in args["VLLM_IMAGE"]  # expert and policy images build on the official one
+
+
+@pytest.mark.parametrize("source", [s for s in SOURCES if s.startswith("helm:")])
+def test_every_config_map_validates_and_routes_each_expert_pool(source):
+    """The chart's config (model, data, pools) is a valid EAPO config whose expert names all have a pool."""
+    cm = next(o for o in objects(source) if o["kind"] == "ConfigMap")
+    cfg = load_config(None, **yaml.safe_load(cm["data"]["config.yaml"]))
+    routed = {p.model for p in cfg.gateway.discovery} | {b.model for b in cfg.gateway.backends}
+    assert set(cfg.model.experts) <= routed
+
+
+def test_the_prod_overlay_names_a_real_model_and_data_set():
+    cfg = load_config(K8S / "kustomize" / "overlays" / "prod" / "config.yaml")
+    assert cfg.policy_path == Path("/data/models/policy") and cfg.data.train.layout == "dapo"
+    assert set(cfg.model.experts) <= {p.model for p in cfg.gateway.discovery}
