@@ -3,7 +3,6 @@ restart, and the ledger forgets ids past the horizon while refusing groups that 
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import pytest
@@ -32,18 +31,33 @@ async def test_a_group_is_new_once_then_a_duplicate_also_after_a_restart(redis_c
     assert [restarted.verdict(a), restarted.verdict(c), restarted.verdict(b)] == ["duplicate", "duplicate", "new"]
 
 
+class Clocked:
+    """The Redis client with its clock (TIME) set by the test: the horizon passes without waiting for it."""
+
+    def __init__(self, client, now_s: float):
+        self.client, self.now_s = client, now_s
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    async def time(self) -> tuple[int, int]:
+        return int(self.now_s), int(self.now_s % 1 * 1e6)
+
+
 @pytest.mark.asyncio
 async def test_ids_past_the_horizon_are_forgotten_and_such_groups_refused(redis_client, prefix):
     key = f"{prefix}:trained"
-    ledger = Ledger(redis_client, key, horizon_s=0.3)
+    seconds, micros = await redis_client.time()
+    clock = Clocked(redis_client, seconds + micros / 1e6)
+    ledger = Ledger(clock, key, horizon_s=60)
     await ledger.tick()
     old = await prompt_group_id(redis_client, prefix)
     assert ledger.verdict(old) == "new" and ledger.verdict("hand-made-id") == "new"
     async with redis_client.pipeline(transaction=True) as pipe:
         ledger.record_trained(pipe, [old, "hand-made-id"])
         await pipe.execute()
-    await asyncio.sleep(0.5)
-    fresh = await prompt_group_id(redis_client, prefix)
+    clock.now_s += 61  # past the horizon of the old prompt
+    fresh = f"prompt-{int(clock.now_s * 1000)}-0"
     await ledger.tick()
     assert [m.decode() for m in await redis_client.zrange(key, 0, -1)] == ["hand-made-id"]
     assert set(ledger.seen) == {"hand-made-id"}
