@@ -296,6 +296,17 @@ class SupervisionConfig(Section):
     reset_after_s: float = Field(60.0, ge=0, description="up this long: the next crash backs off from the start")
 
 
+class TrackingConfig(Section):
+    """Optional sinks mirroring every learner step and held-out evaluation; metrics.jsonl stays the record."""
+
+    tensorboard: bool = Field(False, description="write TensorBoard event files under <run_dir>/tensorboard/")
+    wandb: bool = Field(False, description="log to Weights & Biases (under <run_dir>/wandb/)")
+    wandb_project: str = "eapo"
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline needs no network (`wandb sync` uploads later); online needs a login"
+    )
+
+
 class EAPOConfig(BaseSettings):
     """Everything a role needs. Resolved once, written next to the results."""
 
@@ -315,6 +326,7 @@ class EAPOConfig(BaseSettings):
     learner: LearnerConfig = LearnerConfig()
     anneal: AnnealConfig = AnnealConfig()
     supervision: SupervisionConfig = SupervisionConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -344,6 +356,13 @@ class EAPOConfig(BaseSettings):
     def data_path(self, split: Literal["train", "eval"]) -> Path:
         """The file of ``data.<split>``, else the tiny world's split."""
         return getattr(self.data, split).path or self.world.dir / f"{split}.jsonl"
+
+    @property
+    def uses_world(self) -> bool:
+        """Whether a local run (``eapo up``) needs the tiny world built: the default policy or training
+        set, or an expert checkpoint named under ``world.dir`` rather than by an absolute path."""
+        pool_in_world = any(not Path(c).is_absolute() for c in self.expert_server.pool)
+        return self.model.policy is None or self.data.train.path is None or pool_in_world
 
     @property
     def weights_dir(self) -> Path:

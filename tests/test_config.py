@@ -115,3 +115,10 @@ def test_model_and_data_default_to_the_tiny_world_and_bad_ones_are_refused(tmp_p
         load_config(None, data={"train": {"path": "x.jsonl", "layout": "squad"}})
     with pytest.raises(ValueError, match="experts"):
         load_config(None, model={"experts": []})
+
+
+def test_a_run_of_ones_own_model_data_and_experts_needs_no_tiny_world(tmp_path):
+    own = {"model": {"policy": str(tmp_path / "m")}, "data": {"train": {"path": str(tmp_path / "t.jsonl")}}}
+    assert load_config(None).uses_world
+    assert load_config(None, **own).uses_world  # the pool still names the world's expert checkpoints
+    assert not load_config(None, **own, expert_server={"pool": [str(tmp_path / "e")]}).uses_world
