@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from eapo.config import EAPOConfig, EvalMode, ExperimentConfig
+from eapo.tracking import Tracker
 from eapo.up import expert_pool, run_stack
 from eapo.world.bootstrap import bootstrap
 from eapo.world.tasks import read_jsonl
@@ -66,6 +67,16 @@ def judge(cfg: EAPOConfig, exp: ExperimentConfig, model: Path, mode: EvalMode, s
     return report
 
 
+def track(cfg: EAPOConfig, evals: list[dict]) -> None:
+    """Mirror the held-out curve to the configured tracking sinks (the eval JSON files are the record)."""
+    tracker = Tracker(cfg, "eval")
+    try:
+        for e in evals:
+            tracker.log({**e["summary"], "per_tier": e["per_tier"]}, e["step"])
+    finally:
+        tracker.close()
+
+
 def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     """Train (if the arm trains) and judge one arm × seed; returns its ``result.json``."""
     spec, cfg = exp.arms[arm], exp.arm_config(arm, seed)
@@ -97,6 +108,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
         else:
             with expert_pool(cfg) as served:
                 evals = [judge(served, exp, model, spec.eval_mode, 0)]
+    track(cfg, evals)
     result = {
         "arm": arm,
         "seed": seed,

@@ -26,6 +26,7 @@ from eapo.config import EAPOConfig
 from eapo.data import load_split
 from eapo.metrics import StepGauges, serve_metrics
 from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
+from eapo.tracking import Tracker
 from eapo.world.tasks import Problem
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
@@ -67,6 +68,7 @@ class Learner:
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
         self.gauges = StepGauges("eapo_learner")
         self.broadcaster = Broadcaster(cfg.learner.broadcast)
+        self.tracker = Tracker(cfg, "learner")
 
     async def _publish(self, ranks: Ranks, version: int, step: int, anneal: AnnealState) -> None:
         """Write (unless a previous life already did) and announce weight version ``version``."""
@@ -230,6 +232,7 @@ class Learner:
             }
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.tracker.log(record, step + 1)
             self.gauges.update(record)
             log.info(
                 "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",
@@ -266,9 +269,11 @@ def _drive(cfg: EAPOConfig, redis_url: str, ranks: Ranks) -> None:
 
     async def drive() -> None:
         client = aioredis.Redis.from_url(redis_url)
+        learner = Learner(cfg, client)
         try:
-            await Learner(cfg, client).run(ranks)
+            await learner.run(ranks)
         finally:
+            learner.tracker.close()
             await client.aclose()
 
     try:

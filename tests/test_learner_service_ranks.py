@@ -1,4 +1,5 @@
-"""`eapo learner` under torchrun with 2 ranks trains the same stream to the same losses as 1 rank."""
+"""`eapo learner` under torchrun with 2 ranks trains the same stream to the same losses as 1 rank, and
+mirrors its metrics to TensorBoard when asked."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import pytest
 import redis
 import yaml
 from helpers import group, torchrun
+from test_tracking import tensorboard_scalars
 
 from eapo.streams import FIELD
 from proto import encode
@@ -32,6 +34,7 @@ def run_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, gro
                 "world": tiny_world.model_dump(mode="json"),
                 "redis": {"prefix": prefix},
                 "learner": {"steps": STEPS, "batch_groups": 2, "zero_stage": 2},
+                "tracking": {"tensorboard": True},
             }
         )
     )
@@ -57,3 +60,6 @@ def test_two_rank_learner_matches_one_rank(tiny_world, redis_server, tmp_path, p
     for a, b in zip(one, two, strict=True):
         assert b["policy_tokens"] == a["policy_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    # rank 0 mirrored every step to TensorBoard
+    tensorboard = tensorboard_scalars(tmp_path / "run-1" / "tensorboard" / "learner")
+    assert tensorboard["learner/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in one]
