@@ -53,17 +53,17 @@ def episode_seed(base: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def token_ids(tok: PreTrainedTokenizerFast, text: str, start: bool = False) -> list[int]:
-    """Token ids straight from the Rust tokenizer (the ``transformers`` wrapper costs 60–120 µs a call).
-    Special tokens (a BOS) only at the ``start`` of a sequence, never in injected text."""
-    return list(_encoded(tok, text, start))
+def token_ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
+    """Ids of injected text, straight from the Rust tokenizer (the ``transformers`` wrapper costs 60–120 µs
+    a call); never special tokens such as a BOS."""
+    return list(_encoded(tok, text))
 
 
 @functools.lru_cache(maxsize=1024)
-def _encoded(tok: PreTrainedTokenizerFast, text: str, start: bool) -> tuple[int, ...]:
-    """Texts repeat within a group: its G episodes share a prompt, and the unavailable note and a greedy
-    expert's answers recur. Encoding is deterministic, so a cache is exact; recent texts are enough."""
-    return tuple(tok.backend_tokenizer.encode(text, add_special_tokens=start).ids)
+def _encoded(tok: PreTrainedTokenizerFast, text: str) -> tuple[int, ...]:
+    """Texts repeat within a group: the unavailable note and a greedy expert's answers recur. Encoding is
+    deterministic, so a cache is exact; recent texts are enough."""
+    return tuple(tok.backend_tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def token_text(tok: PreTrainedTokenizerFast, ids: list[int], skip_special_tokens: bool = False) -> str:
