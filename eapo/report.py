@@ -2,8 +2,8 @@
 
 Reads ``DIR/experiment.yaml`` and every ``DIR/ARM/seed-S/{result.json,metrics.jsonl}``; writes
 ``report.md`` (the Table-1-style comparison and the headline numbers), ``report.json`` (the same
-numbers) and PNG plots: held-out score vs learner step and vs wall time, expert call and accepted
-rates, response length and the paradigm mix over training.
+numbers, the headline's targets judged) and PNG plots: held-out score vs learner step and vs wall time,
+held-out variance, expert call and accepted rates, response length and the paradigm mix over training.
 """
 
 from __future__ import annotations
@@ -99,7 +99,40 @@ def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
                     else None
                 ),
             }
+            headline["calls_phases"] = call_phases(runs[a]) if runs[a][0]["metrics"] else None
+            headline["targets"] = judge_targets(headline)
     return {"arms": arms, "headline": headline}
+
+
+def call_phases(results: list[dict]) -> dict[str, float | bool]:
+    """The paper's two phases of the call rate, on the seed-mean curve: it holds (or rises) while p(t) is
+    still high, and falls by the end. "Early" is the first fifth of training; "late high-p" the last fifth
+    of the steps trained at p ≥ 0.5 (no collapse there means ≥ half the early rate); "end" the last fifth."""
+    n = min(len(r["metrics"]) for r in results)
+    calls = [fmean(r["metrics"][i]["calls_per_episode"] for r in results) for i in range(n)]
+    high_p = [i for i in range(n) if results[0]["metrics"][i]["acceptance"] >= 0.5]
+    k = max(1, n // 5)
+    early, end = fmean(calls[:k]), fmean(calls[-k:])
+    late_high = fmean(calls[i] for i in high_p[-max(1, len(high_p) // 5) :]) if high_p else math.nan
+    return {
+        "early": early,
+        "late_high_p": late_high,
+        "end": end,
+        "holds_while_p_high": bool(late_high >= 0.5 * early) if high_p else False,
+        "falls": end < early,
+    }
+
+
+def judge_targets(headline: dict) -> dict[str, bool | None]:
+    """Issue #18's targets as they stand: the paired gap positive for every seed and its mean larger than the
+    seed std; variance no higher; the call rate's two phases. None where there is nothing to judge."""
+    gap, phases = headline["gap"], headline["calls_phases"]
+    return {
+        "gap_positive_every_seed": gap["min"] > 0,
+        "gap_mean_exceeds_seed_std": gap["mean"] > gap["std"] if gap["n"] > 1 else None,
+        "variance_not_higher": headline["variance_gap"]["mean"] <= 0,
+        "calls_hold_then_fall": (phases["holds_while_p_high"] and phases["falls"]) if phases else None,
+    }
 
 
 def _step_time(result: dict, step: int) -> float:
@@ -109,31 +142,37 @@ def _step_time(result: dict, step: int) -> float:
 
 
 def plot_curves(runs: dict[str, list[dict]], out: Path) -> list[str]:
-    files = []
-    for x_name, x_label in (("step", "learner step"), ("time", "learner wall time (s)")):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for k, (arm, results) in enumerate(runs.items()):
-            color = f"C{k}"  # one colour per arm, the same in every plot
-            score = [fmean(r["curve"][i]["mean_score"] for r in results) for i in range(len(results[0]["curve"]))]
-            if not results[0]["train"]:
-                ax.axhline(score[-1], color=color, linestyle="--", linewidth=1, label=f"{arm} (no training)")
-                continue
-            steps = [c["step"] for c in results[0]["curve"]]
-            xs = steps if x_name == "step" else [fmean(_step_time(r, s) for r in results) for s in steps]
-            low = [min(r["curve"][i]["mean_score"] for r in results) for i in range(len(steps))]
-            high = [max(r["curve"][i]["mean_score"] for r in results) for i in range(len(steps))]
-            ax.plot(xs, score, color=color, marker="o", label=f"{arm} (mean of {len(results)} seeds, band: min–max)")
-            ax.fill_between(xs, low, high, alpha=0.15, color=color)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("held-out mean score, alone")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        name = f"heldout_vs_{x_name}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
-    return files
+    """Held-out curves: mean score vs learner step and vs wall time, per-problem variance vs step."""
+    return [
+        _plot_heldout(runs, out, "mean_score", "held-out mean score, alone", "step"),
+        _plot_heldout(runs, out, "mean_score", "held-out mean score, alone", "time"),
+        _plot_heldout(runs, out, "variance", "held-out per-problem variance, alone", "step"),
+    ]
+
+
+def _plot_heldout(runs: dict[str, list[dict]], out: Path, key: str, y_label: str, x_name: str) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k, (arm, results) in enumerate(runs.items()):
+        color = f"C{k}"  # one colour per arm, the same in every plot
+        values = [fmean(r["curve"][i][key] for r in results) for i in range(len(results[0]["curve"]))]
+        if not results[0]["train"]:
+            ax.axhline(values[-1], color=color, linestyle="--", linewidth=1, label=f"{arm} (no training)")
+            continue
+        steps = [c["step"] for c in results[0]["curve"]]
+        xs = steps if x_name == "step" else [fmean(_step_time(r, s) for r in results) for s in steps]
+        low = [min(r["curve"][i][key] for r in results) for i in range(len(steps))]
+        high = [max(r["curve"][i][key] for r in results) for i in range(len(steps))]
+        ax.plot(xs, values, color=color, marker="o", label=f"{arm} (mean of {len(results)} seeds, band: min–max)")
+        ax.fill_between(xs, low, high, alpha=0.15, color=color)
+    ax.set_xlabel("learner step" if x_name == "step" else "learner wall time (s)")
+    ax.set_ylabel(y_label)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    name = f"heldout_{'' if key == 'mean_score' else key + '_'}vs_{x_name}.png"
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def plot_training(runs: dict[str, list[dict]], out: Path) -> list[str]:
@@ -215,6 +254,19 @@ def headline_text(summary: dict) -> str:
         f"- Variance ({a} − {b}): {var_gap['mean']:+.4f} (range [{var_gap['min']:+.4f}, {var_gap['max']:+.4f}]); "
         f"lower for {a}: {'yes' if var_gap['mean'] < 0 else 'no'}.",
     ]
+    phases = h.get("calls_phases")
+    if phases:
+        lines.append(
+            f"- Call-rate phases (seed mean): {phases['early']:.2f} early, {phases['late_high_p']:.2f} in the last "
+            f"steps at p ≥ 0.5, {phases['end']:.2f} at the end; holds while p is high: "
+            f"{'yes' if phases['holds_while_p_high'] else 'no'}, falls: {'yes' if phases['falls'] else 'no'}."
+        )
+    if h.get("targets"):
+        lines.append(
+            "- Targets: "
+            + ", ".join(f"{k} {'met' if v else 'NOT met' if v is False else 'n/a'}" for k, v in h["targets"].items())
+            + "."
+        )
     if calls is not None:
         lines.append(
             f"- {a}'s expert calls per training episode: {calls['first_fifth']:.2f} in the first fifth of training, "

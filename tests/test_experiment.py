@@ -10,7 +10,7 @@ import yaml
 
 from eapo.config import ExperimentConfig
 from eapo.experiment import eval_steps, load_experiment, run_experiment
-from eapo.report import spread, write_report
+from eapo.report import spread, summarize, write_report
 from learner.anneal import anneal_state
 
 
@@ -111,3 +111,49 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
     rerun_base = json.loads((exp.out / "base" / "seed-0" / "result.json").read_text())
     assert gap == pytest.approx(eapo["curve"][-1]["mean_score"] - rerun_base["curve"][-1]["mean_score"])
     assert json.loads((exp.out / "report.json").read_text())["headline"]["gap"]["mean"] == pytest.approx(gap)
+
+
+def test_headline_targets_by_hand():
+    def run(arm, seed, score, variance, calls, acceptance):
+        metrics = [
+            {"step": i + 1, "calls_per_episode": c, "acceptance": p}
+            for i, (c, p) in enumerate(zip(calls, acceptance, strict=True))
+        ]
+        curve = [{"step": 10, "mean_score": score, "variance": variance, "per_tier": {}, "expert_calls_per_episode": 0}]
+        return {"arm": arm, "seed": seed, "train": True, "eval_mode": "alone", "steps": 10, "curve": curve,
+                "seconds": 1.0, "metrics": metrics}  # fmt: skip
+
+    # 10 steps: p 1.0 for 6 steps, then 0; calls 1.0 for the first 5 steps, 0.8 at steps 6, then 0.1
+    acceptance = [1.0] * 6 + [0.0] * 4
+    calls = [1.0] * 5 + [0.8] + [0.1] * 4
+    runs = {
+        "eapo": [run("eapo", s, score, 0.1, calls, acceptance) for s, score in ((0, 0.40), (1, 0.36))],
+        "rl": [run("rl", s, score, 0.2, [0.0] * 10, [0.0] * 10) for s, score in ((0, 0.30), (1, 0.32))],
+    }
+    h = summarize(runs, ("eapo", "rl"))["headline"]
+    # gaps 0.10 and 0.04: mean 0.07, sample std 0.0424 → every seed positive, mean above the std
+    assert h["gap"]["mean"] == pytest.approx(0.07) and h["gap"]["std"] == pytest.approx(0.0424264, abs=1e-6)
+    # early = first 2 steps: 1.0; late high-p = the last of the 6 p ≥ 0.5 steps: 0.8 ≥ 0.5; end = last 2: 0.1
+    assert h["calls_phases"] == {
+        "early": 1.0,
+        "late_high_p": 0.8,
+        "end": 0.1,
+        "holds_while_p_high": True,
+        "falls": True,
+    }
+    assert h["targets"] == {
+        "gap_positive_every_seed": True,
+        "gap_mean_exceeds_seed_std": True,
+        "variance_not_higher": True,
+        "calls_hold_then_fall": True,
+    }
+    # a collapse while p is high (calls 0.3 at step 6, under half of the early 1.0) fails the phases target
+    collapsed = [1.0] * 5 + [0.3] + [0.1] * 4
+    runs["eapo"] = [run("eapo", s, score, 0.3, collapsed, acceptance) for s, score in ((0, 0.40), (1, 0.29))]
+    h = summarize(runs, ("eapo", "rl"))["headline"]
+    assert h["targets"] == {
+        "gap_positive_every_seed": False,  # seed 1: 0.29 − 0.32
+        "gap_mean_exceeds_seed_std": False,  # gaps 0.10, −0.03: mean 0.035 < std 0.0919
+        "variance_not_higher": False,
+        "calls_hold_then_fall": False,
+    }
