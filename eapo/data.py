@@ -8,7 +8,8 @@ Layouts we ship presets for (field paths into one record):
 - ``aime`` / ``aimo``: ``problem``, ``answer``
 - ``dapo``: DAPO-Math-17k — ``prompt`` is a chat list whose last user message holds the problem,
   ``reward_model.ground_truth`` the answer (the problem is re-rendered with the policy's own chat
-  template and the consult instruction, so only the user's text is kept);
+  template and the consult instruction, so only the user's text is kept; it asks for ``Answer: …``,
+  which the layout's answer pattern reads when there is no ``\\boxed{}``);
 - ``world``: the tiny world's splits (``id``, ``tier``).
 Any other layout: pass ``problem_field``/``answer_field`` (and ``id_field``) yourself; for short-answer
 sets (QA) set ``answer_kind="short"`` (exact match and F1), and ``answer_pattern`` where the task has its
@@ -42,7 +43,12 @@ PRESETS = {
     "aime": Layout(),
     "aimo": Layout(),
     "world": Layout(id_field="id", tier_field="tier"),
-    "dapo": Layout(problem_field="prompt", answer_field="reward_model.ground_truth", id_field="extra_info.index"),
+    "dapo": Layout(
+        problem_field="prompt",
+        answer_field="reward_model.ground_truth",
+        id_field="extra_info.index",
+        answer_pattern=r"Answer:\s*([^\n]+)",  # DAPO's prompts ask for "Answer: …"; a \boxed{} still wins
+    ),
 }
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from eapo.data import Layout, load_problems
 from eapo.world.tasks import read_jsonl
+from rollout_service.reward import extract_answer
 
 DATA = Path(__file__).parent / "data"
 
@@ -19,6 +20,9 @@ def test_dapo_layout_reads_the_chat_prompt_and_nested_answer():
     problems = load_problems(DATA / "dapo_sample.jsonl", "dapo")
     assert [(p.id, p.answer) for p in problems] == [("a1b2", "14"), ("c3d4", "9")]
     assert "divisors" in problems[1].problem
+    said = "2+12 is 14.\nAnswer: 14"  # the answer format DAPO's prompts ask for
+    assert extract_answer(said, problems[0].answer_pattern) == "14"
+    assert extract_answer("\\boxed{15}\nAnswer: 14", problems[0].answer_pattern) == "15"
 
 
 def test_parquet_with_custom_fields(tmp_path):
