@@ -1,8 +1,8 @@
 """Restart what dies, as Kubernetes would: one supervisor for ``eapo up`` and the chaos suite.
 
 A component is a process and the way to start it again. A component that exits without being
-*finished* (what finished means is the component's: the learner after its last step, a rollout replica
-once the learner is done) is restarted after a back-off that doubles with each crash in a row (reset
+*finished* (what finished means is the component's: the learner or a rollout replica exiting 0 after
+the run's last step) is restarted after a back-off that doubles with each crash in a row (reset
 once it stays up ``reset_after_s``), up to ``max_restarts`` restarts per component. Past that budget the
 supervisor raises ``RestartBudgetSpent``: the caller stops the run cleanly and says how to resume it.
 Every start, exit and restart is reported through ``on_event`` (progress lines, logs).
