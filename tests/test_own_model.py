@@ -237,7 +237,7 @@ def test_eapo_up_trains_and_eapo_eval_judges_a_users_own_model_through_config_al
         "data": {"train": {"path": str(train), "layout": "aime"}, "eval": {"path": str(held_out), "layout": "aime"}},
         "expert_server": {"pool": [str(Path(tiny_world.dir) / "expert")]},  # an absolute checkpoint path
         "learner": {"steps": 20, "batch_groups": 1, "dynamic_sampling": False, "lr": 1e-4},
-        "rollout": {"group_size": 4, "max_groups_in_flight": 2, "max_new_tokens": 24, "max_context": 400},
+        "rollout": {"group_size": 2, "max_groups_in_flight": 2, "max_new_tokens": 24, "max_context": 400},
         "anneal": {
             "budget": {"kind": "constant", "start": 3, "end": 3},
             "penalty": {"kind": "constant", "start": 0.1, "end": 0.1},
