@@ -149,8 +149,8 @@ def test_up_restarts_a_killed_learner_rollout_and_redis_and_finishes(tiny_world,
 
 
 @pytest.mark.timeout(900)
-def test_up_killed_whole_is_finished_by_resume_and_a_changed_config_is_refused(tiny_world, tmp_path):
-    steps = 5
+def test_up_killed_whole_or_out_of_restarts_is_finished_by_resume_and_a_changed_config_is_refused(tiny_world, tmp_path):
+    steps = 6
     with audited_up(tiny_world, tmp_path, steps) as (proc, run_dir, config, log):
         wait_for(lambda: proc.poll() is None and last_step(run_dir) >= 2, 300, "step 2")
         children = pids(run_dir)
@@ -174,9 +174,21 @@ def test_up_killed_whole_is_finished_by_resume_and_a_changed_config_is_refused(t
     )
     assert changed.returncode != 0 and "learner.lr: " in changed.stderr and "-> 0.5" in changed.stderr, changed.stderr
 
-    with up("--resume", str(run_dir), log=log) as resumed:
+    # Resumed with no restarts allowed (a safe change), it stops cleanly at the first crash and says how
+    # to go on; resumed again, it finishes.
+    with up("--resume", str(run_dir), log=log, env={"EAPO_SUPERVISION__MAX_RESTARTS": "0"}) as strict:
+        wait_for(lambda: strict.poll() is None and last_step(run_dir) > stopped_at, 300, "a step after resuming")
+        os.kill(pids(run_dir)["learner"], signal.SIGKILL)
+        assert strict.wait(timeout=120) == 3, log.read_text()[-4000:]
+    out = log.read_text()
+    assert f"resuming {run_dir} after step {stopped_at}" in out
+    assert "resuming with a changed setting: supervision.max_restarts: 5 -> 0" in out
+    assert "learner exited with code -9 after 0 restarts: restart budget spent" in out
+    assert out.count(f"resume with: eapo up --resume {run_dir}") == 1
+    assert all(gone(pid) for pid in pids(run_dir).values())  # stopped cleanly: nothing left running
+
+    with up("--resume", str(run_dir), log=log, env={"EAPO_SUPERVISION__MAX_RESTARTS": "5"}) as resumed:
         assert resumed.wait(timeout=600) == 0, log.read_text()[-4000:]
-    assert f"resuming {run_dir} after step {stopped_at}" in log.read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ok"] and summary["resumed"], summary
     print("ledger:", json.dumps(ledger_after(run_dir, steps)))
