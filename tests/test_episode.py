@@ -176,3 +176,9 @@ async def test_an_expert_timeout_becomes_unavailable_and_the_episode_goes_on(tok
     assert [c.outcome for c in traj.consults] == ["error", "error"]
     assert not any(c.accepted for c in traj.consults)
     assert traj.finish == "answer" and traj.score == 1.0
+
+
+async def test_the_tiny_worlds_template_renders_the_prompts_its_policy_learned(tokenizer):
+    """Prompts now come from the chat template; the tiny world's renders the strings its SFT used."""
+    assert fmt.render_prompt(tokenizer, fmt.training_messages("2+3", 3)) == fmt.training_prompt("2+3")
+    assert fmt.render_prompt(tokenizer, fmt.eval_messages("2+3")) == fmt.eval_prompt("2+3")

@@ -5,6 +5,7 @@ template, a tiny Qwen2 briefly fine-tuned to consult (``tests/bpe_model.py``).""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from bpe_model import build_model, build_tokenizer, prompt, write_problems
+from bpe_model import CHATML, build_model, build_tokenizer, prompt, write_problems
 from helpers import FakeBackend, ServerThread
 
 from eapo.config import ExpertBackend, GatewayConfig, RolloutConfig
@@ -261,3 +262,19 @@ def test_eapo_up_trains_and_eapo_eval_judges_a_users_own_model_through_config_al
     report = json.loads(out.read_text())
     assert report["dataset"] == str(held_out) and report["summary"]["problems"] == 8
     assert report["expert_calls_per_episode"] == 0  # judged alone
+
+
+def test_a_template_without_a_system_role_gets_the_instruction_in_the_user_message(tok):
+    strict = copy.deepcopy(tok)
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    strict.chat_template = refuse + CHATML
+    text = fmt.render_prompt(strict, fmt.training_messages("2+3", 3))
+    assert text == f"<|im_start|>user\n{fmt.consult_instruction(3)}\n\n2+3<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        fmt.render_prompt(strict, fmt.eval_messages("2+3"))
+        == "<|im_start|>user\n2+3<|im_end|>\n<|im_start|>assistant\n"
+    )
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        fmt.render_prompt(bare, fmt.eval_messages("2+3"))
