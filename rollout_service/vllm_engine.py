@@ -5,17 +5,19 @@ sampled ids with their log-probs (``logprobs=0``: the sampled token's own), so n
 vLLM batches the concurrent episodes' turns itself (continuous batching).
 
 New weight versions load from shared storage inside vLLM's workers: ``collective_rpc`` calls
-``eapo_load_weights(path)`` of ``rollout_service.vllm_worker.EAPOWorkerExtension``. Generation is
-paused around the load where vLLM can (``pause_generation(mode="wait")``: turns in flight finish on the
-old weights, new ones wait), so a turn is sampled under one version, the one it is recorded with.
+``eapo_load_weights(path)`` of ``rollout_service.vllm_worker.EAPOWorkerExtension``. A load first stops
+new turns here and lets the turns in flight finish on the old weights; only then does it load, so a
+turn is sampled under one version, the one it is recorded with. (vLLM's own ``pause_generation`` is not
+enough: a turn sent while it pauses is queued, then sampled under the new weights.)
 
-vLLM is the ``gpu`` extra; this module imports it only when the engine is built. Written against vLLM's
-``AsyncLLM`` API; not exercised in CI (no GPU there) — ``tests/test_vllm_engine.py`` covers the
-conversion of vLLM's outputs and the missing-vLLM error.
+vLLM is the ``gpu`` extra (its CPU build where there is no GPU, installed by ``.ci/setup``); this module
+imports it only when the engine is built. ``tests/test_vllm_real_engine.py`` runs it on vLLM's CPU build;
+``tests/test_vllm_engine.py`` covers the conversion of vLLM's outputs and the missing-vLLM error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from pathlib import Path
@@ -65,15 +67,29 @@ class VLLMEngine:
         args = {"model": str(path), "worker_extension_cls": WORKER_EXTENSION, "disable_log_stats": True}
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**(args | engine_args)))
         self._vllm, self._version, self._ids = vllm, version, itertools.count()
+        self._open, self._idle, self._in_flight = asyncio.Event(), asyncio.Event(), 0  # see load_version
+        self._open.set()
+        self._idle.set()
 
     @property
     def version(self) -> int:
         return self._version
 
     async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
+        await self._open.wait()  # no turn starts while a version loads
+        version = self._version
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._sample(request), version
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _sample(self, request: SampleRequest) -> SampleResult:
         from vllm.sampling_params import RequestOutputKind
 
-        version = self._version
         params = self._vllm.SamplingParams(
             max_tokens=request.max_new_tokens,
             temperature=request.temperature,
@@ -90,20 +106,19 @@ class VLLMEngine:
         outputs = [out async for out in self._llm.generate(prompt, params, request_id=f"eapo-{next(self._ids)}")]
         if not outputs:
             raise RuntimeError("vLLM finished a request without an output")
-        return to_result(outputs[-1].outputs[0]), version
+        return to_result(outputs[-1].outputs[0])
 
     async def load_version(self, version: int, path: Path) -> None:
-        """Every worker loads ``path`` (checksums verified there); in-flight turns finish first."""
-        pause = getattr(self._llm, "pause_generation", None)  # vLLM versions without it load between steps
-        if pause is not None:
-            await pause(mode="wait")
+        """Every worker loads ``path`` (checksums verified there); in-flight turns finish first, new ones
+        wait for the load. A failed load raises and the engine keeps its version."""
+        self._open.clear()
         try:
+            await self._idle.wait()
             await self._llm.collective_rpc("eapo_load_weights", args=(str(path),))
             await self._llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+            self._version = version
         finally:
-            if pause is not None:
-                await self._llm.resume_generation()
-        self._version = version
+            self._open.set()
         log.info("vLLM policy now at version %d", version)
 
     async def close(self) -> None:

