@@ -50,6 +50,15 @@ def test_stop_string_cuts_the_text(base_url):
     assert "=" not in resp.choices[0].text
 
 
+def test_stop_string_kept_in_the_text_on_request_and_named_as_the_stop_reason(base_url):
+    """vLLM's extras, through the official client: the text ends with the stop string, stop_reason names it."""
+    kwargs = dict(model="expert", prompt="Q: 2+2\nA: ", max_tokens=20, temperature=0.0, stop=["="])
+    cut = client(base_url).completions.create(**kwargs).choices[0]
+    kept = client(base_url).completions.create(**kwargs, extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert kept.finish_reason == "stop" and kept.stop_reason == "="
+    assert kept.text == cut.text + "="
+
+
 def test_streaming_chat(base_url):
     stream = client(base_url).chat.completions.create(
         model="expert",
