@@ -346,6 +346,13 @@ class EAPOConfig(BaseSettings):
             raise ValueError(
                 f"rollout.max_queries={self.rollout.max_queries} exceeds gateway.max_queries={self.gateway.max_queries}"
             )
+        gw = self.gateway
+        served = {b.model for b in gw.backends} | {p.model for p in gw.discovery} | set(gw.aliases)
+        if served and (unserved := [m for m in self.model.experts if m not in served]):
+            raise ValueError(
+                f"model.experts {unserved} name no pool of the gateway (its models: {sorted(served)}); "
+                "every consult to them would fail"
+            )
         return self
 
     @property

@@ -122,3 +122,13 @@ def test_a_run_of_ones_own_model_data_and_experts_needs_no_tiny_world(tmp_path):
     assert load_config(None).uses_world
     assert load_config(None, **own).uses_world  # the pool still names the world's expert checkpoints
     assert not load_config(None, **own, expert_server={"pool": [str(tmp_path / "e")]}).uses_world
+
+
+def test_an_expert_name_no_gateway_pool_serves_is_refused():
+    pools = {"backends": [{"model": "expert", "url": "http://127.0.0.1:1"}], "aliases": {"solver": "expert"}}
+    assert load_config(None, gateway=pools, model={"experts": ["expert", "solver"]}).model.experts == [
+        "expert",
+        "solver",
+    ]
+    with pytest.raises(ValueError, match=r"model.experts \['math'\] name no pool"):
+        load_config(None, gateway=pools, model={"experts": ["expert", "math"]})
