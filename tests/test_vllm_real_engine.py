@@ -9,14 +9,21 @@ import asyncio
 
 import pytest
 import pytest_asyncio
-from bpe_model import build_model, prompt
+from bpe_model import build_model
 from test_own_model import ArithmeticExperts
-from vllm_real import ENGINE_ARGS, ENV, LOGPROB_TOL, Learner, publish_two_versions, require_vllm
+from vllm_real import (
+    ENGINE_ARGS,
+    ENV,
+    LOGPROB_TOL,
+    Learner,
+    check_turns,
+    publish_two_versions,
+    require_vllm,
+    turn_request,
+)
 
 from eapo.config import RolloutConfig
-from eapo.sampling import SampleRequest
 from proto import AnnealState, PromptTask
-from proto import episode_format as fmt
 from rollout_service.engine import TransformersEngine
 from rollout_service.episode import run_episode
 
@@ -46,32 +53,12 @@ async def engine(versions):
     mp.undo()
 
 
-def turn_request(tok, problem: str, seed: int, temperature: float = 1.0) -> SampleRequest:
-    ids = tok.encode(prompt(tok, problem))
-    return SampleRequest(ids, 40, frozenset({tok.eos_token_id}), (fmt.CONSULT_CLOSE,), temperature, seed=seed)
-
-
 @pytest.mark.asyncio(loop_scope="module")
 async def test_turns_are_token_in_token_out_with_the_learners_log_probs_and_end_at_the_tag(engine, versions):
-    """Concurrent turns at temperature 1 (DAPO's): every behaviour log-prob is the learner's log-prob of
-    that sampled id in context; a consult turn ends at the first token completing ``</consult>`` (a
-    multi-token tag under this BPE), that token kept."""
-    tok, learner = engine.tokenizer, versions[1]
-    requests = [turn_request(tok, p, seed=i) for i, p in enumerate(PROBLEMS * 2)]
+    """Concurrent turns at temperature 1 (DAPO's), checked by ``vllm_real.check_turns``."""
+    requests = [turn_request(engine.tokenizer, p, seed=i) for i, p in enumerate(PROBLEMS * 2)]
     results = await asyncio.gather(*(engine.sample(r) for r in requests))
-    consulted = 0
-    for request, (result, version) in zip(requests, results, strict=True):
-        assert version == 0 and result.token_ids and len(result.logprobs) == len(result.token_ids)
-        ids = request.prompt_ids + result.token_ids
-        assert result.logprobs == pytest.approx(learner.logprobs(0, ids, len(request.prompt_ids)), abs=LOGPROB_TOL)
-        text = tok.decode(result.token_ids)
-        if result.stop_string == fmt.CONSULT_CLOSE:
-            consulted += 1
-            assert result.finish == "stop" and text.count(fmt.CONSULT_CLOSE) == 1
-            assert fmt.CONSULT_CLOSE not in tok.decode(result.token_ids[:-1])  # the last token completed it
-        else:
-            assert fmt.CONSULT_CLOSE not in text
-    assert consulted >= len(requests) // 2  # the fine-tuned policy consults
+    assert check_turns(engine.tokenizer, versions[1], 0, requests, results) >= len(requests) // 2  # it consults
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -20,9 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from bpe_model import prompt
 
+from eapo.sampling import SampleRequest
 from eapo.world.bootstrap import load_model
 from learner.loss import token_logprobs
+from proto import episode_format as fmt
 from proto.weights import version_dir, write_version
 
 # eager mode starts in half the time of the compiled graph; float32 so log-probs compare tightly
@@ -58,6 +61,35 @@ def publish_two_versions(root: Path, source: Path, scratch: Path) -> tuple[Path,
     shutil.copytree(source, scratch, dirs_exist_ok=True)
     model.save_pretrained(scratch)
     return publish(root, 0, source), publish(root, 1, scratch)
+
+
+def turn_request(tok, problem: str, seed: int, temperature: float = 1.0) -> SampleRequest:
+    """A turn of the training prompt under the policy's chat template, ending at the consult tag or EOS."""
+    ids = tok.encode(prompt(tok, problem))
+    return SampleRequest(ids, 40, frozenset({tok.eos_token_id}), (fmt.CONSULT_CLOSE,), temperature, seed=seed)
+
+
+def check_turns(
+    tok, learner: Learner, version: int, requests: list[SampleRequest], results: list, weights: int | None = None
+) -> int:
+    """Every turn is recorded with ``version`` and is token-in/token-out under the weights of version
+    ``weights`` (default: the same): its behaviour log-probs are the learner's for the sampled ids in
+    context, and a consult turn ends at the first token completing ``</consult>`` (a multi-token tag
+    under the BPE policy), that token kept. Returns how many turns consulted."""
+    consulted = 0
+    for request, (result, got_version) in zip(requests, results, strict=True):
+        assert got_version == version and result.token_ids and len(result.logprobs) == len(result.token_ids)
+        ids = request.prompt_ids + result.token_ids
+        want = learner.logprobs(version if weights is None else weights, ids, len(request.prompt_ids))
+        assert result.logprobs == pytest.approx(want, abs=LOGPROB_TOL)
+        text = tok.decode(result.token_ids)
+        if result.stop_string == fmt.CONSULT_CLOSE:
+            consulted += 1
+            assert result.finish == "stop" and text.count(fmt.CONSULT_CLOSE) == 1
+            assert fmt.CONSULT_CLOSE not in tok.decode(result.token_ids[:-1])  # the last token completed it
+        else:
+            assert fmt.CONSULT_CLOSE not in text
+    return consulted
 
 
 class Learner:
