@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from eapo.config import EAPOConfig, ExpertBackend, load_config
 from eapo.redis_server import RedisServer, free_port, resolve_redis_url
 from eapo.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
@@ -206,7 +208,7 @@ def resume_config(run_dir: Path, config_path: Path | None = None) -> EAPOConfig:
         if pid and pid != os.getpid() and _is_eapo_up(pid):
             raise SystemExit(f"{run_dir} is still being run by eapo up (pid {pid}); stop it first")
     cfg = load_config(config_path or stored_file)
-    stored = yaml_load(stored_file)
+    stored = yaml.safe_load(stored_file.read_text()) or {}
     accepted, refused = config_changes(stored, cfg.model_dump(mode="json"))
     if refused:
         raise SystemExit(
@@ -220,12 +222,6 @@ def resume_config(run_dir: Path, config_path: Path | None = None) -> EAPOConfig:
     if (run_dir / "redis").is_dir() and not os.environ.get("REDIS_URL"):
         cfg.redis.url = None  # it ran on a private Redis: start it again from its append-only file
     return cfg
-
-
-def yaml_load(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def _is_eapo_up(pid: int) -> bool:
