@@ -58,8 +58,9 @@ class ScriptedEngine:
 
     async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
         await asyncio.sleep(self.turn_s)
-        ids = self._answer if self._is_second(request.prompt_ids) else self._consult
-        return SampleResult(token_ids=list(ids), logprobs=[-0.5] * len(ids), finish="stop"), 0
+        second = self._is_second(request.prompt_ids)
+        ids, stop = (self._answer, None) if second else (self._consult, fmt.CONSULT_CLOSE)  # a turn ends on the tag
+        return SampleResult(list(ids), [-0.5] * len(ids), "stop", stop), 0
 
     async def load_version(self, version, path) -> None:  # the benchmark never publishes weights
         raise NotImplementedError

@@ -187,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bootstrap":
             p.add_argument("--force", action="store_true", help="rebuild even if the cached world matches")
         if name == "eval":
-            p.add_argument("--model", type=Path, help="checkpoint directory (default: the world's policy)")
-            p.add_argument("--dataset", type=Path, help="JSONL or Parquet file (default: the world's eval split)")
+            p.add_argument("--model", type=Path, help="checkpoint directory (default: model.policy)")
+            p.add_argument("--dataset", type=Path, help="JSONL or Parquet file (default: data.eval, in its own layout)")
             p.add_argument(
                 "--layout",
                 default="world",
                 choices=["world", "aime", "aimo", "dapo"],
-                help="field layout of the dataset's records",
+                help="field layout of --dataset's records",
             )
             p.add_argument(
                 "--answer-kind",
