@@ -103,13 +103,14 @@ class IgnoringEos:
         return self._vllm.SamplingParams(**kwargs, ignore_eos=True)
 
 
-def moved_copy(source: Path, dest: Path) -> Path:
-    """The policy with every weight moved a little: a version that differs from the first."""
+def moved_copy(source: Path, dest: Path, scale: float = 0.01, seed: int = 0) -> Path:
+    """The model at ``source`` with every weight moved by ``scale`` standard normals, saved at ``dest``:
+    a version whose log-probs differ from the first (the tests on real vLLM use it too)."""
     model, _ = load_model(source)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
     shutil.copytree(source, dest, dirs_exist_ok=True)
     model.save_pretrained(dest)
     return dest

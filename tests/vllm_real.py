@@ -22,6 +22,7 @@ import pytest
 import torch
 from bpe_model import prompt
 
+from benchmarks.engines import moved_copy
 from eapo.sampling import SampleRequest
 from eapo.world.bootstrap import load_model
 from learner.loss import token_logprobs
@@ -31,7 +32,7 @@ from proto.weights import version_dir, write_version
 # eager mode starts in half the time of the compiled graph; float32 so log-probs compare tightly
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "seed": 0}
 SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0"]
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache; the default (4) is far more than tests need
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache: plenty for these models, and ~3 GB per server in all
 LOGPROB_TOL = 1e-4  # float32 on CPU: vLLM's kernels against the learner's forward agree to ~1e-6
 START_TIMEOUT_S = 600.0  # a cold start under two busy cores
 
@@ -53,14 +54,7 @@ def publish(root: Path, version: int, source: Path) -> Path:
 
 def publish_two_versions(root: Path, source: Path, scratch: Path) -> tuple[Path, Path]:
     """Version 0: ``source``; version 1: the same model with every weight moved (other log-probs)."""
-    model, _ = load_model(source)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    shutil.copytree(source, scratch, dirs_exist_ok=True)
-    model.save_pretrained(scratch)
-    return publish(root, 0, source), publish(root, 1, scratch)
+    return publish(root, 0, source), publish(root, 1, moved_copy(source, scratch, scale=0.05, seed=1))
 
 
 def turn_request(tok, problem: str, seed: int, temperature: float = 1.0) -> SampleRequest:
@@ -124,6 +118,10 @@ class VLLMServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> VLLMServer:
+        return self.launch().wait()
+
+    def launch(self) -> VLLMServer:
+        """Start the process without waiting for it: servers launched together start side by side."""
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
                "--worker-extension-cls", "rollout_service.vllm_worker.EAPOWorkerExtension",
@@ -131,6 +129,9 @@ class VLLMServer:
         env = os.environ | ENV | {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return self
+
+    def wait(self) -> VLLMServer:
         wait_until(self.ready, START_TIMEOUT_S, f"vLLM server on :{self.port} (log: {self.log})")
         return self
 
