@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -12,6 +14,23 @@ from helpers import ServerThread
 from eapo.config import ModelSpec, WorldConfig
 from eapo.redis_server import RedisServer
 from eapo.world.bootstrap import bootstrap
+
+# DeepSpeed compiles its CPU communication op on first use (minutes on a loaded machine) into a cache
+# keyed by name only: two virtual environments (a clone and its origin) would each invalidate the other's
+# build. One cache per environment, inherited by every process a test starts.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> None:
+    """Build DeepSpeed's op once, here, before any learner process needs it: a learner's first step is
+    awaited with a bound sized for training, not for a compiler (after the first run: a cache hit)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load()
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +53,7 @@ def prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> WorldConfig:
+def tiny_world(tmp_path_factory: pytest.TempPathFactory, deepspeed_ops: None) -> WorldConfig:
     """A world built in seconds: same code path as the real bootstrap, far fewer SFT steps."""
     cfg = WorldConfig(
         dir=tmp_path_factory.mktemp("world"),
