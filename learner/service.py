@@ -128,6 +128,13 @@ class Learner:
                     continue
                 if lc.dynamic_sampling and not has_signal(group):  # all right or all wrong: no outcome signal
                     dropped_now += 1
+                    if not batch and dropped_now % lc.max_dropped_per_step == 0:
+                        log.warning(
+                            "step %d: %d groups in a row all right or all wrong; waiting for mixed outcomes "
+                            "(learner.dynamic_sampling)",
+                            step,
+                            dropped_now,
+                        )
                     await self._drop(consumer, entry, "zero_signal")
                     continue
                 batch.append((entry, sample_advantages(group, lc)))
