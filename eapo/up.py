@@ -271,6 +271,8 @@ class _Stack:
 def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = False) -> int:
     """Run (or with ``resume``, continue) the training run of ``cfg`` under supervision; the exit code."""
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
+    # Ctrl-C too when started from a script's background job, which inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.monotonic()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
