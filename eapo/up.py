@@ -293,8 +293,9 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = F
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
     say(f"resuming {run_dir} after step {_last_step(metrics)}" if resume else f"run directory {run_dir}")
-    say("bootstrapping the tiny world (cached after the first run)…")
-    bootstrap(cfg.world)
+    if cfg.uses_world:  # model.policy, data.train and absolute expert checkpoints need no tiny world
+        say("bootstrapping the tiny world (cached after the first run)…")
+        bootstrap(cfg.world)
 
     supervisor = Supervisor(cfg.supervision, on_event=say)
     url = resolve_redis_url(cfg.redis.url)

@@ -100,5 +100,9 @@ def gateway(expert_servers: list[str]):
 
 
 def pytest_collection_modifyitems(config, items):
-    """End-to-end tests (marker ``e2e``) are the slowest: run them last."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+    """The slowest run last: tests on real vLLM (marker ``vllm``), then end-to-end tests (``e2e``)."""
+
+    def rank(item: pytest.Item) -> tuple[bool, bool]:
+        return item.get_closest_marker("e2e") is not None, item.get_closest_marker("vllm") is not None
+
+    items.sort(key=rank)
