@@ -71,7 +71,7 @@ def token_text(tok: PreTrainedTokenizerFast, ids: list[int], skip_special_tokens
     return tok.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)  # a replica's groups in flight share prompts; past them a miss costs one render
 def prompt_ids(tok: PreTrainedTokenizerFast, problem: str, max_queries: int | None) -> tuple[int, ...]:
     """The prompt under the policy's own chat template: the training prompt (the consult instruction
     with K = ``max_queries``) or, with None, the minimal evaluation prompt. The template writes any BOS
