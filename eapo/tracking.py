@@ -8,13 +8,10 @@ libraries are imported only when their sink is on. W&B's offline mode needs no n
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from eapo.config import EAPOConfig
-
-log = logging.getLogger(__name__)
 
 
 def scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
