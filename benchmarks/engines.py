@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import print_table, write_result
-from eapo.config import WorldConfig
-from eapo.sampling import SampleRequest
-from eapo.world.bootstrap import bootstrap, load_model
+from eapo.core.config import WorldConfig
+from eapo.dev.world.bootstrap import bootstrap
+from eapo.inference.model import load_model
+from eapo.inference.sampling import SampleRequest
 from proto import episode_format as fmt
 from proto.weights import version_dir, write_version
 from rollout_service.engine import TransformersEngine

@@ -4,7 +4,7 @@ same load generator, one run.
     benchmarks/setup-gateway   # once: nginx and wrk (Debian packages), vllm-router (the `bench` extra)
     .venv/bin/python -m benchmarks.gateway [--duration 8] [--concurrency 64 256 1024]
 
-Backends: fake vLLM pods (``expert_gateway.fake_backend``) with a fixed latency (50 ms). Load: ``wrk``
+Backends: fake vLLM pods (``tests.fake_backend``) with a fixed latency (50 ms). Load: ``wrk``
 (C, closed loop: each connection sends its next request when the last one is answered), so the load
 generator costs little CPU next to the proxies. ``direct`` is wrk against the backends themselves
 (one wrk per backend, concurrency split evenly): added latency is the proxy's mean/p50/p99 minus
@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import print_table, write_result
-from eapo.redis_server import free_port
+from eapo.core.net import free_port
 
 BODY = '{"model": "expert", "messages": [{"role": "user", "content": "what is 17*23?"}], "max_tokens": 16}'
 WRK_SCRIPT = f"""wrk.method = "POST"
@@ -120,7 +120,7 @@ def backends(latencies_ms: list[float]):
         urls, procs = [], []
         for i, latency in enumerate(latencies_ms):
             port = free_port()
-            argv = [sys.executable, "-m", "expert_gateway.fake_backend", "--port", str(port), "--name", f"b{i}",
+            argv = [sys.executable, "-m", "tests.fake_backend", "--port", str(port), "--name", f"b{i}",
                     "--latency-ms", str(latency)]  # fmt: skip
             procs.append(stack.enter_context(process(argv, f"http://127.0.0.1:{port}/health")))
             urls.append(f"http://127.0.0.1:{port}")

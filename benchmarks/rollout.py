@@ -12,7 +12,7 @@ waves that a real engine's varying latencies never produce. ``of_ideal`` is the 
 (groups finished between the 10th and the 90th percentile of finish times); ``of_ideal_whole_run``
 also counts the ramp-up and the drain. Also CPU per episode, the event loop's lag (a 5 ms ticker's
 overshoot, p99) and the resident memory per in-flight episode. The process runs as ``eapo rollout``
-does: uvloop, and the collector tuned (``eapo.gc_tuning``). Target: >= 90% of ideal at 512.
+does: uvloop, and the collector tuned (``eapo.core.gc_tuning``). Target: >= 90% of ideal at 512.
 
 Part 2, the CPU transformers engine on the tiny world's policy: tokens/s for 32 concurrent generation
 requests, batched into shared forward passes vs one at a time. Target: >= 5x.
@@ -30,10 +30,10 @@ import numpy as np
 import uvloop
 
 from benchmarks.common import print_table, write_result
-from eapo.config import RolloutConfig, WorldConfig
-from eapo.gc_tuning import tune_gc
-from eapo.sampling import SampleRequest, SampleResult
-from eapo.world.bootstrap import bootstrap, build_tokenizer
+from eapo.core.config import RolloutConfig, WorldConfig
+from eapo.core.gc_tuning import tune_gc
+from eapo.dev.world.bootstrap import bootstrap, build_tokenizer
+from eapo.inference.sampling import SampleRequest, SampleResult
 from proto import AnnealState, ConsultResult, PromptTask, TrajectoryGroup, encode
 from proto import episode_format as fmt
 from rollout_service.engine import TransformersEngine

@@ -21,9 +21,9 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from benchmarks.common import print_table, write_result
-from eapo.redis_server import RedisServer
-from eapo.streams import StreamConsumer, StreamProducer, ensure_group
+from eapo.dev.redis_server import RedisServer
 from proto import AnnealState, PromptTask, Trajectory, TrajectoryGroup, TurnRecord, encode
+from proto.streams import StreamConsumer, StreamProducer, ensure_group
 
 
 def make_group(i: int, samples: int, tokens: int, rng: np.random.Generator) -> TrajectoryGroup:

@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from eapo.config import EAPOConfig, EvalMode, load_config
-from eapo.logs import setup_logging
+from eapo.core.config import EAPOConfig, EvalMode, load_config
+from eapo.core.logs import setup_logging
 from proto.schemas import AnswerKind
 
 log = logging.getLogger("eapo")
 
 
 def _redis_url(cfg: EAPOConfig) -> str:
-    from eapo.redis_server import resolve_redis_url
+    from eapo.dev.redis_server import resolve_redis_url
 
     url = resolve_redis_url(cfg.redis.url)
     if url is None:
@@ -28,7 +28,7 @@ def _redis_url(cfg: EAPOConfig) -> str:
 
 
 def cmd_up(cfg: EAPOConfig, args: argparse.Namespace) -> int:
-    from eapo.up import resume_config, run_stack
+    from eapo.dev.up import resume_config, run_stack
 
     if args.resume is not None:
         return run_stack(resume_config(args.resume, args.config), config_path=args.config, resume=True)
@@ -36,7 +36,7 @@ def cmd_up(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(cfg: EAPOConfig, args: argparse.Namespace) -> int:
-    from eapo.world.bootstrap import bootstrap
+    from eapo.dev.world.bootstrap import bootstrap
 
     bootstrap(cfg.world, force=args.force)
     return 0
@@ -45,7 +45,7 @@ def cmd_bootstrap(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from eapo.expert_server import create_app
+    from eapo.inference.cpu_server import create_app
 
     es = cfg.expert_server
     path = es.model_path or cfg.world.dir / es.model
@@ -62,7 +62,7 @@ def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 def cmd_gateway(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from eapo.gc_tuning import tune_gc
+    from eapo.core.gc_tuning import tune_gc
     from expert_gateway.app import create_app
 
     if not cfg.gateway.backends and not cfg.gateway.discovery:
@@ -85,7 +85,7 @@ def cmd_gateway(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 def cmd_rollout(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     import uvloop
 
-    from eapo.gc_tuning import tune_gc
+    from eapo.core.gc_tuning import tune_gc
     from rollout_service.service import serve
 
     tune_gc()  # after the imports (torch, transformers), before any model: weight versions stay collectable
@@ -123,8 +123,8 @@ def cmd_eval(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
-    from eapo.experiment import run_experiment
-    from eapo.report import table, write_report
+    from eapo.experiment.harness import run_experiment
+    from eapo.experiment.report import table, write_report
 
     exp = args.experiment  # loaded and checked by main()
     run_experiment(exp)
@@ -135,7 +135,7 @@ def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
 
 
 def cmd_report(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
-    from eapo.report import table, write_report
+    from eapo.experiment.report import table, write_report
 
     summary = write_report(args.dir)
     print(table(summary))
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         if args.command == "experiment":
-            from eapo.experiment import load_experiment
+            from eapo.experiment.harness import load_experiment
 
             args.experiment = load_experiment(args.config)  # checked before anything starts
         elif args.command not in OWN_CONFIG:

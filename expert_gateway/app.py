@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from eapo.config import GatewayConfig
-from eapo.metrics import labelled
+from eapo.core.config import GatewayConfig
+from eapo.core.metrics import labelled
 from expert_gateway import admin
 from expert_gateway.degrade import degrade
 from expert_gateway.pools import AllTried, Backend, NoBackend, NoHealthyBackend, Pools, QueueFull

@@ -15,8 +15,8 @@ import re
 
 from prometheus_client import Counter
 
-from eapo.config import DegradeConfig
-from eapo.metrics import labelled
+from eapo.core.config import DegradeConfig
+from eapo.core.metrics import labelled
 
 DEGRADED = Counter(
     "eapo_gateway_degraded_total",

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 
-from eapo.config import DnsPool
+from eapo.core.config import DnsPool
 
 log = logging.getLogger(__name__)
 

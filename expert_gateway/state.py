@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from eapo.config import GatewayConfig
+from eapo.core.config import GatewayConfig
 from expert_gateway.discovery import discovered
 from expert_gateway.pools import Backend, Pools
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from eapo.config import merge
+from eapo.core.config import merge
 
 CHART = Path(__file__).parent / "helm" / "eapo"
 BASE = Path(__file__).parent / "kustomize" / "base" / "eapo.yaml"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from eapo.config import AnnealConfig, ScheduleConfig
+from eapo.core.config import AnnealConfig, ScheduleConfig
 from proto import AnnealState
 
 

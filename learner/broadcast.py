@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from eapo.config import BroadcastConfig
+from eapo.core.config import BroadcastConfig
 from proto.broadcast import Group, join, send
 from proto.weights import load_tensors
 

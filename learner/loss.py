@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from eapo.config import LearnerConfig
+from eapo.core.config import LearnerConfig
 from proto import TrajectoryGroup
 
 

@@ -22,12 +22,10 @@ from statistics import fmean
 import redis.asyncio as aioredis
 import torch
 
-from eapo.config import EAPOConfig
-from eapo.data import load_split
-from eapo.metrics import StepGauges, serve_metrics
-from eapo.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
-from eapo.tracking import Tracker
-from eapo.world.tasks import Problem
+from eapo.core.config import EAPOConfig
+from eapo.core.data import Problem, load_split
+from eapo.core.metrics import StepGauges, serve_metrics
+from eapo.core.tracking import Tracker
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
 from learner.ledger import Ledger
@@ -35,6 +33,7 @@ from learner.loss import has_signal, outcome_rewards, sample_advantages
 from learner.trainer import Ranks, Trainer, TrainSample
 from proto import AnnealState, Names, TrajectoryGroup, encode
 from proto import episode_format as fmt
+from proto.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
 from proto.weights import prune, verify_version, version_dir, write_version
 
 log = logging.getLogger(__name__)

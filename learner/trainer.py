@@ -16,9 +16,9 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from eapo.config import LearnerConfig
-from eapo.redis_server import free_port
-from eapo.world.bootstrap import load_model
+from eapo.core.config import LearnerConfig
+from eapo.core.net import free_port
+from eapo.inference.model import load_model
 from learner.loss import dapo_loss, kl_penalty, token_logprobs
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerFast
 
-from eapo.config import EAPOConfig
-from eapo.sampling import Batcher, SampleRequest, SampleResult
-from eapo.world.bootstrap import load_model
+from eapo.core.config import EAPOConfig
+from eapo.inference.model import load_model
+from eapo.inference.sampling import Batcher, SampleRequest, SampleResult
 from proto.weights import verify_version
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ is shown to the policy only if the episode's seeded draw ``u < p(t)``; the draw 
 are recorded either way.
 
 Any tokenizer: prompts come from the policy's own chat template (``proto.episode_format``), a consult
-turn ends on the closing tag as a stop *string* (``eapo.sampling``: under BPE the tag is several tokens,
+turn ends on the closing tag as a stop *string* (``eapo.inference.sampling``: under BPE the tag is several tokens,
 and its last may run past it), and expert blocks continue the same assistant turn as plain text.
 """
 
@@ -25,9 +25,9 @@ import aiohttp
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from eapo.config import EAPOConfig, RolloutConfig
-from eapo.metrics import labelled
-from eapo.sampling import SampleRequest
+from eapo.core.config import EAPOConfig, RolloutConfig
+from eapo.core.metrics import labelled
+from eapo.inference.sampling import SampleRequest
 from proto import (
     AnnealState,
     ConsultRecord,

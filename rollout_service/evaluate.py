@@ -15,8 +15,8 @@ import logging
 import time
 from pathlib import Path
 
-from eapo.config import EAPOConfig, EvalMode
-from eapo.data import Layout, load_problems, load_split
+from eapo.core.config import EAPOConfig, EvalMode
+from eapo.core.data import Layout, load_problems, load_split
 from proto import AnnealState, PromptTask, Trajectory
 from rollout_service.engine import TransformersEngine
 from rollout_service.episode import ExpertClient, Experts, PolicyExperts, gateway_session, run_episode

@@ -4,13 +4,13 @@ Token-in, token-out over vLLM's completions API: the prompt goes as token ids, `
 ``stop`` strings end a turn, and ``logprobs=0`` with ``return_tokens_as_token_ids`` brings back exactly
 the sampled ids and their log-probs — no re-tokenization anywhere. When a stop string fires, vLLM's
 ids and log-probs include the token that completed it (only its text is cut) and ``stop_reason``
-names the string: the same turn the CPU engine samples (``eapo.sampling``). Special tokens stay in
+names the string: the same turn the CPU engine samples (``eapo.inference.sampling``). Special tokens stay in
 the text vLLM checks (``skip_special_tokens: false``), where the tiny world's tags are special tokens.
 Requests spread over the servers (least outstanding).
 
 New weight versions: every server loads the published safetensors version from shared storage through
 vLLM's dev-mode ``POST /collective_rpc`` calling ``eapo_load_weights(path)`` — implemented in vLLM's
-workers by ``rollout_service.vllm_worker.EAPOWorkerExtension`` (``--worker-extension-cls``) and by the
+workers by ``eapo.inference.vllm_worker.EAPOWorkerExtension`` (``--worker-extension-cls``) and by the
 CPU server itself. A turn is recorded with the version that was current when it was sent.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 from transformers import PreTrainedTokenizerFast
 
-from eapo.sampling import SampleRequest, SampleResult
+from eapo.inference.sampling import SampleRequest, SampleResult
 
 log = logging.getLogger(__name__)
 

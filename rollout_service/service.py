@@ -17,10 +17,10 @@ import time
 
 import redis.asyncio as aioredis
 
-from eapo.config import EAPOConfig
-from eapo.metrics import serve_metrics
-from eapo.streams import Entry, StreamConsumer, StreamProducer
+from eapo.core.config import EAPOConfig
+from eapo.core.metrics import serve_metrics
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, WeightManifest, decode
+from proto.streams import Entry, StreamConsumer, StreamProducer
 from proto.weights import version_dir
 from rollout_service.engine import PolicyEngine, open_engine
 from rollout_service.episode import ExpertClient, gateway_session, run_episode

@@ -5,7 +5,7 @@ sampled ids with their log-probs (``logprobs=0``: the sampled token's own), so n
 vLLM batches the concurrent episodes' turns itself (continuous batching).
 
 New weight versions load from shared storage inside vLLM's workers: ``collective_rpc`` calls
-``eapo_load_weights(path)`` of ``rollout_service.vllm_worker.EAPOWorkerExtension``. A load first stops
+``eapo_load_weights(path)`` of ``eapo.inference.vllm_worker.EAPOWorkerExtension``. A load first stops
 new turns here and lets the turns in flight finish on the old weights; only then does it load, so a
 turn is sampled under one version, the one it is recorded with. (vLLM's own ``pause_generation`` is not
 enough: a turn sent while it pauses is queued, then sampled under the new weights.)
@@ -25,10 +25,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from eapo.sampling import SampleRequest, SampleResult
+from eapo.inference.sampling import SampleRequest, SampleResult
 
 log = logging.getLogger(__name__)
-WORKER_EXTENSION = "rollout_service.vllm_worker.EAPOWorkerExtension"
+WORKER_EXTENSION = "eapo.inference.vllm_worker.EAPOWorkerExtension"
 
 
 def import_vllm() -> Any:

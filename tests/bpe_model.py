@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from eapo.world.bootstrap import sft
-from eapo.world.tasks import evaluate, make_problem
+from eapo.dev.world.bootstrap import sft
+from eapo.dev.world.tasks import evaluate, make_problem
 from proto import episode_format as fmt
 
 CHATML = (

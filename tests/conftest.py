@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 from helpers import ServerThread
 
-from eapo.config import ModelSpec, WorldConfig
-from eapo.redis_server import RedisServer
-from eapo.world.bootstrap import bootstrap
+from eapo.core.config import ModelSpec, WorldConfig
+from eapo.dev.redis_server import RedisServer
+from eapo.dev.world.bootstrap import bootstrap
 
 # DeepSpeed compiles its CPU communication op on first use (minutes on a loaded machine) into a cache
 # keyed by name only: two virtual environments (a clone and its origin) would each invalidate the other's
@@ -78,8 +78,8 @@ def world_dir(tiny_world: WorldConfig) -> Path:
 @pytest.fixture(scope="session")
 def expert_servers(world_dir: Path):
     """Two CPU expert servers serving the tiny world's expert under the name 'expert'."""
-    from eapo.expert_server import create_app
-    from eapo.redis_server import free_port
+    from eapo.core.net import free_port
+    from eapo.inference.cpu_server import create_app
 
     with (
         ServerThread(create_app("expert", world_dir / "expert", seed=1), free_port()) as a,
@@ -90,8 +90,8 @@ def expert_servers(world_dir: Path):
 
 @pytest.fixture(scope="session")
 def gateway(expert_servers: list[str]):
-    from eapo.config import ExpertBackend, GatewayConfig
-    from eapo.redis_server import free_port
+    from eapo.core.config import ExpertBackend, GatewayConfig
+    from eapo.core.net import free_port
     from expert_gateway.app import create_app
 
     cfg = GatewayConfig(backends=[ExpertBackend(model="expert", url=u) for u in expert_servers], max_queries=4)

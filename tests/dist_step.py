@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from eapo.config import LearnerConfig
+from eapo.core.config import LearnerConfig
 from learner.trainer import Trainer, TrainSample
 
 

@@ -8,7 +8,7 @@ import uuid
 
 import numpy as np
 
-from eapo.redis_server import free_port
+from eapo.core.net import free_port
 from proto import AnnealState, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
 
 
@@ -82,12 +82,12 @@ class ServerThread:
 
 
 class FakeBackend:
-    """A fake vLLM pod (``expert_gateway.fake_backend``) in its own process, so it can be SIGKILLed."""
+    """A fake vLLM pod (``tests.fake_backend``) in its own process, so it can be SIGKILLed."""
 
     def __init__(self, name: str, model: str = "expert", latency_ms: float = 0.0):
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.argv = [sys.executable, "-m", "expert_gateway.fake_backend", "--port", str(self.port), "--name", name,
+        self.argv = [sys.executable, "-m", "tests.fake_backend", "--port", str(self.port), "--name", name,
                      "--model", model, "--latency-ms", str(latency_ms)]  # fmt: skip
         self.process = None
 
@@ -134,8 +134,8 @@ def start_audit(client, names) -> None:
 
 def audited(client, names) -> list[TrajectoryGroup]:
     """Every group produced since ``start_audit``, in stream order (re-rolled prompts included)."""
-    from eapo.streams import FIELD
     from proto import decode
+    from proto.streams import FIELD
 
     reply = client.xreadgroup("audit", "auditor", {names.trajectories: ">"}) or []
     return [decode(fields[FIELD], TrajectoryGroup) for _stream, entries in reply for _id, fields in entries]

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from eapo.config import AnnealConfig, ScheduleConfig
+from eapo.core.config import AnnealConfig, ScheduleConfig
 from learner.anneal import anneal_state, value
 
 

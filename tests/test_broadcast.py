@@ -11,10 +11,10 @@ import torch
 from helpers import ServerThread
 from test_remote_engine import greedy, publish
 
-from eapo.config import BroadcastConfig
-from eapo.expert_server import create_app
-from eapo.redis_server import free_port
-from eapo.world.bootstrap import load_model
+from eapo.core.config import BroadcastConfig
+from eapo.core.net import free_port
+from eapo.inference.cpu_server import create_app
+from eapo.inference.model import load_model
 from learner.broadcast import Broadcaster
 from proto.broadcast import join, receive, send
 from proto.weights import version_dir

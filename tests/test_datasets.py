@@ -2,8 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from eapo.data import Layout, load_problems
-from eapo.world.tasks import read_jsonl
+from eapo.core.data import Layout, load_problems, read_jsonl
 from rollout_service.reward import extract_answer
 
 DATA = Path(__file__).parent / "data"

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from helpers import ServerThread
 
-from eapo.config import DegradeConfig, ExpertBackend, GatewayConfig
-from eapo.redis_server import free_port
+from eapo.core.config import DegradeConfig, ExpertBackend, GatewayConfig
+from eapo.core.net import free_port
 from expert_gateway.app import create_app
 from expert_gateway.degrade import CONTENT_FREE, corrupt, degrade
 

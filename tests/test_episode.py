@@ -6,9 +6,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from eapo.config import RolloutConfig
-from eapo.sampling import SampleRequest, SampleResult
-from eapo.world.bootstrap import load_model
+from eapo.core.config import RolloutConfig
+from eapo.inference.model import load_model
+from eapo.inference.sampling import SampleRequest, SampleResult
 from proto import AnnealState, PromptTask
 from proto import episode_format as fmt
 from rollout_service.episode import ExpertClient, run_episode
@@ -117,7 +117,7 @@ async def test_a_budget_of_one_is_a_plain_answer_under_the_evaluation_prompt(tok
 
 
 async def test_unreachable_gateway_makes_experts_unavailable_and_the_episode_goes_on(tokenizer):
-    from eapo.redis_server import free_port
+    from eapo.core.net import free_port
 
     _, traj = await episode(tokenizer, None, 1.0, [CONSULT_TURN, ANSWER_TURN], url=f"http://127.0.0.1:{free_port()}")
     assert traj.finish == "answer" and traj.score == 1.0
@@ -155,8 +155,8 @@ async def test_an_expert_timeout_becomes_unavailable_and_the_episode_goes_on(tok
     from fastapi import FastAPI
     from helpers import ServerThread
 
-    from eapo.config import ExpertBackend, GatewayConfig
-    from eapo.redis_server import free_port
+    from eapo.core.config import ExpertBackend, GatewayConfig
+    from eapo.core.net import free_port
     from expert_gateway.app import create_app
 
     slow = FastAPI()

@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from eapo.config import ExperimentConfig
-from eapo.experiment import eval_steps, load_experiment, run_experiment
-from eapo.report import spread, summarize, write_report
+from eapo.core.config import ExperimentConfig
+from eapo.experiment.harness import eval_steps, load_experiment, run_experiment
+from eapo.experiment.report import spread, summarize, write_report
 from learner.anneal import anneal_state
 
 

@@ -9,8 +9,8 @@ import aiohttp
 import httpx
 from helpers import FakeBackend, ServerThread
 
-from eapo.config import ExpertBackend, GatewayConfig
-from eapo.redis_server import free_port
+from eapo.core.config import ExpertBackend, GatewayConfig
+from eapo.core.net import free_port
 from expert_gateway.app import create_app
 
 CHAT = {"model": "expert", "messages": [{"role": "user", "content": "1"}]}

@@ -10,8 +10,8 @@ import openai
 import pytest
 from helpers import FakeBackend, ServerThread
 
-from eapo.config import DnsPool, ExpertBackend, GatewayConfig
-from eapo.redis_server import free_port
+from eapo.core.config import DnsPool, ExpertBackend, GatewayConfig
+from eapo.core.net import free_port
 from expert_gateway import discovery
 from expert_gateway.app import create_app
 

@@ -13,9 +13,9 @@ from helpers import FakeBackend, ServerThread
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from eapo import expert_server
-from eapo.config import ExpertBackend, GatewayConfig
-from eapo.redis_server import free_port
+from eapo.core.config import ExpertBackend, GatewayConfig
+from eapo.core.net import free_port
+from eapo.inference import cpu_server as expert_server
 from expert_gateway.app import create_app
 
 SKIP = {("POST", "/admin/backends")}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eapo.config import load_config
+from eapo.core.config import load_config
 
 ROOT = Path(__file__).parent.parent
 K8S = ROOT / "k8s"
@@ -184,7 +184,7 @@ def test_rollout_reaches_every_policy_server_and_they_load_weights_through_the_e
     assert cfg.rollout.engine == "remote"
     assert cfg.rollout.policy_urls == [f"http://{name}-{i}.{svc}:8000" for i in range(policy["spec"]["replicas"])]
     args = policy["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--worker-extension-cls") + 1] == "rollout_service.vllm_worker.EAPOWorkerExtension"
+    assert args[args.index("--worker-extension-cls") + 1] == "eapo.inference.vllm_worker.EAPOWorkerExtension"
     env = {e["name"]: e.get("value") for e in policy["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from test_k8s import objects
 
-from eapo.config import load_config
-from eapo.redis_server import free_port
+from eapo.core.config import load_config
+from eapo.core.net import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,6 @@ import redis
 import yaml
 from helpers import group
 
-from eapo.streams import FIELD
 from proto import (
     AnnealState,
     Names,
@@ -22,6 +21,7 @@ from proto import (
     decode,
     encode,
 )
+from proto.streams import FIELD
 from proto.weights import verify_version, version_dir
 
 pytestmark = pytest.mark.e2e

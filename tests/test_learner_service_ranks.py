@@ -12,8 +12,8 @@ import yaml
 from helpers import group, torchrun
 from test_tracking import tensorboard_scalars
 
-from eapo.streams import FIELD
 from proto import encode
+from proto.streams import FIELD
 from proto.weights import published_versions
 
 pytestmark = pytest.mark.e2e

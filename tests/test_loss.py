@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eapo.config import LearnerConfig
+from eapo.core.config import LearnerConfig
 from learner.loss import (
     dapo_loss,
     group_advantages,

@@ -19,12 +19,12 @@ import yaml
 from bpe_model import CHATML, build_model, build_tokenizer, prompt, write_problems
 from helpers import FakeBackend, ServerThread
 
-from eapo.config import ExpertBackend, GatewayConfig, RolloutConfig
-from eapo.expert_server import create_app
-from eapo.redis_server import free_port
-from eapo.sampling import SampleRequest, completed_stop, generate_batch, text_decoder
-from eapo.world.bootstrap import load_model
-from eapo.world.tasks import evaluate
+from eapo.core.config import ExpertBackend, GatewayConfig, RolloutConfig
+from eapo.core.net import free_port
+from eapo.dev.world.tasks import evaluate
+from eapo.inference.cpu_server import create_app
+from eapo.inference.model import load_model
+from eapo.inference.sampling import SampleRequest, completed_stop, generate_batch, text_decoder
 from expert_gateway.app import create_app as create_gateway
 from learner.loss import token_logprobs
 from proto import AnnealState, ConsultResult, PromptTask

@@ -7,10 +7,10 @@ import aiohttp
 import numpy as np
 import pytest
 
-from eapo.config import RolloutConfig, load_config
-from eapo.sampling import SampleRequest, generate_batch
-from eapo.world.bootstrap import load_model
-from eapo.world.tasks import evaluate
+from eapo.core.config import RolloutConfig, load_config
+from eapo.dev.world.tasks import evaluate
+from eapo.inference.model import load_model
+from eapo.inference.sampling import SampleRequest, generate_batch
 from proto import AnnealState, PromptTask
 from proto import episode_format as fmt
 from rollout_service.engine import TransformersEngine
@@ -135,7 +135,7 @@ def test_eapo_eval_writes_a_report(tiny_world, tmp_path):
 def test_top_p_keeps_the_smallest_head_reaching_p():
     import torch
 
-    from eapo.sampling import _filter_top_p
+    from eapo.inference.sampling import _filter_top_p
 
     logits = torch.log(torch.tensor([0.15, 0.5, 0.05, 0.3]))
     kept = torch.softmax(_filter_top_p(logits, 0.7), dim=-1)

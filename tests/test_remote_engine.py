@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import ServerThread
 
-from eapo.config import RolloutConfig, load_config
-from eapo.expert_server import create_app
-from eapo.redis_server import free_port
-from eapo.sampling import SampleRequest
+from eapo.core.config import RolloutConfig, load_config
+from eapo.core.net import free_port
+from eapo.inference.cpu_server import create_app
+from eapo.inference.sampling import SampleRequest
 from proto import AnnealState, PromptTask
 from proto import episode_format as fmt
 from proto.weights import version_dir, write_version

@@ -5,9 +5,9 @@ import pytest
 from math_verify import parse, verify
 from test_episode import ScriptedEngine, anneal
 
-from eapo.config import RolloutConfig
-from eapo.world.bootstrap import load_model
-from eapo.world.tasks import Problem
+from eapo.core.config import RolloutConfig
+from eapo.core.data import Problem
+from eapo.inference.model import load_model
 from learner.service import rollout_stats
 from proto import PromptTask
 from rollout_service.episode import run_episode

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from eapo.streams import StreamConsumer, StreamProducer, trim_acknowledged
 from proto import PromptTask, decode
+from proto.streams import StreamConsumer, StreamProducer, trim_acknowledged
 
 pytestmark = pytest.mark.asyncio
 

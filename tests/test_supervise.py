@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from eapo.config import SupervisionConfig
-from eapo.supervise import Component, RestartBudgetSpent, Supervisor
-from eapo.up import config_changes
+from eapo.core.config import SupervisionConfig
+from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor
+from eapo.dev.up import config_changes
 
 
 def exits(code: int) -> subprocess.Popen[bytes]:

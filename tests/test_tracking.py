@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from eapo.config import EAPOConfig
-from eapo.tracking import Tracker, scalars
+from eapo.core.config import EAPOConfig
+from eapo.core.tracking import Tracker, scalars
 
 RECORDS = [
     {"step": 1, "loss": 0.5, "dropped": {"zero_signal": 3}, "group_ids": ["a"], "ok": True, "note": "x"},

@@ -18,7 +18,7 @@ import redis
 import yaml
 from helpers import assert_ledger, start_audit, wait_for
 
-from eapo.redis_server import RedisServer
+from eapo.dev.redis_server import RedisServer
 from proto import Names
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from eapo.config import EAPOConfig
+from eapo.core.config import EAPOConfig
 from rollout_service.engine import open_engine
 from rollout_service.vllm_engine import to_result
 

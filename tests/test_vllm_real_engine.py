@@ -22,7 +22,7 @@ from vllm_real import (
     turn_request,
 )
 
-from eapo.config import RolloutConfig
+from eapo.core.config import RolloutConfig
 from proto import AnnealState, PromptTask
 from rollout_service.engine import TransformersEngine
 from rollout_service.episode import run_episode

@@ -14,8 +14,8 @@ from bpe_model import build_model
 from helpers import ServerThread
 from vllm_real import VLLMServer, require_vllm, wait_until
 
-from eapo.config import ExpertBackend, GatewayConfig
-from eapo.redis_server import free_port
+from eapo.core.config import ExpertBackend, GatewayConfig
+from eapo.core.net import free_port
 from expert_gateway.app import create_app
 from proto import ConsultRequest, ConsultResponse
 

@@ -21,8 +21,8 @@ from vllm_real import (
     wait_until,
 )
 
-from eapo.config import BroadcastConfig
-from eapo.redis_server import free_port
+from eapo.core.config import BroadcastConfig
+from eapo.core.net import free_port
 from learner.broadcast import Broadcaster
 from rollout_service.remote_engine import PolicyServerError, RemotePolicyEngine
 

@@ -23,8 +23,8 @@ import torch
 from bpe_model import prompt
 
 from benchmarks.engines import moved_copy
-from eapo.sampling import SampleRequest
-from eapo.world.bootstrap import load_model
+from eapo.inference.model import load_model
+from eapo.inference.sampling import SampleRequest
 from learner.loss import token_logprobs
 from proto import episode_format as fmt
 from proto.weights import version_dir, write_version
@@ -124,7 +124,7 @@ class VLLMServer:
         """Start the process without waiting for it: servers launched together start side by side."""
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--worker-extension-cls", "rollout_service.vllm_worker.EAPOWorkerExtension",
+               "--worker-extension-cls", "eapo.inference.vllm_worker.EAPOWorkerExtension",
                *SERVER_ARGS, *self.extra]  # fmt: skip
         env = os.environ | ENV | {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
         with self.log.open("ab") as out:

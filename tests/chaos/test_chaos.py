@@ -25,10 +25,11 @@ import redis
 import yaml
 from helpers import assert_ledger, start_audit, wait_for
 
-from eapo.config import SupervisionConfig
-from eapo.redis_server import RedisServer, free_port
-from eapo.supervise import Component, Supervisor, popen_child, terminate
-from eapo.up import http_ok
+from eapo.core.config import SupervisionConfig
+from eapo.core.net import free_port
+from eapo.dev.redis_server import RedisServer
+from eapo.dev.supervise import Component, Supervisor, popen_child, terminate
+from eapo.dev.up import http_ok
 from proto import AnnealState, Names, WeightManifest, decode
 from proto.weights import verify_version, version_dir
 

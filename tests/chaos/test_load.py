@@ -16,8 +16,8 @@ from helpers import FakeBackend
 
 from benchmarks.gateway import process
 from benchmarks.rollout import episode_loop
-from eapo.config import RolloutConfig
-from eapo.redis_server import free_port
+from eapo.core.config import RolloutConfig
+from eapo.core.net import free_port
 
 pytestmark = pytest.mark.e2e
 # The rollout's default: max_groups_in_flight x group_size episodes, each with up to K queries at once.

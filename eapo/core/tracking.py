@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from eapo.config import EAPOConfig
+from eapo.core.config import EAPOConfig
 
 
 def scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

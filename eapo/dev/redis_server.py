@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,28 +15,10 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from eapo.core.net import free_port
+
 if TYPE_CHECKING:
-    from eapo.supervise import Component
-
-# Ports handed out below the kernel's ephemeral range (32768+ on Linux): a port from bind(0) can be
-# taken by any outgoing connection (Redis clients, torch's TCPStore) before the server that was meant
-# to have it binds it. Each process starts at its own offset so parallel processes rarely collide.
-_PORT_LOW, _PORT_HIGH = 20000, 32768
-_next_port = _PORT_LOW + (os.getpid() * 97) % (_PORT_HIGH - _PORT_LOW)
-
-
-def free_port() -> int:
-    """A loopback port that is free now and outside the ephemeral range; never the same twice per process."""
-    global _next_port
-    for _ in range(_PORT_HIGH - _PORT_LOW):
-        port, _next_port = _next_port, _PORT_LOW + (_next_port + 1 - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free loopback port in [{_PORT_LOW}, {_PORT_HIGH})")
+    from eapo.dev.supervise import Component
 
 
 def redis_executable() -> str:
@@ -67,7 +48,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0, die_with_parent: bool = False) -> RedisServer:
         """Start the server (replaying ``data_dir``'s append-only file, if any) and wait until it answers.
         ``die_with_parent``: SIGKILLed with this process (``eapo up``), never left serving a stale run."""
-        from eapo.supervise import popen_child
+        from eapo.dev.supervise import popen_child
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
@@ -112,7 +93,7 @@ class RedisServer:
     def component(self, name: str = "redis", die_with_parent: bool = False) -> Component:
         """This server under a ``Supervisor``: its first start is this one's; a restart replays the
         append-only file on the same port, so every client's URL stays valid."""
-        from eapo.supervise import Component
+        from eapo.dev.supervise import Component
 
         def start() -> subprocess.Popen[bytes]:
             if self.process is None or self.process.poll() is not None:

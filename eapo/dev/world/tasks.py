@@ -9,33 +9,11 @@ worked solution rewrites one operation per step.
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from proto.schemas import AnswerKind, PromptTask
+from eapo.core.data import Problem
 
 TIERS = (1, 2, 3, 4)
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    problem: str
-    answer: str
-    tier: int
-    answer_kind: AnswerKind = "math"
-    answer_pattern: str | None = None
-
-    def __post_init__(self) -> None:
-        self.task()  # a bad answer_kind or answer_pattern is refused here, where the file and line are known
-
-    def task(self, prompt_id: str | None = None, admitted_at_step: int = 0) -> PromptTask:
-        """The problem as a prompt to roll out (``prompt_id`` defaults to the problem's id)."""
-        return PromptTask(prompt_id=prompt_id or self.id, problem=self.problem, answer=self.answer, tier=self.tier,
-                          admitted_at_step=admitted_at_step, answer_kind=self.answer_kind,
-                          answer_pattern=self.answer_pattern)  # fmt: skip
 
 
 def _tokens(expr: str) -> list[str]:
@@ -88,24 +66,3 @@ def make_problem(rng: random.Random, tier: int, index: int, split: str) -> Probl
 def make_split(seed: int, n: int, split: str) -> list[Problem]:
     rng = random.Random(f"{seed}:{split}")
     return [make_problem(rng, TIERS[i % len(TIERS)], i, split) for i in range(n)]
-
-
-def write_jsonl(problems: list[Problem], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in problems))
-
-
-def read_jsonl(path: Path) -> list[Problem]:
-    problems = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            kind, pattern = row.get("answer_kind", "math"), row.get("answer_pattern")
-            problems.append(
-                Problem(str(row["id"]), str(row["problem"]), str(row["answer"]), int(row["tier"]), kind, pattern)
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{lineno}: not a problem record ({exc})") from exc
-    return problems

@@ -13,7 +13,6 @@ nearly exact there and of no use on a whole problem.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -27,11 +26,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from eapo.config import ModelSpec, WorldConfig
-from eapo.logs import setup_logging
-from eapo.world.tasks import TIERS, make_problem, make_split, solution_steps, worked_solution, write_jsonl
+from eapo.core.config import ModelSpec, WorldConfig
+from eapo.core.data import write_jsonl
+from eapo.core.logs import setup_logging
+from eapo.dev.world.tasks import TIERS, make_problem, make_split, solution_steps, worked_solution
 from proto import episode_format as fmt
 
 log = logging.getLogger(__name__)
@@ -210,33 +210,3 @@ def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
     )
     log.info("tiny world built in %.0fs at %s", time.monotonic() - t0, root)
     return root
-
-
-def with_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``model`` holding ``tensors``: a version of the same architecture as saved, where a tied
-    weight appears once. Refuses tensors that are not the model's, and parameters left without one."""
-    new = copy.deepcopy(model)
-    missing, unexpected = new.load_state_dict(tensors, strict=False)
-    state = new.state_dict()
-    loaded = {state[name].data_ptr() for name in tensors}
-    untied = [name for name in missing if state[name].data_ptr() not in loaded]
-    if unexpected or untied:
-        raise ValueError(f"not this model's weights: unexpected {unexpected[:5]}, missing {untied[:5]}")
-    return new.eval()
-
-
-def load_model(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Load any causal LM checkpoint directory (the tiny world's or a real one).
-
-    The tokenizer is read from its ``tokenizer.json`` exactly as shipped: ``AutoTokenizer`` would
-    substitute the model family's own class (for Qwen2, a byte-level pipeline that drops our spaces).
-    A tokenizer without a pad token (most base models) pads with EOS: padding is masked everywhere.
-    """
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"{path}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer

@@ -1,5 +1,5 @@
 """Runs inside vLLM's workers: ``python -m vllm.entrypoints.openai.api_server … --worker-extension-cls
-rollout_service.vllm_worker.EAPOWorkerExtension`` (with ``VLLM_SERVER_DEV_MODE=1``) makes
+eapo.inference.vllm_worker.EAPOWorkerExtension`` (with ``VLLM_SERVER_DEV_MODE=1``) makes
 ``POST /collective_rpc {"method": …, "args": […]}`` call these methods in every worker (the in-process
 engine calls them through ``AsyncLLM.collective_rpc``):
 
@@ -19,7 +19,7 @@ again here. Older vLLM (no ``weights_iterator``) falls back to ``load_weights``.
 
 Nothing here imports vLLM: the class is mixed into vLLM's worker, which provides ``model_runner`` and
 ``rank``. Tested on vLLM's CPU build (``tests/test_vllm_real_*.py``); the CPU server
-(``eapo.expert_server``) implements the same calls.
+(``eapo.inference.cpu_server``) implements the same calls.
 """
 
 from __future__ import annotations

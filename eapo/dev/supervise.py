@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from eapo.config import SupervisionConfig
+from eapo.core.config import SupervisionConfig
 
 log = logging.getLogger(__name__)
 

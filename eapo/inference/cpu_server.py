@@ -7,7 +7,7 @@ token-id prompts, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_spe
 ``return_tokens_as_token_ids`` and (with
 ``VLLM_SERVER_DEV_MODE=1``) ``POST /collective_rpc`` running the worker extension's methods
 (``eapo_load_weights(path)``; ``eapo_join_broadcast``/``eapo_receive_broadcast``). Concurrent
-requests share batched forward passes (``eapo.sampling.Batcher``).
+requests share batched forward passes (``eapo.inference.sampling.Batcher``).
 
 Stop strings behave as in vLLM: generation ends at the first token whose decoded text completes one;
 the returned token ids and log-probs include that token, the text is cut at the string (after it with
@@ -32,8 +32,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from eapo.sampling import Batcher, SampleRequest, SampleResult
-from eapo.world.bootstrap import load_model, with_weights
+from eapo.inference.model import load_model, with_weights
+from eapo.inference.sampling import Batcher, SampleRequest, SampleResult
 from proto.broadcast import Backend, Group, join, receive
 from proto.weights import MANIFEST, WeightsError, read_manifest, verify_version
 
@@ -165,7 +165,7 @@ def served_model(request: Request) -> ServedModel:
 Served = Annotated[ServedModel, Depends(served_model)]
 
 
-RPC = {  # collective_rpc method → what it runs (as rollout_service.vllm_worker names them)
+RPC = {  # collective_rpc method → what it runs (as eapo.inference.vllm_worker names them)
     "eapo_load_weights": ServedModel.load_weights,
     "eapo_join_broadcast": ServedModel.join_broadcast,
     "eapo_receive_broadcast": ServedModel.receive_broadcast,
@@ -193,7 +193,7 @@ def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> Fas
 
         @app.post("/collective_rpc", response_model=None)
         async def collective_rpc(body: CollectiveRpc, m: Served) -> Response | dict:
-            """What ``rollout_service.vllm_worker.EAPOWorkerExtension`` does inside vLLM's workers."""
+            """What ``eapo.inference.vllm_worker.EAPOWorkerExtension`` does inside vLLM's workers."""
             method = RPC.get(body.method)
             if method is None:
                 return openai_error(400, f"unsupported collective_rpc {body.method!r}: one of {sorted(RPC)}")

@@ -7,7 +7,7 @@ failure behaviour the caller controls — at start (``--latency-ms``), or live t
 the counters (served, failed, cancelled: requests whose client went away before the answer).
 aiohttp, not FastAPI: in benchmarks it must never be the bottleneck.
 
-    python -m expert_gateway.fake_backend --port 9001 --name a --model expert --latency-ms 50
+    python -m tests.fake_backend --port 9001 --name a --model expert --latency-ms 50
 """
 
 from __future__ import annotations

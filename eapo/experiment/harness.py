@@ -4,7 +4,7 @@ Every arm × seed runs one after another with the real services (``eapo up`` for
 and gets its own run directory under ``out/ARM/seed-S``. A trained arm's weight versions are kept,
 and every ``eval_every``-th is judged on the held-out split, alone, N samples per problem: the learning
 curve. ``result.json`` marks an arm × seed as finished; a rerun skips it, and an interrupted one
-starts over (its partial directory is moved aside). The report (``eapo.report``) is then rebuilt
+starts over (its partial directory is moved aside). The report (``eapo.experiment.report``) is then rebuilt
 from the run directories alone.
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from eapo.config import EAPOConfig, EvalMode, ExperimentConfig
-from eapo.tracking import Tracker
-from eapo.up import expert_pool, run_stack
-from eapo.world.bootstrap import bootstrap
-from eapo.world.tasks import read_jsonl
+from eapo.core.config import EAPOConfig, EvalMode, ExperimentConfig
+from eapo.core.data import read_jsonl
+from eapo.core.tracking import Tracker
+from eapo.dev.up import expert_pool, run_stack
+from eapo.dev.world.bootstrap import bootstrap
 from proto.weights import prune, version_dir
 from rollout_service.evaluate import evaluate
 

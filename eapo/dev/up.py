@@ -3,7 +3,7 @@
 Bootstraps the tiny world, starts a private Redis (unless ``REDIS_URL``/``redis.url``), one CPU
 expert server per checkpoint of ``expert_server.pool``, the gateway, the learner and one rollout
 replica; waits for health; prints progress from the learner's metrics; restarts whatever dies
-(``eapo.supervise``: back-off, a restart budget); and stops everything — after the learner's last
+(``eapo.dev.supervise``: back-off, a restart budget); and stops everything — after the learner's last
 step, when a restart budget is spent, or on Ctrl-C. The run directory gets the resolved config,
 metrics.jsonl, per-process logs (``logs/up.log``: what the supervisor did), the weight versions and
 summary.json. ``eapo up --resume RUN_DIR`` continues a run that stopped or was killed: the same
@@ -29,10 +29,11 @@ from typing import Any
 
 import yaml
 
-from eapo.config import EAPOConfig, ExpertBackend, load_config
-from eapo.redis_server import RedisServer, free_port, resolve_redis_url
-from eapo.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
-from eapo.world.bootstrap import bootstrap
+from eapo.core.config import EAPOConfig, ExpertBackend, load_config
+from eapo.core.net import free_port
+from eapo.dev.redis_server import RedisServer, resolve_redis_url
+from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
+from eapo.dev.world.bootstrap import bootstrap
 
 log = logging.getLogger(__name__)
 
