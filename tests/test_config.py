@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from eapo.cli import COMMANDS
-from eapo.config import load_config
+from eapo.core.config import EAPOConfig, derive_seed, load_config
 
 
 def test_env_overrides_file_and_file_overrides_defaults(tmp_path, monkeypatch):
@@ -132,3 +132,14 @@ def test_an_expert_name_no_gateway_pool_serves_is_refused():
     ]
     with pytest.raises(ValueError, match=r"model.experts \['math'\] name no pool"):
         load_config(None, gateway=pools, model={"experts": ["expert", "math"]})
+
+
+def test_role_seeds_derive_from_the_root_seed_unless_set():
+    """One root seed: a role's seed follows it (distinct per role), an explicit one wins, the world stays put."""
+    a, b = EAPOConfig(seed=0), EAPOConfig(seed=1)
+    seeds_a = (a.rollout.seed, a.learner.seed, a.gateway.seed)
+    seeds_b = (b.rollout.seed, b.learner.seed, b.gateway.seed)
+    assert len(set(seeds_a)) == 3 and not set(seeds_a) & set(seeds_b)
+    assert a.rollout.seed == derive_seed(0, "rollout") == EAPOConfig(seed=0).rollout.seed
+    assert EAPOConfig(seed=1, learner={"seed": 5}).learner.seed == 5
+    assert a.world.seed == b.world.seed == 1234

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -48,7 +49,7 @@ class WorldConfig(Section):
     """The bundled tiny world: synthetic arithmetic tasks and tiny CPU models."""
 
     dir: Path = Field(Path(".cache/world"), description="where the tiny world is built and cached")
-    seed: int = 1234
+    seed: int = Field(1234, description="not derived from the run's seed: the world is shared, like a base checkpoint")
     train_problems: int = 2000
     eval_problems: int = 200
     policy: ModelSpec = ModelSpec(curriculum="policy", hidden=64, layers=2, sft_steps=800)
@@ -80,7 +81,7 @@ class ModelConfig(Section):
 
 
 class DataSource(Section):
-    """One data set: a JSONL or Parquet file and the layout of its records (``eapo.data``)."""
+    """One data set: a JSONL or Parquet file and the layout of its records (``eapo.core.data``)."""
 
     path: Path | None = Field(None, description="JSONL or Parquet file; unset: the tiny world's split")
     layout: Literal["world", "aime", "aimo", "dapo"] = Field(
@@ -179,7 +180,9 @@ class GatewayConfig(Section):
         default_factory=dict,
         description="served model name -> robustness setting (paper Appendix E) applied to its /v1/consult answers",
     )
-    seed: int = Field(0, description="seeds the random tie-breaks, power-of-two draws and degrade draws")
+    seed: int | None = Field(
+        None, description="tie-breaks, power-of-two draws and degrade draws; default: derived from the root `seed`"
+    )
 
 
 class RolloutConfig(Section):
@@ -206,7 +209,7 @@ class RolloutConfig(Section):
     policy_urls: list[str] = Field(default_factory=list, description="remote engine: every policy server")
     policy_model: str = Field("policy", description="remote engine: the served model name")
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
-    seed: int = 7
+    seed: int | None = Field(None, description="default: derived from the root `seed`")
     consult: bool = Field(True, description="grant the consult action (False: self-exploratory RL)")
 
 
@@ -284,7 +287,7 @@ class LearnerConfig(Section):
     broadcast: BroadcastConfig = Field(default_factory=BroadcastConfig)
     checkpoint_dir: Path | None = Field(None, description="default: <run_dir>/checkpoints")
     keep_checkpoints: int = 2
-    seed: int = 0
+    seed: int | None = Field(None, description="default: derived from the root `seed`")
 
 
 class SupervisionConfig(Section):
@@ -313,7 +316,7 @@ class EAPOConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EAPO_", env_nested_delimiter="__", extra="forbid")
 
     run_dir: Path = Field(default_factory=lambda: Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    seed: int = 0
+    seed: int = Field(0, description="the root seed: every role's seed not set is derived from it")
     log_level: str = "INFO"
     metrics_host: str = Field("127.0.0.1", description="address of the learner's and rollout's /metrics")
     redis: RedisConfig = RedisConfig()
@@ -342,6 +345,9 @@ class EAPOConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> EAPOConfig:
+        for role, section in (("rollout", self.rollout), ("learner", self.learner), ("gateway", self.gateway)):
+            if section.seed is None:
+                section.seed = derive_seed(self.seed, role)
         if self.rollout.max_queries > self.gateway.max_queries:
             raise ValueError(
                 f"rollout.max_queries={self.rollout.max_queries} exceeds gateway.max_queries={self.gateway.max_queries}"
@@ -431,8 +437,13 @@ class ExperimentConfig(Section):
         """The full run config of ``arm`` with ``seed``: shared config, then the arm's overrides."""
         data = merge(merge({}, self.run), self.arms[arm].overrides)
         merge(data, {"seed": seed, "run_dir": str(self.out / arm / f"seed-{seed}")})
-        merge(data, {"rollout": {"seed": seed}, "learner": {"seed": seed}})
         return EAPOConfig(**data)
+
+
+def derive_seed(root: int, role: str) -> int:
+    """A role's seed from the root seed: stable across processes and Python versions (``hash()`` is not),
+    and different per role, so two roles never draw the same stream."""
+    return zlib.crc32(f"{role}:{root}".encode())
 
 
 def merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
