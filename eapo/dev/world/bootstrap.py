@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from eapo.core.config import ModelSpec, WorldConfig
@@ -44,16 +44,24 @@ CHAT_TEMPLATE = (
 )
 Sample = tuple[str, str]  # (prompt, completion): loss on the completion only
 HEAD_DIM = 32  # vLLM's CPU attention serves 32, 64, 80, 96, 112, 128, …
-WORLD_FORMAT = 2  # 2: heads of HEAD_DIM; direct consultation re-derived in the policy's own tokens
+WORLD_FORMAT = 3  # 2: heads of HEAD_DIM, direct consultation re-derived; 3: byte-level symbols (same ids)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level: every printable ASCII character is a token, plus the episode's special tokens."""
+    """Character-level: every printable ASCII character is a token, plus the episode's special tokens.
+
+    Byte-level, as Qwen2's own tokenizer is: ``AutoTokenizer`` (and so vLLM) loads a ``qwen2`` checkpoint
+    with Qwen2's pipeline (byte-level pre-tokenizer and decoder) whatever ``tokenizer.json`` says, and a
+    plain character vocabulary then loses its spaces and newlines. With each character stored as its
+    byte-level symbol (space as ``Ġ``) and no merges, both pipelines give the same ids and text."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(fmt.SPECIAL_TOKENS + chars)}
+    symbols = [byte_level.pre_tokenize_str(c)[0][0] for c in chars]
+    vocab = {tok: i for i, tok in enumerate(fmt.SPECIAL_TOKENS + symbols)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(fmt.SPECIAL_TOKENS)
-    tok.decoder = decoders.Fuse()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=fmt.EOS, pad_token=fmt.PAD)
     hf.chat_template = CHAT_TEMPLATE
     return hf
