@@ -4,9 +4,8 @@ Per step: read groups (XREADGROUP; entries a dead learner left pending are recla
 deliveries (``learner/ledger.py``), groups past the ledger's horizon and zero-signal groups (counted,
 acknowledged), take ``batch_groups`` informative groups,
 step, publish weight version ``step+1`` atomically and announce it, publish the next AnnealState,
-and only then acknowledge the groups used. The learner also feeds the prompts stream, admitting at
-most ``(step + max_staleness + 1) · batch_groups`` prompts (plus those dropped) — staleness is bounded
-by admission, not by discarding slow (consulting) groups.
+and only then acknowledge the groups used. The learner also feeds the prompts stream
+(``learner/feeder.py``, where admission bounds staleness).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections import Counter
 from statistics import fmean
@@ -23,40 +21,21 @@ import redis.asyncio as aioredis
 import torch
 
 from eapo.core.config import EAPOConfig
-from eapo.core.data import Problem, load_split
+from eapo.core.data import load_split
 from eapo.core.metrics import StepGauges, serve_metrics
 from eapo.core.tracking import Tracker
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
+from learner.feeder import PromptFeeder
 from learner.ledger import Ledger
 from learner.loss import has_signal, outcome_rewards, sample_advantages
 from learner.trainer import Ranks, Trainer, TrainSample
 from proto import AnnealState, Names, TrajectoryGroup, encode
 from proto import episode_format as fmt
-from proto.streams import Entry, StreamConsumer, StreamProducer, ensure_group, trim_acknowledged
+from proto.streams import Entry, StreamConsumer, ensure_group, trim_acknowledged
 from proto.weights import prune, verify_version, version_dir, write_version
 
 log = logging.getLogger(__name__)
-
-
-class PromptFeeder:
-    """Admits training prompts to the prompts stream in a seeded order, up to a moving limit."""
-
-    def __init__(self, client: aioredis.Redis, names: Names, problems: list[Problem], seed: int, high_water: int):
-        self.client, self.names = client, names
-        self.problems = problems
-        self.order = list(range(len(self.problems)))
-        random.Random(seed).shuffle(self.order)
-        self.admitted = 0
-        self.producer = StreamProducer(client, names.prompts, [names.rollout_group], high_water)
-
-    async def fill(self, limit: int, step: int) -> None:
-        while self.admitted < limit:
-            epoch, i = divmod(self.admitted, len(self.order))
-            p = self.problems[self.order[i]]
-            await self.producer.send(p.task(f"{p.id}@{epoch}", admitted_at_step=step))
-            self.admitted += 1
-        await self.client.hset(self.names.counters, "admitted", self.admitted)
 
 
 class Learner:
@@ -111,7 +90,7 @@ class Learner:
         dropped_now = 0
         await self.ledger.tick()
         while len(batch) < lc.batch_groups:
-            await feeder.fill((step + lc.max_staleness + 1) * lc.batch_groups + sum(self.dropped.values()), step)
+            await feeder.fill(step, sum(self.dropped.values()))
             if dropped_now >= lc.max_dropped_per_step and batch:
                 break
             for entry in await consumer.read(count=lc.batch_groups - len(batch), block_ms=1000):
@@ -176,7 +155,9 @@ class Learner:
         )
         await consumer.ensure_group()
         await ensure_group(self.client, self.names.prompts, self.names.rollout_group)
-        feeder = PromptFeeder(self.client, self.names, load_split(cfg, "train"), cfg.seed, 1 << 30)
+        feeder = PromptFeeder(
+            self.client, self.names, load_split(cfg, "train"), cfg.seed, lc.batch_groups, lc.max_staleness
+        )
         await self.client.delete(self.names.done)
         start = await self._resume(ranks, feeder)
         if lc.broadcast.servers:
