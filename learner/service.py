@@ -3,9 +3,10 @@
 Per step: read groups (XREADGROUP; entries a dead learner left pending are reclaimed), drop duplicate
 deliveries (``learner/ledger.py``), groups past the ledger's horizon and zero-signal groups (counted,
 acknowledged), take ``batch_groups`` informative groups,
-step, publish weight version ``step+1`` atomically and announce it, publish the next AnnealState,
-and only then acknowledge the groups used. The learner also feeds the prompts stream
-(``learner/feeder.py``, where admission bounds staleness).
+step, checkpoint, publish weight version ``step+1`` atomically and announce it, publish the next
+AnnealState, and only then acknowledge the groups used. The learner also feeds the prompts stream
+(``learner/feeder.py``, where admission bounds staleness) and records each step
+(``learner/step_stats.py``).
 """
 
 from __future__ import annotations
@@ -15,23 +16,21 @@ import json
 import logging
 import time
 from collections import Counter
-from statistics import fmean
 
 import redis.asyncio as aioredis
 import torch
 
 from eapo.core.config import EAPOConfig
 from eapo.core.data import load_split
-from eapo.core.metrics import StepGauges, serve_metrics
-from eapo.core.tracking import Tracker
+from eapo.core.metrics import serve_metrics
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
 from learner.feeder import PromptFeeder
 from learner.ledger import Ledger
-from learner.loss import has_signal, outcome_rewards, sample_advantages
+from learner.loss import has_signal, sample_advantages
+from learner.step_stats import StepLog, StepTimes, step_record
 from learner.trainer import Ranks, Trainer, TrainSample
 from proto import AnnealState, Names, TrajectoryGroup, encode
-from proto import episode_format as fmt
 from proto.streams import Entry, StreamConsumer, ensure_group, trim_acknowledged
 from proto.weights import prune, verify_version, version_dir, write_version
 
@@ -42,11 +41,9 @@ class Learner:
     def __init__(self, cfg: EAPOConfig, client: aioredis.Redis):
         self.cfg, self.client, self.names = cfg, client, Names(cfg.redis.prefix)
         self.ledger = Ledger(client, self.names.trained, cfg.learner.dedup_horizon_s)
-        self.dropped: Counter[str] = Counter()
-        self.metrics_path = cfg.run_dir / "metrics.jsonl"
-        self.gauges = StepGauges("eapo_learner")
+        self.dropped: Counter[str] = Counter()  # the run's drops by reason, restored on resume
         self.broadcaster = Broadcaster(cfg.learner.broadcast)
-        self.tracker = Tracker(cfg, "learner")
+        self.step_log = StepLog(cfg)
 
     async def _publish(self, ranks: Ranks, version: int, step: int, anneal: AnnealState) -> None:
         """Write (unless a previous life already did) and announce weight version ``version``."""
@@ -163,7 +160,6 @@ class Learner:
         if lc.broadcast.servers:
             await self.broadcaster.start()
         await self._publish(ranks, start, start, anneal_state(cfg.anneal, start))
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         t_start = time.monotonic()
         for step in range(start, lc.steps):
             anneal = anneal_state(cfg.anneal, step)
@@ -171,17 +167,13 @@ class Learner:
             batch, seen_groups, stale = await self._collect(consumer, feeder, step)
             t_data = time.monotonic() - t0
             samples = [
-                TrainSample(
-                    ids=torch.from_numpy(s.token_ids.astype("int64")),
-                    mask=torch.from_numpy(s.loss_mask.copy()),
-                    behaviour=torch.from_numpy(s.behaviour_logprobs.copy()),
-                    advantage=adv,
-                )
+                TrainSample.of(s, adv)
                 for entry, advantages in batch
                 for s, adv in zip(entry.message.samples, advantages, strict=True)
             ]
             stats = await asyncio.to_thread(ranks.call, "step", samples)
-            group_ids = [entry.message.group_id for entry, _ in batch]
+            trained = [entry.message for entry, _ in batch]
+            group_ids = [g.group_id for g in trained]
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
             # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice.
             await asyncio.to_thread(
@@ -199,28 +191,10 @@ class Learner:
                 await pipe.execute()
             for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs
                 await trim_acknowledged(self.client, stream)
-            record = {
-                "step": step + 1,
-                "time_s": round(time.monotonic() - t_start, 2),
-                "wait_s": round(t_data, 3),
-                "step_s": round(time.monotonic() - t0 - t_data, 3),
-                **anneal.model_dump(exclude={"step"}),
-                **rollout_stats(seen_groups, step),
-                "groups_trained": len(batch),
-                "idle_ratio": round(t_data / max(time.monotonic() - t0, 1e-9), 4),
-                "tokens_per_s": stats["policy_tokens"] / max(time.monotonic() - t0 - t_data, 1e-9),
-                "kept_calls_per_episode": calls_per_episode([entry.message for entry, _ in batch]),
-                "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
-                "group_ids": group_ids,
-                "dropped": dict(self.dropped),
-                **stats,
-                "reward": fmean([r for entry, _ in batch for r in outcome_rewards(entry.message, lc)]),
-                "penalty_trained": fmean([entry.message.anneal.penalty for entry, _ in batch]),
-            }
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.tracker.log(record, step + 1)
-            self.gauges.update(record)
+            now = time.monotonic()
+            times = StepTimes(run_s=now - t_start, wait_s=t_data, step_s=now - t0)
+            record = step_record(step, anneal, trained, seen_groups, stale, self.dropped, stats, times, lc)
+            self.step_log.write(step + 1, record)
             log.info(
                 "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",
                 step + 1,
@@ -260,41 +234,10 @@ def _drive(cfg: EAPOConfig, redis_url: str, ranks: Ranks) -> None:
         try:
             await learner.run(ranks)
         finally:
-            learner.tracker.close()
+            learner.step_log.close()
             await client.aclose()
 
     try:
         asyncio.run(drive())
     finally:
         ranks.call("stop")
-
-
-def calls_per_episode(groups: list[TrajectoryGroup]) -> float:
-    samples = [s for g in groups for s in g.samples]
-    return sum(len(s.consults) for s in samples) / max(len(samples), 1)
-
-
-def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, float]:
-    """What the rollouts of this step looked like, over every group read (kept or dropped)."""
-    samples = [s for g in groups for s in g.samples]
-    consults = [c for s in samples for c in s.consults]
-    n = max(len(samples), 1)
-    versions = [t.policy_version for s in samples for t in s.turns] or [0]
-    kinds = Counter(fmt.paradigm([c.query for c in s.consults], g.prompt.problem) for g in groups for s in g.samples)
-    lags = [learner_version - g.min_policy_version for g in groups] or [0]
-    f1s = [s.f1 for s in samples if s.f1 is not None]  # short-answer tasks only
-    return {
-        "groups_read": len(groups),
-        "accuracy": sum(s.score for s in samples) / n,
-        **({"f1": sum(f1s) / len(f1s)} if f1s else {}),
-        "calls_per_episode": calls_per_episode(groups),
-        "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
-        "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
-        "answered_rate": sum(c.outcome == "answer" for c in consults) / max(len(consults), 1),
-        "response_tokens": sum(s.policy_tokens for s in samples) / n,
-        "version_lag_mean": sum(lags) / len(lags),
-        "version_lag_max": float(max(lags)),
-        **{f"paradigm_{k}": kinds[k] / n for k in ("self_resolution", "direct_consultation", "decomposition")},
-        "policy_version_min": min(versions),
-        "policy_version_max": max(versions),
-    }

@@ -20,6 +20,7 @@ from eapo.core.config import LearnerConfig
 from eapo.core.net import free_port
 from eapo.inference.model import load_model
 from learner.loss import dapo_loss, kl_penalty, token_logprobs
+from proto import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ class TrainSample:
     mask: torch.Tensor  # bool [T]: 1 on policy-sampled tokens
     behaviour: torch.Tensor  # float32 [T]: behaviour log-probs (0 off the mask)
     advantage: float
+
+    @classmethod
+    def of(cls, trajectory: Trajectory, advantage: float) -> TrainSample:
+        """Copies the arrays: a received message's are read-only views of its bytes."""
+        return cls(
+            ids=torch.from_numpy(trajectory.token_ids.astype("int64")),
+            mask=torch.from_numpy(trajectory.loss_mask.copy()),
+            behaviour=torch.from_numpy(trajectory.behaviour_logprobs.copy()),
+            advantage=advantage,
+        )
 
 
 def pack_by_tokens(samples: list[TrainSample], max_tokens: int) -> list[list[TrainSample]]:

@@ -8,7 +8,7 @@ from test_episode import ScriptedEngine, anneal
 from eapo.core.config import RolloutConfig
 from eapo.core.data import Problem
 from eapo.inference.model import load_model
-from learner.service import rollout_stats
+from learner.step_stats import rollout_stats
 from proto import PromptTask
 from rollout_service.episode import run_episode
 from rollout_service.reward import extract_answer, extract_boxed, judge, normalize, score, token_f1

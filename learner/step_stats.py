@@ -1,0 +1,115 @@
+"""What a learner step records: one flat record per step in ``metrics.jsonl`` (the source of truth), mirrored
+to the configured trackers and the Prometheus gauges.
+
+The rollout statistics cover every group the step read, dropped ones included, so the record shows what
+the rollouts looked like, not only what survived the filters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from statistics import fmean
+
+from eapo.core.config import EAPOConfig, LearnerConfig
+from eapo.core.metrics import StepGauges
+from eapo.core.tracking import Tracker
+from learner.loss import outcome_rewards
+from proto import AnnealState, TrajectoryGroup
+from proto import episode_format as fmt
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds since the run started, spent waiting for groups this step, and in the whole step."""
+
+    run_s: float
+    wait_s: float
+    step_s: float
+
+
+def calls_per_episode(groups: list[TrajectoryGroup]) -> float:
+    samples = [s for g in groups for s in g.samples]
+    return sum(len(s.consults) for s in samples) / max(len(samples), 1)
+
+
+def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, float]:
+    """What the rollouts of this step looked like, over every group read (kept or dropped)."""
+    samples = [s for g in groups for s in g.samples]
+    consults = [c for s in samples for c in s.consults]
+    n = max(len(samples), 1)
+    versions = [t.policy_version for s in samples for t in s.turns] or [0]
+    kinds = Counter(fmt.paradigm([c.query for c in s.consults], g.prompt.problem) for g in groups for s in g.samples)
+    lags = [learner_version - g.min_policy_version for g in groups] or [0]
+    f1s = [s.f1 for s in samples if s.f1 is not None]  # short-answer tasks only
+    return {
+        "groups_read": len(groups),
+        "accuracy": sum(s.score for s in samples) / n,
+        **({"f1": sum(f1s) / len(f1s)} if f1s else {}),
+        "calls_per_episode": calls_per_episode(groups),
+        "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
+        "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
+        "answered_rate": sum(c.outcome == "answer" for c in consults) / max(len(consults), 1),
+        "response_tokens": sum(s.policy_tokens for s in samples) / n,
+        "version_lag_mean": sum(lags) / len(lags),
+        "version_lag_max": float(max(lags)),
+        **{f"paradigm_{k}": kinds[k] / n for k in ("self_resolution", "direct_consultation", "decomposition")},
+        "policy_version_min": min(versions),
+        "policy_version_max": max(versions),
+    }
+
+
+def step_record(
+    step: int,
+    anneal: AnnealState,
+    trained: list[TrajectoryGroup],
+    seen: list[TrajectoryGroup],
+    stale: list[TrajectoryGroup],
+    dropped: Mapping[str, int],
+    train_stats: dict[str, float],
+    times: StepTimes,
+    lc: LearnerConfig,
+) -> dict[str, object]:
+    """The record of step ``step`` (0-based; it produced version ``step + 1``): ``trained`` are the groups
+    it trained on, ``seen`` every group it read, ``stale`` those past ``max_version_lag``, ``dropped`` the
+    run's drop counts by reason, ``train_stats`` what the trainer returned."""
+    compute_s = times.step_s - times.wait_s
+    return {
+        "step": step + 1,
+        "time_s": round(times.run_s, 2),
+        "wait_s": round(times.wait_s, 3),
+        "step_s": round(compute_s, 3),
+        **anneal.model_dump(exclude={"step"}),
+        **rollout_stats(seen, step),
+        "groups_trained": len(trained),
+        "idle_ratio": round(times.wait_s / max(times.step_s, 1e-9), 4),
+        "tokens_per_s": train_stats["policy_tokens"] / max(compute_s, 1e-9),
+        "kept_calls_per_episode": calls_per_episode(trained),
+        "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
+        "group_ids": [g.group_id for g in trained],
+        "dropped": dict(dropped),
+        **train_stats,
+        "reward": fmean([r for g in trained for r in outcome_rewards(g, lc)]),
+        "penalty_trained": fmean([g.anneal.penalty for g in trained]),
+    }
+
+
+class StepLog:
+    """Appends each step's record to ``metrics.jsonl``, then mirrors it to the trackers and the gauges."""
+
+    def __init__(self, cfg: EAPOConfig):
+        self.path = cfg.run_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.gauges = StepGauges("eapo_learner")
+        self.tracker = Tracker(cfg, "learner")
+
+    def write(self, step: int, record: dict[str, object]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.tracker.log(record, step)
+        self.gauges.update(record)
+
+    def close(self) -> None:
+        self.tracker.close()

@@ -1,0 +1,35 @@
+"""A learner step's metrics record: rollout statistics over every group read, the rest over those trained."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from helpers import group
+
+from eapo.core.config import LearnerConfig
+from learner.step_stats import StepTimes, step_record
+from proto import AnnealState
+
+
+def test_a_step_record_tells_what_was_read_from_what_was_trained():
+    rng = np.random.default_rng(0)
+    mixed, flat, stale = group(rng, [1, 0]), group(rng, [1, 1]), group(rng, [0, 0])
+    record = step_record(
+        3,
+        AnnealState(step=3, acceptance=0.5, budget=2, penalty=0.25),
+        trained=[mixed],
+        seen=[mixed, flat, stale],
+        stale=[stale],
+        dropped=Counter(zero_signal=1, stale=1),
+        train_stats={"loss": 0.5, "policy_tokens": 40.0},
+        times=StepTimes(run_s=12.3456, wait_s=1.0, step_s=5.0),
+        lc=LearnerConfig(),
+    )
+    assert record["step"] == 4 and record["acceptance"] == 0.5 and "budget" in record
+    assert record["groups_read"] == 3 and record["accuracy"] == pytest.approx(0.5)  # over all six samples
+    assert record["version_lag_mean"] == 3.0  # every turn sampled by version 0, the learner at 3
+    assert record["groups_trained"] == 1 and record["group_ids"] == [mixed.group_id]
+    assert record["reward"] == 0.5 and record["penalty_trained"] == 0.0  # the groups' own anneal state
+    assert record["stale_calls_per_episode"] == 0.0 and record["dropped"] == {"zero_signal": 1, "stale": 1}
+    assert (record["time_s"], record["wait_s"], record["step_s"]) == (12.35, 1.0, 4.0)
+    assert record["idle_ratio"] == 0.2 and record["tokens_per_s"] == 10.0 and record["loss"] == 0.5
