@@ -27,7 +27,9 @@ def fixed_batch(vocab: int) -> list[TrainSample]:
 def main() -> None:
     world_dir, out, stage, micro_tokens = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     kl_coef = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-    cfg = LearnerConfig(zero_stage=stage, micro_batch_tokens=micro_tokens, lr=1e-3, warmup_steps=1, kl_coef=kl_coef)
+    cfg = LearnerConfig(
+        seed=0, zero_stage=stage, micro_batch_tokens=micro_tokens, lr=1e-3, warmup_steps=1, kl_coef=kl_coef
+    )
     trainer = Trainer(cfg, Path(world_dir) / "policy")
     stats = trainer.step(fixed_batch(len(trainer.tokenizer)))
     if torch.distributed.get_rank() == 0:
