@@ -9,12 +9,13 @@ oversized upload.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 
 from fastapi import HTTPException, Request
 from prometheus_client import Counter
 from pydantic import SecretStr
+
+from eapo.core.http import openai_error
 
 REJECTED = Counter("eapo_gateway_rejected_total", "Requests rejected before routing", ["reason"])
 
@@ -65,7 +66,7 @@ class BodyLimit:
         declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
         if declared is not None and declared.isdigit():  # the HTTP server holds the body to this length
             if int(declared) > self.max_bytes:
-                return await self._refuse(send, int(declared))
+                return await self._refuse(scope, receive, send, int(declared))
             return await self.app(scope, receive, send)
         seen = 0
         started = False
@@ -88,27 +89,12 @@ class BodyLimit:
             await self.app(scope, counted_receive, tracked_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send, seen)
+                await self._refuse(scope, receive, send, seen)
 
-    async def _refuse(self, send, size: int) -> None:
+    async def _refuse(self, scope, receive, send, size: int) -> None:
         REJECTED.labels("body_too_large").inc()
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"request body of {size}+ bytes exceeds the limit of {self.max_bytes} bytes",
-                    "type": "invalid_request_error",
-                    "code": 413,
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"request body of {size}+ bytes exceeds the limit of {self.max_bytes} bytes"
+        await openai_error(413, message)(scope, receive, send)
 
 
 class _TooLarge(Exception):

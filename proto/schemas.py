@@ -79,6 +79,19 @@ class ConsultResponse(Message):
     results: list[ConsultResult]
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, NotFoundError, RateLimitError, ServiceUnavailable, …")
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, ``{"error": {"message", "type", "code"}}``: every refusal of the gateway and of
+    the CPU expert server has it, as vLLM's and OpenAI's do, so a client reads all of them one way."""
+
+    error: ErrorDetail
+
+
 # --- Prompts stream (learner/feeder → rollout) ---------------------------------------------------------
 
 

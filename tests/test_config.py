@@ -69,6 +69,7 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     assert "invalid configuration" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_a_bad_experiment_without_a_traceback(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("arms: {eapo: {overrides: {rollout: {group_size: many}}}}\n")

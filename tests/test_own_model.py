@@ -104,6 +104,7 @@ def test_the_cpu_engine_stops_on_a_merged_tag_and_keeps_the_ids_as_sampled(tok):
         generate_batch(model, [request], tok.pad_token_id)  # stop strings cannot be checked without it
 
 
+@pytest.mark.slow  # the own_model fixture fine-tunes a model (minutes under load)
 def test_the_fine_tuned_policy_consults_and_every_turn_ends_at_the_tag(own_model):
     tok = own_model.tok
     requests = [
@@ -119,6 +120,7 @@ def test_the_fine_tuned_policy_consults_and_every_turn_ends_at_the_tag(own_model
         assert fmt.CONSULT_CLOSE not in tok.decode(r.token_ids[:-1])  # the last token completed it
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_the_cpu_server_and_remote_engine_stop_as_vllm_does(own_model, tok):
     """Token-id prompt, stop string: the server returns the ids as sampled (the completing token
@@ -175,6 +177,7 @@ class ArithmeticExperts:
             return "no idea"
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_episodes_consult_with_exact_masks_and_the_learners_log_probs(own_model):
     """Turns end on the tag; the recorded queries are the parsed block; injected blocks are exactly the

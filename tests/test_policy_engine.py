@@ -93,6 +93,7 @@ async def test_eval_baselines_consult_and_report_the_call_rate(tiny_world, gatew
     assert alone["expert_calls_per_episode"] == 0
 
 
+@pytest.mark.slow
 def test_eapo_eval_writes_a_report(tiny_world, tmp_path):
     import json
     import subprocess

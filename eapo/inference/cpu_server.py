@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from eapo.core.http import openai_error
 from eapo.inference.model import load_model, with_weights
 from eapo.inference.sampling import Batcher, SampleRequest, SampleResult
 from proto.broadcast import Backend, Group, join, receive
@@ -152,10 +153,6 @@ def completion_text(result: SampleResult, tokenizer: Any, body: SamplingFields) 
     if result.stop_string is not None and (cut := text.find(result.stop_string)) >= 0:
         text = text[: cut + (len(result.stop_string) if body.include_stop_str_in_output else 0)]
     return text
-
-
-def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
 def served_model(request: Request) -> ServedModel:
