@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, Field
 
@@ -149,12 +149,11 @@ async def remove_backend(state: State, url: Url, model: Model = None) -> list[Ba
 class LiveState:
     """A Prometheus collector: live backend and pool state, read at scrape time (nothing to keep in sync)."""
 
-    def __init__(self, app: FastAPI):
-        self.app = app
+    def __init__(self, state: GatewayState):
+        self.state = state
 
     def collect(self) -> list[GaugeMetricFamily]:
-        state = getattr(self.app.state, "gateway", None)
-        return [] if state is None else collect(state)
+        return collect(self.state)
 
 
 def collect(state: GatewayState) -> list[GaugeMetricFamily]:
