@@ -258,14 +258,30 @@ def test_dockerfile_stages_are_pinned_and_non_root():
     text = (K8S / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
     stages = re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M)
-    assert {name for _, name in stages} == {"cpu", "learner-gpu", "vllm"}
+    assert {name for _, name in stages} == {"source", "gateway", "cpu", "learner-gpu", "vllm"}
     for base, _ in stages:
         image = args.get(base.strip("${}"), base)
-        assert re.search(r":[\w.-]*\d", image) and not image.endswith(":latest"), image
+        if base != "source":
+            assert re.search(r":[\w.-]*\d", image) and not image.endswith(":latest"), image
     for block in re.split(r"^FROM ", text, flags=re.M)[1:]:
+        if "ENTRYPOINT" not in block:  # `source`: the code the images copy, not an image
+            continue
         users = re.findall(r"^USER (\S+)$", block, re.M)
         assert users and users[-1].split(":")[0] not in ("root", "0"), block.splitlines()[0]
     assert "vllm/vllm-openai" in args["VLLM_IMAGE"]  # expert and policy images build on the official one
+
+
+def test_each_image_installs_only_its_roles_extras():
+    """The gateway's image is ``pip install .`` (no torch: tests/test_gateway_install.py) and the chart
+    runs it; the CPU and GPU images add the learner's extra, which holds the rollout's."""
+    text = (K8S / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S)
+    project = {name: re.findall(r'pip install (?:--\S+ )*"?(\.[^\s"]*)', block) for name, block in stages}
+    assert project["gateway"] == ["."]
+    assert project["cpu"] == project["learner-gpu"] == [".[learner]"]
+    images = {o["metadata"]["labels"]["app.kubernetes.io/component"]: pod["containers"][0]["image"]
+              for o, pod in pod_specs(objects("helm:defaults"))}  # fmt: skip
+    assert "/eapo-gateway:" in images["gateway"] and "/eapo:" in images["rollout"]
 
 
 @pytest.mark.parametrize("source", [s for s in SOURCES if s.startswith("helm:")])
