@@ -21,6 +21,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from proto.schemas import AnswerKind
 
 
+def derive_seed(root: int, role: str) -> int:
+    """A role's seed from the root seed: stable across processes and Python versions (``hash()`` is not),
+    and different per role, so two roles never draw the same stream."""
+    return zlib.crc32(f"{role}:{root}".encode())
+
+
 class Section(BaseModel):
     model_config = {"extra": "forbid"}
 
@@ -180,8 +186,9 @@ class GatewayConfig(Section):
         default_factory=dict,
         description="served model name -> robustness setting (paper Appendix E) applied to its /v1/consult answers",
     )
-    seed: int | None = Field(
-        None, description="tie-breaks, power-of-two draws and degrade draws; default: derived from the root `seed`"
+    seed: int = Field(
+        default_factory=lambda: derive_seed(0, "gateway"),
+        description="tie-breaks, power-of-two draws and degrade draws; default: derived from the root `seed`",
     )
 
 
@@ -209,7 +216,9 @@ class RolloutConfig(Section):
     policy_urls: list[str] = Field(default_factory=list, description="remote engine: every policy server")
     policy_model: str = Field("policy", description="remote engine: the served model name")
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
-    seed: int | None = Field(None, description="default: derived from the root `seed`")
+    seed: int = Field(
+        default_factory=lambda: derive_seed(0, "rollout"), description="default: derived from the root `seed`"
+    )
     consult: bool = Field(True, description="grant the consult action (False: self-exploratory RL)")
 
 
@@ -287,7 +296,9 @@ class LearnerConfig(Section):
     broadcast: BroadcastConfig = Field(default_factory=BroadcastConfig)
     checkpoint_dir: Path | None = Field(None, description="default: <run_dir>/checkpoints")
     keep_checkpoints: int = 2
-    seed: int | None = Field(None, description="default: derived from the root `seed`")
+    seed: int = Field(
+        default_factory=lambda: derive_seed(0, "learner"), description="default: derived from the root `seed`"
+    )
 
 
 class SupervisionConfig(Section):
@@ -346,7 +357,7 @@ class EAPOConfig(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> EAPOConfig:
         for role, section in (("rollout", self.rollout), ("learner", self.learner), ("gateway", self.gateway)):
-            if section.seed is None:
+            if "seed" not in section.model_fields_set:  # a section alone is seeded as under root seed 0
                 section.seed = derive_seed(self.seed, role)
         if self.rollout.max_queries > self.gateway.max_queries:
             raise ValueError(
@@ -438,12 +449,6 @@ class ExperimentConfig(Section):
         data = merge(merge({}, self.run), self.arms[arm].overrides)
         merge(data, {"seed": seed, "run_dir": str(self.out / arm / f"seed-{seed}")})
         return EAPOConfig(**data)
-
-
-def derive_seed(root: int, role: str) -> int:
-    """A role's seed from the root seed: stable across processes and Python versions (``hash()`` is not),
-    and different per role, so two roles never draw the same stream."""
-    return zlib.crc32(f"{role}:{root}".encode())
 
 
 def merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
