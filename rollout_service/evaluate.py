@@ -19,7 +19,8 @@ from eapo.core.config import EAPOConfig, EvalMode
 from eapo.core.data import Layout, load_problems, load_split
 from proto import AnnealState, PromptTask, Trajectory
 from rollout_service.engine import TransformersEngine
-from rollout_service.episode import ExpertClient, Experts, PolicyExperts, gateway_session, run_episode
+from rollout_service.episode import run_episode
+from rollout_service.expert_client import ExpertClient, Experts, PolicyExperts, gateway_session
 from rollout_service.metrics_eval import summarize
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from proto import AnnealState, Names, PromptTask, TrajectoryGroup, WeightManifes
 from proto.streams import Entry, StreamConsumer, StreamProducer
 from proto.weights import version_dir
 from rollout_service.engine import PolicyEngine, open_engine
-from rollout_service.episode import ExpertClient, gateway_session, run_episode
+from rollout_service.episode import run_episode
+from rollout_service.expert_client import ExpertClient, gateway_session
 from rollout_service.metrics import GROUPS, POLICY_VERSION
 
 log = logging.getLogger(__name__)

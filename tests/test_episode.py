@@ -11,7 +11,8 @@ from eapo.inference.model import load_model
 from eapo.inference.sampling import SampleRequest, SampleResult
 from proto import AnnealState, PromptTask
 from proto import episode_format as fmt
-from rollout_service.episode import ExpertClient, run_episode
+from rollout_service.episode import run_episode
+from rollout_service.expert_client import ExpertClient
 
 pytestmark = pytest.mark.asyncio
 

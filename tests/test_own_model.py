@@ -32,7 +32,8 @@ from proto import episode_format as fmt
 from proto.weights import verify_version, version_dir
 from rollout_service.consult import ParsedConsult, parse_consult
 from rollout_service.engine import TransformersEngine
-from rollout_service.episode import ExpertClient, run_episode
+from rollout_service.episode import run_episode
+from rollout_service.expert_client import ExpertClient
 from rollout_service.remote_engine import RemotePolicyEngine
 
 BLOCK = "<consult>3*4; 2+3*4</consult><expert>"  # the closing '>' merges with the next '<'

@@ -14,8 +14,9 @@ from eapo.inference.sampling import SampleRequest, generate_batch
 from proto import AnnealState, PromptTask
 from proto import episode_format as fmt
 from rollout_service.engine import TransformersEngine
-from rollout_service.episode import ExpertClient, PolicyExperts, run_episode
+from rollout_service.episode import run_episode
 from rollout_service.evaluate import evaluate as evaluate_dataset
+from rollout_service.expert_client import ExpertClient, PolicyExperts
 
 TASKS = [
     PromptTask(prompt_id=f"t{i}", problem=p, answer=str(evaluate(p)))
