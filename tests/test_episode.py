@@ -183,3 +183,19 @@ async def test_the_tiny_worlds_template_renders_the_prompts_its_policy_learned(t
     """Prompts now come from the chat template; the tiny world's renders the strings its SFT used."""
     assert fmt.render_prompt(tokenizer, fmt.training_messages("2+3", 3)) == fmt.training_prompt("2+3")
     assert fmt.render_prompt(tokenizer, fmt.eval_messages("2+3")) == fmt.eval_prompt("2+3")
+
+
+async def test_the_transcript_keeps_ids_mask_and_log_probs_aligned(tokenizer):
+    from eapo.inference.sampling import SampleResult
+    from rollout_service.transcript import Transcript
+
+    t = Transcript.for_prompt(tokenizer, TASK.problem, 3)
+    sampled = tokenizer.encode(CONSULT_TURN)
+    turn = t.add_turn(SampleResult(sampled, [-0.5] * len(sampled), "stop", fmt.CONSULT_CLOSE), 9, "consult")
+    start, end = t.inject(fmt.expert_block("14"))
+    ids, mask, logprobs = t.arrays()
+    assert (turn.start, turn.end, turn.policy_version) == (t.prompt_len, start, 9) and end == len(t) == len(ids)
+    assert len(mask) == len(logprobs) == len(ids)
+    assert mask[turn.start : turn.end].all() and not mask[: turn.start].any() and not mask[start:end].any()
+    assert np.all(logprobs[mask] == -0.5) and np.all(logprobs[~mask] == 0)
+    assert t.text(turn) == CONSULT_TURN and tokenizer.decode(ids[start:end].tolist()) == fmt.expert_block("14")
