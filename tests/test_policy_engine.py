@@ -23,6 +23,10 @@ TASKS = [
     for i, p in enumerate(["2+3*4", "7*8-9", "12+34*5-6", "9-8"])
 ]
 
+# The tiny policy seldom writes a well-formed consult block: tests that need one pin a rollout seed under
+# which it does, rather than follow the config's default seed.
+SEED = 7
+
 
 def test_batched_greedy_generation_equals_one_at_a_time(world_dir):
     model, tok = load_model(world_dir / "policy")
@@ -76,7 +80,7 @@ async def test_self_collaboration_answers_queries_with_the_policy_itself(world_d
     assert [a.index for a in answers] == [0, 1] and all(a.error is None and a.answer is not None for a in answers)
     again = await experts.consult(["2+3"], "e1")  # greedy: the same query, the same answer
     assert again[0].answer == answers[0].answer
-    cfg = RolloutConfig(max_new_tokens=40)
+    cfg = RolloutConfig(max_new_tokens=40, seed=SEED)
     anneal = AnnealState(step=0, acceptance=1.0, budget=4, penalty=0.0)
     trajs = await asyncio.gather(*(run_episode(engine, experts, t, anneal, cfg, i) for i, t in enumerate(TASKS * 4)))
     await engine.close()
@@ -86,7 +90,7 @@ async def test_self_collaboration_answers_queries_with_the_policy_itself(world_d
 
 @pytest.mark.parametrize("mode", ["expert-assisted", "self-collaboration"])
 async def test_eval_baselines_consult_and_report_the_call_rate(tiny_world, gateway, tmp_path, mode):
-    cfg = load_config(None, world=tiny_world.model_dump(mode="json"), rollout={"gateway_url": gateway})
+    cfg = load_config(None, world=tiny_world.model_dump(mode="json"), rollout={"gateway_url": gateway, "seed": SEED})
     report = await evaluate_dataset(cfg, tiny_world.dir / "policy", tiny_world.dir / "eval.jsonl", "world", 2, 6, mode)
     assert report["mode"] == mode and report["summary"]["problems"] == 6
     assert report["expert_calls_per_episode"] > 0  # the training prompt grants the consult action
