@@ -20,6 +20,7 @@ from eapo.core.config import LearnerConfig
 from eapo.core.net import free_port
 from eapo.inference.model import load_model
 from learner.loss import dapo_loss, kl_penalty, token_logprobs
+from learner.ops import build_deepspeed_ops
 from proto import Trajectory
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def init_distributed() -> None:
     """Join the launcher's process group, or make a one-process gloo group when run alone."""
+    build_deepspeed_ops()  # before DeepSpeed loads it on its own, where a stale lock would hang it
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -14,23 +12,16 @@ from helpers import ServerThread
 from eapo.core.config import ModelSpec, WorldConfig
 from eapo.dev.redis_server import RedisServer
 from eapo.dev.world.bootstrap import bootstrap
+from learner.ops import build_deepspeed_ops, extensions_dir
 
-# DeepSpeed compiles its CPU communication op on first use (minutes on a loaded machine) into a cache
-# keyed by name only: two virtual environments (a clone and its origin) would each invalidate the other's
-# build. One cache per environment, inherited by every process a test starts.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+extensions_dir()  # one op cache per environment, inherited by every process a test starts (learner/ops.py)
 
 
 @pytest.fixture(scope="session")
 def deepspeed_ops() -> None:
     """Build DeepSpeed's op once, here, before any learner process needs it: a learner's first step is
     awaited with a bound sized for training, not for a compiler (after the first run: a cache hit)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        builder.load()
+    build_deepspeed_ops()
 
 
 @pytest.fixture(scope="session")
