@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from helpers import ServerThread
+from stack import Stack
 
 from eapo.core.config import ModelSpec, WorldConfig
 from eapo.dev.redis_server import RedisServer
@@ -88,6 +89,13 @@ def gateway(expert_servers: list[str]):
     cfg = GatewayConfig(backends=[ExpertBackend(model="expert", url=u) for u in expert_servers], max_queries=4)
     with ServerThread(create_app(cfg), free_port()) as server:
         yield server.url
+
+
+@pytest.fixture
+def stack(tiny_world: WorldConfig, tmp_path: Path, prefix: str):
+    """A real stack on the test world (``tests/stack.py``); whatever it started is stopped afterwards."""
+    with Stack(tiny_world, tmp_path, prefix) as s:
+        yield s
 
 
 def pytest_collection_modifyitems(config, items):

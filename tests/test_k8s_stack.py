@@ -6,12 +6,7 @@ addresses and free ports, /data becomes a temporary directory holding the (fast)
 run is 2 learner steps of 2 groups, zero-signal groups kept (the test world never solves a problem)."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import yaml
@@ -49,21 +44,7 @@ def manifest_env(c, pod_name):
     return env
 
 
-def wait_http(url, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert proc.poll() is None, f"exited with {proc.returncode} before {url} answered"
-        assert time.monotonic() < deadline, f"{url} not ready"
-        time.sleep(0.2)
-
-
-def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
+def test_dev_overlay_runs_the_cpu_stack(stack, redis_server):
     objs = objects("kustomize:dev")
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
     config_text = cm["data"]["config.yaml"]
@@ -88,15 +69,13 @@ def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
         mounts = {m["mountPath"] for m in container(o)["volumeMounts"]}
         assert {"/data", "/etc/eapo"} <= mounts
 
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(config_text)
-    run_dir = tmp_path / "run"
+    stack.config.write_text(config_text)
     ports = {"gateway": free_port(), "rollout": free_port(), "learner": free_port()}
     expert_ports = [free_port() for _ in range(expert["spec"]["replicas"])]
-    local = {  # the substitutions described in the module docstring
+    local = {  # the substitutions described in the module docstring (over the manifests' own)
         "REDIS_URL": redis_server.url,
-        "EAPO_RUN_DIR": str(run_dir),
-        "EAPO_WORLD__DIR": str(tiny_world.dir),
+        "EAPO_RUN_DIR": str(stack.run_dir),
+        "EAPO_WORLD__DIR": str(stack.world.dir),
         "EAPO_LEARNER__STEPS": "2",
         "EAPO_LEARNER__BATCH_GROUPS": "2",
         # the barely trained test world never solves a problem: keep its zero-signal groups
@@ -104,7 +83,7 @@ def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
         "EAPO_ANNEAL__PENALTY__KIND": "constant",
         "EAPO_ANNEAL__PENALTY__START": "0.1",
         "EAPO_ANNEAL__PENALTY__END": "0.1",
-        "EAPO_REDIS__PREFIX": f"k8s{ports['gateway']}",
+        "EAPO_REDIS__PREFIX": stack.prefix,
         "EAPO_METRICS_HOST": "127.0.0.1",
         "EAPO_GATEWAY__HOST": "127.0.0.1",
         "EAPO_GATEWAY__PORT": str(ports["gateway"]),
@@ -119,9 +98,9 @@ def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
         "EAPO_LEARNER__METRICS_PORT": str(ports["learner"]),
     }
 
-    def start(obj, extra=None, pod="pod-0"):
+    def start(obj, extra=None, pod="pod-0", log=None):
         c = container(obj)
-        args = [a.replace("/etc/eapo/config.yaml", str(config_file)) for a in c["args"]]
+        args = [a.replace("/etc/eapo/config.yaml", str(stack.config)) for a in c["args"]]
         if c.get("command"):  # the learner: torchrun, one local node
             args = [a.replace("$(POD_INDEX)", "0") for a in args]
             args = [("--master_addr=127.0.0.1" if a.startswith("--master_addr=") else a) for a in args]
@@ -129,35 +108,19 @@ def test_dev_overlay_runs_the_cpu_stack(tiny_world, redis_server, tmp_path):
             argv = [sys.executable, *c["command"][1:], *args]
         else:  # the image's entrypoint is `eapo`
             argv = [sys.executable, "-m", "eapo.cli", *args]
-        env = {**os.environ, **manifest_env(c, pod), **local, **(extra or {})}
-        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return stack.start(log or pod, argv=argv, env={**manifest_env(c, pod), **local, **(extra or {})})
 
-    procs = []
-    try:
-        for i, p in enumerate(expert_ports):
-            procs.append(start(expert, {"EAPO_EXPERT_SERVER__PORT": str(p)}, pod=f"expert-{i}"))
-            wait_http(f"http://127.0.0.1:{p}{container(expert)['readinessProbe']['httpGet']['path']}", procs[-1])
-        procs.append(start(gateway))
-        wait_http(
-            f"http://127.0.0.1:{ports['gateway']}{container(gateway)['readinessProbe']['httpGet']['path']}", procs[-1]
-        )
-        learner_proc = start(learner)
-        rollout_proc = start(rollout, pod="eapo-eapo-rollout-7d9f-abcde")
-        procs += [learner_proc, rollout_proc]
-        wait_http(
-            f"http://127.0.0.1:{ports['rollout']}{container(rollout)['readinessProbe']['httpGet']['path']}",
-            rollout_proc,
-        )
-        out, _ = learner_proc.communicate(timeout=300)
-        assert learner_proc.returncode == 0, out[-3000:]
-        out, _ = rollout_proc.communicate(timeout=120)
-        assert rollout_proc.returncode == 0, out[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait(timeout=30)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    def ready(obj, port, proc):
+        stack.wait_http(f"http://127.0.0.1:{port}{container(obj)['readinessProbe']['httpGet']['path']}", alive=(proc,))
+
+    for i, p in enumerate(expert_ports):
+        ready(expert, p, start(expert, {"EAPO_EXPERT_SERVER__PORT": str(p)}, pod=f"expert-{i}"))
+    ready(gateway, ports["gateway"], start(gateway, log="gateway"))
+    learner_proc = start(learner, log="learner")
+    rollout_proc = start(rollout, pod="eapo-eapo-rollout-7d9f-abcde")
+    ready(rollout, ports["rollout"], rollout_proc)
+    stack.finish(learner_proc, timeout_s=300)
+    stack.finish(rollout_proc, timeout_s=120)
+    metrics = stack.metrics()
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[-1]["groups_read"] >= 1

@@ -3,33 +3,17 @@ them, every prompt is rolled out (a prompt whose group the dead replica had alre
 rolled out again, and is then trained once), and the groups reach the learner. Real Redis, the real
 gateway over CPU expert servers, real learner and rollout processes."""
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 
 import pytest
 import redis
-import yaml
-from helpers import audited, start_audit
+from helpers import audited
 
 from proto import Names, TrajectoryGroup
 
 pytestmark = pytest.mark.e2e
 STEPS, BATCH = 6, 2
-
-
-def start(role: str, config, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "eapo.cli", role, "--config", str(config)],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def held_by(client: redis.Redis, names: Names, consumer: str) -> set[str]:
@@ -40,47 +24,26 @@ def held_by(client: redis.Redis, names: Names, consumer: str) -> set[str]:
     return {e["message_id"].decode() for e in pending}
 
 
-def test_a_killed_replica_loses_no_prompt_and_trains_none_twice(tiny_world, redis_server, gateway, tmp_path, prefix):
-    names = Names(prefix)
-    client = redis.Redis.from_url(redis_server.url)
-    start_audit(client, names)
-    run_dir = tmp_path / "run"
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run_dir": str(run_dir),
-                "world": tiny_world.model_dump(mode="json"),
-                "redis": {"prefix": prefix, "claim_idle_ms": 1000},
-                # the barely trained test world never solves a problem: keep its zero-signal groups
-                "learner": {"steps": STEPS, "batch_groups": BATCH, "max_staleness": 2, "dynamic_sampling": False},
-                "rollout": {"gateway_url": gateway, "group_size": 4, "max_groups_in_flight": 2, "max_new_tokens": 32},
-                "anneal": {"penalty": {"kind": "constant", "start": 0.1, "end": 0.1}},
-            }
-        )
+def test_a_killed_replica_loses_no_prompt_and_trains_none_twice(stack, redis_server, gateway):
+    names = stack.names
+    client = stack.use_redis(redis_server.url)
+    stack.audit()
+    stack.write(
+        redis={"claim_idle_ms": 1000},
+        learner={"steps": STEPS, "batch_groups": BATCH, "max_staleness": 2},
+        rollout={"gateway_url": gateway, "group_size": 4, "max_groups_in_flight": 2},
     )
-    env = {"REDIS_URL": redis_server.url, "OMP_NUM_THREADS": "1"}
-    learner = start("learner", config, env)
-    doomed = start("rollout", config, env | {"EAPO_ROLLOUT__REPLICA": "rollout-a"})
-    survivor = start("rollout", config, env | {"EAPO_ROLLOUT__REPLICA": "rollout-b"})
-    try:
-        deadline = time.monotonic() + 120
-        while not held_by(client, names, "rollout-a"):  # kill rollout-a while it holds prompts
-            assert doomed.poll() is None, doomed.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "rollout-a never took a prompt"
-            time.sleep(0.05)
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait()
-        held_by_a = held_by(client, names, "rollout-a")  # what it died with (reclaimable only after 1 s idle)
-
-        out, _ = learner.communicate(timeout=300)
-        assert learner.returncode == 0, out[-3000:]
-        out, _ = survivor.communicate(timeout=120)
-        assert survivor.returncode == 0, out[-3000:]
-    finally:
-        for p in (learner, doomed, survivor):
-            if p.poll() is None:
-                p.kill()
+    learner = stack.start("learner")
+    doomed = stack.start("rollout", name="rollout-a", env={"EAPO_ROLLOUT__REPLICA": "rollout-a"})
+    survivor = stack.start("rollout", name="rollout-b", env={"EAPO_ROLLOUT__REPLICA": "rollout-b"})
+    stack.wait(  # kill rollout-a while it holds prompts
+        lambda: held_by(client, names, "rollout-a"), 120, "rollout-a taking a prompt", alive=(doomed,), interval_s=0.05
+    )
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    held_by_a = held_by(client, names, "rollout-a")  # what it died with (reclaimable only after 1 s idle)
+    stack.finish(learner, timeout_s=300)
+    stack.finish(survivor, timeout_s=120)
 
     produced: dict[str, list[TrajectoryGroup]] = defaultdict(list)
     for group in audited(client, names):
@@ -97,11 +60,10 @@ def test_a_killed_replica_loses_no_prompt_and_trains_none_twice(tiny_world, redi
     # No prompt is left behind: nothing pending in the prompts group, rollout-a's entries included.
     assert client.xpending(names.prompts, "rollout")["pending"] == 0
     # The groups reached the learner; none was trained twice; every produced group is accounted for.
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = stack.metrics()
     trained = [gid for r in records for gid in r["group_ids"]]
     assert len(records) == STEPS and len(trained) == len(set(trained)) == STEPS * BATCH
     assert {g.rollout_replica for gid in trained for g in produced[gid.removeprefix("prompt-")]} >= {"rollout-b"}
     counters = {k.decode(): int(v) for k, v in client.hgetall(names.counters).items()}
     duplicates = sum(len(groups) - 1 for groups in produced.values())
     assert counters.get("dropped:duplicate", 0) <= duplicates
-    client.close()

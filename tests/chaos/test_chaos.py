@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,15 +19,14 @@ from dataclasses import dataclass
 
 import pytest
 import redis
-import yaml
-from helpers import assert_ledger, start_audit, wait_for
+from helpers import wait_for
+from stack import ping, port_free
 
 from eapo.core.config import SupervisionConfig
 from eapo.core.net import free_port
-from eapo.dev.redis_server import RedisServer
-from eapo.dev.supervise import Component, Supervisor, popen_child, terminate
+from eapo.dev.supervise import Component, Supervisor, terminate
 from eapo.dev.up import http_ok
-from proto import AnnealState, Names, WeightManifest, decode
+from proto import AnnealState, WeightManifest, decode
 from proto.weights import verify_version, version_dir
 
 pytestmark = pytest.mark.e2e
@@ -58,58 +54,34 @@ class Part:
 
 
 @pytest.mark.timeout(900)
-def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_world, tmp_path):
+def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(stack):
     rng = random.Random(SEED)
-    redis_server = RedisServer(tmp_path / "redis").start()
-    client = redis.Redis.from_url(redis_server.url)
-    prefix = "chaos"
-    names = Names(prefix)
-    start_audit(client, names)
+    redis_server = stack.private_redis()
+    client, names = stack.client, stack.names
+    stack.audit()
     ports = {k: free_port() for k in ("expert-0", "expert-1", "gateway", "rollout", "learner")}
-    run_dir = tmp_path / "run"
-    config = tmp_path / "chaos.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "run_dir": str(run_dir),
-                "world": tiny_world.model_dump(mode="json"),
-                "redis": {"prefix": prefix, "claim_idle_ms": 2000},
-                "gateway": {
-                    "port": ports["gateway"],
-                    "backends": [
-                        {"model": "expert", "url": f"http://127.0.0.1:{ports[e]}"} for e in ("expert-0", "expert-1")
-                    ],
-                    "health_interval_s": 0.5,
-                    "eject_s": 1.0,
-                },
-                # Zero-signal groups kept (the test world never solves a problem) and a near-zero learning
-                # rate: the run always progresses (faults are the subject here).
-                "learner": {
-                    "steps": OPEN_ENDED,
-                    "dynamic_sampling": False,
-                    "batch_groups": 2,
-                    "lr": 1.0e-9,
-                    "metrics_port": ports["learner"],
-                    "keep_versions": 100,
-                },
-                "rollout": {
-                    "gateway_url": f"http://127.0.0.1:{ports['gateway']}",
-                    "metrics_port": ports["rollout"],
-                    "max_new_tokens": 32,
-                    "expert_timeout_s": 5.0,
-                },
-                # Constant annealing, with turns left to consult in: the consult paths stay exercised.
-                "anneal": {
-                    "acceptance": {"kind": "constant", "start": 0.5, "end": 0.5},
-                    "budget": {"kind": "constant", "start": 3, "end": 3},
-                    "penalty": {"kind": "constant", "start": 0.1, "end": 0.1},
-                },
-            }
-        )
+    run_dir = stack.run_dir
+    stack.write(
+        redis={"claim_idle_ms": 2000},
+        gateway={
+            "port": ports["gateway"],
+            "backends": [{"model": "expert", "url": f"http://127.0.0.1:{ports[e]}"} for e in ("expert-0", "expert-1")],
+            "health_interval_s": 0.5,
+            "eject_s": 1.0,
+        },
+        # A near-zero learning rate: the run always progresses (faults are the subject here).
+        learner={"steps": OPEN_ENDED, "lr": 1.0e-9, "metrics_port": ports["learner"], "keep_versions": 100},
+        rollout={
+            "gateway_url": f"http://127.0.0.1:{ports['gateway']}",
+            "metrics_port": ports["rollout"],
+            "expert_timeout_s": 5.0,
+        },
+        # Constant annealing, with turns left to consult in: the consult paths stay exercised.
+        anneal={
+            "acceptance": {"kind": "constant", "start": 0.5, "end": 0.5},
+            "budget": {"kind": "constant", "start": 3, "end": 3},
+        },
     )
-    env = {"REDIS_URL": redis_server.url, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cli = [sys.executable, "-m", "eapo.cli"]
-    metrics = run_dir / "metrics.jsonl"
     # Restart whatever dies after a short back-off, as Kubernetes would (no budget: faults are the
     # subject); the learner is done after its last step, the rollout once it drained after that.
     supervisor = Supervisor(SupervisionConfig(max_restarts=1000, backoff_s=0.5, backoff_max_s=0.5))
@@ -119,20 +91,16 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
 
     def finished(code: int) -> bool:
         """Exited 0 after the run's last step (the learner, or a replica that saw its done flag)."""
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        return code == 0 and bool(lines) and json.loads(lines[-1])["step"] == end["steps"]
+        return code == 0 and stack.last_step() == end["steps"]
 
     def part(name: str, role: str, extra_env: dict[str, str], healthy, finished=None) -> None:
-        def start() -> subprocess.Popen:
-            with open(tmp_path / f"{name}.log", "ab") as out:
-                argv = [*cli, role, "--config", str(config)]
-                return popen_child(argv, env={**os.environ, **env, **extra_env}, stdout=out, stderr=subprocess.STDOUT)
-
-        component = supervisor.add(Component(name, start, finished or (lambda code: False)))
+        component = supervisor.add(
+            Component(name, lambda: stack.start(role, name=name, env=extra_env), finished or (lambda code: False))
+        )
         parts[name] = Part(name, component, healthy)
 
     ports["redis"] = redis_server.port
-    parts["redis"] = Part("redis", supervisor.add(redis_server.component()), lambda: _ping(redis_server.url))
+    parts["redis"] = Part("redis", supervisor.add(redis_server.component()), lambda: ping(redis_server.url))
     for e in ("expert-0", "expert-1"):
         p = ports[e]
         part(
@@ -168,7 +136,7 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
     watcher.start()
     faults: list[dict] = []
     try:
-        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 240, "a first learner step before faults")
+        wait_for(lambda: stack.last_step() > 0, 240, "a first learner step before faults")
         targets = [n for n in parts for _ in range(2)]  # every component at least twice
         rng.shuffle(targets)
         for name in targets[:FAULTS]:
@@ -180,11 +148,8 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
                 time.sleep(0.05)
             wait_for(target.healthy, 180, f"{name} recovered from {sig.name}")  # …then back
             faults.append({"target": name, "signal": sig.name, "recovered_s": round(time.monotonic() - t0, 2)})
-        lines = metrics.read_text().splitlines()
-        end["steps"] = json.loads(lines[-1])["step"] + FINAL_STEPS
-        settings = yaml.safe_load(config.read_text())
-        settings["learner"]["steps"] = end["steps"]
-        config.write_text(yaml.safe_dump(settings))
+        end["steps"] = stack.last_step() + FINAL_STEPS
+        stack.update(learner={"steps": end["steps"]})
         parts["learner"].kill(signal.SIGTERM)  # it stops at a step boundary and comes back with the run's end
         wait_for(lambda: learner.done, 300, "the learner finished its run")
         # it drains and exits once the learner says done
@@ -194,12 +159,12 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
         supervising.join(timeout=30)
         watcher.join(timeout=5)
         terminate([p.process for n, p in parts.items() if n != "redis" and p.process is not None])
-    (tmp_path / "faults.json").write_text(json.dumps(faults, indent=2))
+    (stack.root / "faults.json").write_text(json.dumps(faults, indent=2))
     print("\nfaults:", json.dumps(faults))
     assert len(faults) == FAULTS, faults
 
     # Ledger: every group produced, as the audit group saw it, trained once or counted.
-    print("ledger:", json.dumps(assert_ledger(client, names, metrics, end["steps"])))
+    print("ledger:", json.dumps(stack.ledger(end["steps"])))
     # Weights: the last version is the last step's; every version kept on disk verifies (older ones
     # are pruned once no rollout reads them); what rollout saw only ever went forward.
     manifest = decode(client.get(names.weights), WeightManifest)
@@ -210,21 +175,9 @@ def test_stack_survives_seeded_faults_with_nothing_lost_or_trained_twice(tiny_wo
         assert verify_version(version_dir(run_dir / "weights", v)).version == v
     for series in (anneal_steps, versions):
         assert series and all(a <= b for a, b in itertools.pairwise(series))
-    client.close()
     redis_server.stop()
     # No process left behind, every port free again.
     for p in parts.values():
         assert p.process is not None and p.process.poll() is not None, p.name
-    for port in ports.values():
-        with socket.socket() as s:  # as a restarted server binds: only a live listener or holder fails it
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", port))
-            s.listen()
+    assert [port for port in ports.values() if not port_free(port)] == []
     print("restarts:", {c.name: c.restarts for c in supervisor.components.values()})
-
-
-def _ping(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
