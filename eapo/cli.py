@@ -43,12 +43,16 @@ def cmd_bootstrap(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
+    es = cfg.expert_server
+    path = es.model_path or cfg.world.dir / es.model
+    if es.engine == "vllm":
+        from eapo.inference.vllm_server import exec_server
+
+        exec_server(path, es.model, es.host, es.port, es.vllm_args)  # does not return
     import uvicorn
 
     from eapo.inference.cpu_server import create_app
 
-    es = cfg.expert_server
-    path = es.model_path or cfg.world.dir / es.model
     uvicorn.run(
         create_app(es.model, path, es.max_batch, cfg.seed),
         host=es.host,

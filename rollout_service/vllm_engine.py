@@ -20,15 +20,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
 from eapo.inference.sampling import SampleRequest, SampleResult
+from eapo.inference.vllm_server import WORKER_EXTENSION, server_env
 
 log = logging.getLogger(__name__)
-WORKER_EXTENSION = "eapo.inference.vllm_worker.EAPOWorkerExtension"
 
 
 def import_vllm() -> Any:
@@ -64,6 +65,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        os.environ.update(server_env(os.environ))  # the CPU build's KV cache size, as for the servers
         args = {"model": str(path), "worker_extension_cls": WORKER_EXTENSION, "disable_log_stats": True}
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**(args | engine_args)))
         self._vllm, self._version, self._ids = vllm, version, itertools.count()

@@ -13,7 +13,6 @@ from bpe_model import build_model
 from test_own_model import ArithmeticExperts
 from vllm_real import (
     ENGINE_ARGS,
-    ENV,
     LOGPROB_TOL,
     Learner,
     check_turns,
@@ -23,6 +22,7 @@ from vllm_real import (
 )
 
 from eapo.core.config import RolloutConfig
+from eapo.inference.vllm_server import server_env
 from proto import AnnealState, PromptTask
 from rollout_service.engine import TransformersEngine
 from rollout_service.episode import run_episode
@@ -45,7 +45,7 @@ async def engine(versions):
     from rollout_service.vllm_engine import VLLMEngine
 
     mp = pytest.MonkeyPatch()
-    for key, value in ENV.items():
+    for key, value in server_env({}).items():
         mp.setenv(key, value)
     engine = VLLMEngine(versions[0][0], 0, ENGINE_ARGS)
     yield engine

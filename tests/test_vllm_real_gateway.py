@@ -1,34 +1,51 @@
-"""The expert gateway in front of two real vLLM expert servers (vLLM's CPU build): OpenAI chat completions
-through the official client, SSE streaming, ``/v1/consult`` batches; then one server SIGKILLed while
-consult batches are in flight on it, and not one query fails (the gateway retries on the survivor).
-The expert is the BPE model of ``tests/bpe_model`` (attention heads of 32, a chat template): what it
-answers does not matter here, that every query gets an answer does."""
+"""The expert gateway in front of two real vLLM expert servers (vLLM's CPU build), each started as
+``eapo up`` starts one (``eapo expert-server`` with ``expert_server.engine: vllm``) on the tiny world's
+solver: OpenAI chat completions through the official client, checked token by token against our own
+forward (so vLLM reads the world's chat template and tokenizer as we do), SSE streaming, ``/v1/consult``
+batches; then one server SIGKILLed while consult batches are in flight on it, and not one query fails
+(the gateway retries on the survivor)."""
 
 import asyncio
+import json
+import os
+import sys
+from pathlib import Path
 
 import aiohttp
 import httpx
 import openai
 import pytest
-from bpe_model import build_model
+import torch
 from helpers import ServerThread
-from vllm_real import VLLMServer, require_vllm, wait_until
+from vllm_real import LOGPROB_TOL, VLLMServer, require_vllm, wait_until
 
 from eapo.core.config import ExpertBackend, GatewayConfig
 from eapo.core.net import free_port
+from eapo.inference.model import load_model
 from expert_gateway.app import create_app
+from learner.loss import token_logprobs
 from proto import ConsultRequest, ConsultResponse
 
 require_vllm()
 pytestmark = pytest.mark.vllm
 
 
+class ExpertServer(VLLMServer):
+    """``eapo expert-server`` with the vLLM engine: the CLI becomes vLLM's OpenAI server (``execve``)."""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        settings = {"ENGINE": "vllm", "MODEL": self.name, "MODEL_PATH": str(self.model), "PORT": str(self.port),
+                    "VLLM_ARGS": json.dumps(["--dtype", "float32", "--enforce-eager", "--seed", "0"])}  # fmt: skip
+        env = os.environ | {f"EAPO_EXPERT_SERVER__{key}": value for key, value in settings.items()}
+        return [sys.executable, "-m", "eapo.cli", "expert-server"], env
+
+
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    """Two vLLM servers serving 'expert', started side by side, and a gateway."""
+def pool(tmp_path_factory, world_dir: Path):
+    """Two vLLM servers serving the world's solver as 'expert', started side by side, and a gateway."""
     root = tmp_path_factory.mktemp("vllm-gateway")
-    model = build_model(root / "expert")
-    servers = [VLLMServer(model, free_port(), root / f"{name}.log", name="expert") for name in ("survivor", "victim")]
+    model = world_dir / "expert"
+    servers = [ExpertServer(model, free_port(), root / f"{name}.log", name="expert") for name in ("survivor", "victim")]
     try:
         for server in servers:
             server.launch()
@@ -51,12 +68,25 @@ def consult(queries: list[str]) -> dict:
     return ConsultRequest(model="expert", queries=queries, max_tokens=16, deadline_s=120).model_dump(mode="json")
 
 
-async def test_chat_completions_sse_and_consult_batches_pass_through_to_vllm(pool):
+async def test_chat_completions_sse_and_consult_batches_pass_through_to_vllm(pool, world_dir: Path):
     gateway, _ = pool
     client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", timeout=120)
-    messages = [{"role": "user", "content": "2+3*4"}]
-    chat = await client.chat.completions.create(model="expert", messages=messages, max_tokens=8, temperature=0)
-    assert chat.choices[0].message.content and chat.usage.completion_tokens > 0
+    messages = [{"role": "user", "content": "2 + 3 * 4"}]
+    chat = await client.chat.completions.create(
+        model="expert", messages=messages, max_tokens=12, temperature=0, logprobs=True
+    )
+    text, sampled = chat.choices[0].message.content, chat.choices[0].logprobs.content
+    assert text and chat.usage.completion_tokens > 0
+    # Character-level tokens: the text maps back to exactly the ids vLLM sampled, and their log-probs
+    # under our forward of the prompt as we render it are vLLM's (a lost space would shift them all).
+    model, tok = load_model(world_dir / "expert")
+    prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(sampled) >= len(ids)
+    x = torch.tensor([prompt_ids + ids])
+    with torch.no_grad():
+        want = token_logprobs(model(input_ids=x).logits, x)[0, len(prompt_ids) :].tolist()
+    assert [t.logprob for t in sampled[: len(ids)]] == pytest.approx(want, abs=LOGPROB_TOL)
     stream = await client.chat.completions.create(model="expert", messages=messages, max_tokens=8, stream=True)
     chunks = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
     assert chunks

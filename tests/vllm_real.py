@@ -13,7 +13,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from bpe_model import prompt
 from benchmarks.engines import moved_copy
 from eapo.inference.model import load_model
 from eapo.inference.sampling import SampleRequest
+from eapo.inference.vllm_server import server_argv, server_env
 from learner.loss import token_logprobs
 from proto import episode_format as fmt
 from proto.weights import version_dir, write_version
@@ -32,7 +32,6 @@ from proto.weights import version_dir, write_version
 # eager mode starts in half the time of the compiled graph; float32 so log-probs compare tightly
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "seed": 0}
 SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0"]
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache: plenty for these models, and ~3 GB per server in all
 LOGPROB_TOL = 1e-4  # float32 on CPU: vLLM's kernels against the learner's forward agree to ~1e-6
 START_TIMEOUT_S = 600.0  # a cold start under two busy cores
 
@@ -109,8 +108,8 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.5):
 
 
 class VLLMServer:
-    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (the ``vllm`` console script is not
-    there: the distribution is ``vllm-cpu``), in dev mode with our worker extension; its log in ``log``."""
+    """vLLM's OpenAI server (``eapo.inference.vllm_server``) on 127.0.0.1, in dev mode with our worker
+    extension, as a real process; its log in ``log``."""
 
     def __init__(self, model: Path, port: int, log: Path, name: str = "policy", extra: list[str] = ()):
         self.model, self.port, self.log, self.name, self.extra = model, port, log, name, list(extra)
@@ -120,13 +119,15 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         return self.launch().wait()
 
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        cmd = server_argv(
+            self.model, self.name, "127.0.0.1", self.port, [*SERVER_ARGS, *self.extra], worker_extension=True
+        )
+        return cmd, server_env(os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}, dev_mode=True)
+
     def launch(self) -> VLLMServer:
         """Start the process without waiting for it: servers launched together start side by side."""
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-               "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--worker-extension-cls", "eapo.inference.vllm_worker.EAPOWorkerExtension",
-               *SERVER_ARGS, *self.extra]  # fmt: skip
-        env = os.environ | ENV | {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+        cmd, env = self.command()
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return self

@@ -121,6 +121,18 @@ class ExpertServerConfig(Section):
         "(a heterogeneous pool; name one checkpoint twice for a homogeneous one)",
     )
     max_batch: int = 32
+    engine: Literal["cpu", "vllm"] = Field(
+        "cpu",
+        description="cpu: our batched CPU server; vllm: vLLM's OpenAI server (its CPU build here, CUDA on a GPU)",
+    )
+    vllm_args: list[str] = Field(
+        default_factory=lambda: ["--dtype", "float32", "--enforce-eager"],
+        description="engine vllm: more `vllm serve` flags (float32: the tiny world's dtype; eager: starts in "
+        "half the time)",
+    )
+    start_timeout_s: float = Field(
+        120.0, gt=0, description="`eapo up`: how long the expert servers and the gateway may take to be healthy"
+    )
 
 
 class ExpertBackend(Section):

@@ -34,6 +34,7 @@ from eapo.core.net import free_port
 from eapo.dev.redis_server import RedisServer, resolve_redis_url
 from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
 from eapo.dev.world.bootstrap import bootstrap
+from proto.weights import version_dir
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,11 @@ def expert_pool(cfg: EAPOConfig) -> Iterator[EAPOConfig]:
     resolved.dump_yaml(config_file)
     children = spawn_expert_pool(resolved, config_file, cfg.run_dir / "logs")
     try:
-        _wait_healthy({c.name: c.health_url for c in children if c.health_url}, 120, _exited(children))
+        _wait_healthy(
+            {c.name: c.health_url for c in children if c.health_url},
+            cfg.expert_server.start_timeout_s,
+            _exited(children),
+        )
         yield resolved
     finally:
         _stop(children)
@@ -321,7 +326,11 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = F
         specs = expert_pool_specs(resolved)
         for name, role, env, _url in specs:
             stack.add(name, role, env)
-        _wait_healthy({name: health for name, _, _, health in specs}, 120, lambda name: supervisor.check())
+        _wait_healthy(
+            {name: health for name, _, _, health in specs},
+            cfg.expert_server.start_timeout_s,
+            lambda name: supervisor.check(),
+        )
         say(f"experts and gateway healthy ({time.monotonic() - t0:.0f}s)")
         stack.add("learner", "learner", cfg.secret_env(), finished=finished)
         learner = supervisor.components["learner"]
@@ -355,7 +364,7 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = F
         "ok": code == 0 and clean,
         "steps": cfg.learner.steps,
         "seconds": round(time.monotonic() - t0, 1),
-        "final_weights": str(resolved.weights_dir / f"v{cfg.learner.steps:06d}") if code == 0 else None,
+        "final_weights": str(version_dir(resolved.weights_dir, cfg.learner.steps)) if code == 0 else None,
         "exit_codes": exit_codes,
         "restarts": {c.name: c.restarts for c in supervisor.components.values()},
         "resumed": resume,
