@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from eapo.core.config import ExperimentConfig
+from eapo.core.config import ExperimentConfig, derive_seed
 from eapo.experiment.harness import eval_steps, load_experiment, run_experiment
 from eapo.experiment.report import spread, summarize, write_report
 from learner.anneal import anneal_state
@@ -47,7 +47,8 @@ def test_arm_overrides_merge_into_the_shared_run_without_touching_it(tmp_path):
     a, b = exp.arm_config("a", 2), exp.arm_config("b", 2)
     assert (a.learner.steps, a.learner.lr, a.anneal.acceptance.end) == (3, 1e-3, 0.5)
     assert (b.learner.steps, b.anneal.acceptance.end) == (9, 0.0)
-    assert (a.seed, a.rollout.seed, a.learner.seed) == (2, 2, 2) and a.run_dir == tmp_path / "a" / "seed-2"
+    assert (a.seed, a.rollout.seed, a.learner.seed) == (2, derive_seed(2, "rollout"), derive_seed(2, "learner"))
+    assert a.run_dir == tmp_path / "a" / "seed-2"
 
 
 def test_a_typo_in_any_arm_fails_before_anything_runs(tmp_path):
