@@ -63,7 +63,10 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("learner: [1, 2]\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "eapo.cli", "learner", "--config", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "eapo.cli", "learner", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr and "Traceback" not in proc.stderr
@@ -77,7 +80,7 @@ def test_cli_reports_a_bad_experiment_without_a_traceback(tmp_path):
         [sys.executable, "-m", "eapo.cli", "experiment", "--config", str(path)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr and "group_size" in proc.stderr and "Traceback" not in proc.stderr
@@ -86,7 +89,7 @@ def test_cli_reports_a_bad_experiment_without_a_traceback(tmp_path):
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_role_has_help(command):
     proc = subprocess.run(
-        [sys.executable, "-m", "eapo.cli", command, "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "eapo.cli", command, "--help"], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and ("--config" in proc.stdout or command == "report")
 
