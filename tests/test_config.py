@@ -59,15 +59,15 @@ def test_bad_config_is_a_clear_error(tmp_path, data, match):
         load_config(path)
 
 
+def eapo(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it; a generous bound, as importing torch and DeepSpeed is slow on a busy machine."""
+    return subprocess.run([sys.executable, "-m", "eapo.cli", *argv], capture_output=True, text=True, timeout=300)
+
+
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("learner: [1, 2]\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "eapo.cli", "learner", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = eapo("learner", "--config", str(path))
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -76,21 +76,14 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
 def test_cli_reports_a_bad_experiment_without_a_traceback(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("arms: {eapo: {overrides: {rollout: {group_size: many}}}}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "eapo.cli", "experiment", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = eapo("experiment", "--config", str(path))
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr and "group_size" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_role_has_help(command):
-    proc = subprocess.run(
-        [sys.executable, "-m", "eapo.cli", command, "--help"], capture_output=True, text=True, timeout=300
-    )
+    proc = eapo(command, "--help")
     assert proc.returncode == 0 and ("--config" in proc.stdout or command == "report")
 
 
