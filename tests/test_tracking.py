@@ -101,3 +101,23 @@ def test_sinks_are_off_by_default(tmp_path):
 def test_unknown_wandb_mode_is_refused():
     with pytest.raises(ValueError, match="offline"):
         EAPOConfig(tracking={"wandb": True, "wandb_mode": "disabled"})
+
+
+def test_a_failing_sink_is_dropped_and_the_others_keep_logging(tmp_path, monkeypatch, caplog):
+    """A mirror never stops training: W&B raising (a full disk, a dead service process) costs W&B only."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = EAPOConfig(run_dir=tmp_path / "run", tracking={"tensorboard": True, "wandb": True})
+    tracker = Tracker(cfg, "learner")
+    real_wandb = tracker._wandb
+
+    class Broken:
+        def log(self, *args, **kwargs):
+            raise OSError("No space left on device")
+
+    tracker._wandb = Broken()
+    for record in RECORDS:
+        tracker.log(record, record["step"])
+    tracker._wandb = real_wandb
+    tracker.close()
+    assert tensorboard_scalars(cfg.run_dir / "tensorboard" / "learner")["learner/loss"] == [(1, 0.5), (2, 0.25)]
+    assert sum("wandb sink failed at step 1" in r.getMessage() for r in caplog.records) == 1

@@ -8,10 +8,13 @@ libraries are imported only when their sink is on. W&B's offline mode needs no n
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from eapo.core.config import EAPOConfig
+
+log = logging.getLogger(__name__)
 
 
 def scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -51,13 +54,26 @@ class Tracker:
             )
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        values = scalars(metrics)
-        if self._tensorboard is not None:
-            for name, value in values.items():
-                self._tensorboard.add_scalar(f"{self.job}/{name}", value, step)
-            self._tensorboard.flush()
-        if self._wandb is not None:
-            self._wandb.log({f"{self.job}/{name}": value for name, value in values.items()}, step=step)
+        """Mirror ``metrics``; a sink that fails is dropped with a warning: a mirror never stops training."""
+        values = {f"{self.job}/{name}": value for name, value in scalars(metrics).items()}
+        for sink, write in (("_tensorboard", self._write_tensorboard), ("_wandb", self._write_wandb)):
+            if getattr(self, sink) is None:
+                continue
+            try:
+                write(values, step)
+            except Exception:
+                log.warning(
+                    "%s sink failed at step %d; dropped (metrics.jsonl is complete)", sink[1:], step, exc_info=True
+                )
+                setattr(self, sink, None)
+
+    def _write_tensorboard(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+
+    def _write_wandb(self, values: dict[str, float], step: int) -> None:
+        self._wandb.log(values, step=step)
 
     def close(self) -> None:
         if self._tensorboard is not None:
