@@ -273,12 +273,12 @@ def test_dockerfile_stages_are_pinned_and_non_root():
 
 def test_each_image_installs_only_its_roles_extras():
     """The gateway's image is ``pip install .`` (no torch: tests/test_gateway_install.py) and the chart
-    runs it; the CPU and GPU images add the learner's extra, which holds the rollout's."""
+    runs it; the CPU and GPU images add the learner's extra (it holds the rollout's) and the tracking sinks."""
     text = (K8S / "Dockerfile").read_text()
     stages = re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S)
     project = {name: re.findall(r'pip install (?:--\S+ )*"?(\.[^\s"]*)', block) for name, block in stages}
     assert project["gateway"] == ["."]
-    assert project["cpu"] == project["learner-gpu"] == [".[learner]"]
+    assert project["cpu"] == project["learner-gpu"] == [".[learner,tracking]"]  # tracking: the optional sinks
     images = {o["metadata"]["labels"]["app.kubernetes.io/component"]: pod["containers"][0]["image"]
               for o, pod in pod_specs(objects("helm:defaults"))}  # fmt: skip
     assert "/eapo-gateway:" in images["gateway"] and "/eapo:" in images["rollout"]
