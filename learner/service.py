@@ -23,6 +23,7 @@ import torch
 from eapo.core.config import EAPOConfig
 from eapo.core.data import load_split
 from eapo.core.metrics import serve_metrics
+from eapo.core.timeline import Timeline
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
 from learner.feeder import PromptFeeder
@@ -44,6 +45,7 @@ class Learner:
         self.dropped: Counter[str] = Counter()  # the run's drops by reason, restored on resume
         self.broadcaster = Broadcaster(cfg.learner.broadcast)
         self.step_log = StepLog(cfg)
+        self.timeline = Timeline(cfg.run_dir if cfg.timeline else None, "learner")
 
     async def _publish(self, ranks: Ranks, version: int, step: int, anneal: AnnealState) -> None:
         """Write (unless a previous life already did) and announce weight version ``version``."""
@@ -61,6 +63,7 @@ class Learner:
             pipe.set(self.names.anneal, encode(anneal))
             pipe.publish(self.names.weights_channel, str(version))
             await pipe.execute()
+        self.timeline.mark("published", version=version)
         await asyncio.to_thread(prune, self.cfg.weights_dir, lc.keep_versions, await self._versions_in_use())
 
     async def _versions_in_use(self) -> set[int]:
@@ -164,27 +167,31 @@ class Learner:
         for step in range(start, lc.steps):
             anneal = anneal_state(cfg.anneal, step)
             t0 = time.monotonic()
-            batch, seen_groups, stale = await self._collect(consumer, feeder, step)
+            with self.timeline.span("wait", step=step):
+                batch, seen_groups, stale = await self._collect(consumer, feeder, step)
             t_data = time.monotonic() - t0
             samples = [
                 TrainSample.of(s, adv)
                 for entry, advantages in batch
                 for s, adv in zip(entry.message.samples, advantages, strict=True)
             ]
-            stats = await asyncio.to_thread(ranks.call, "step", samples)
+            with self.timeline.span("train", step=step):
+                stats = await asyncio.to_thread(ranks.call, "step", samples)
             trained = [entry.message for entry, _ in batch]
             group_ids = [g.group_id for g in trained]
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
             # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice.
-            await asyncio.to_thread(
-                ranks.call,
-                "save_checkpoint",
-                cfg.checkpoint_dir,
-                step + 1,
-                {"step": step + 1, "group_ids": group_ids},
-                lc.keep_checkpoints,
-            )
-            await self._publish(ranks, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
+            with self.timeline.span("checkpoint", step=step):
+                await asyncio.to_thread(
+                    ranks.call,
+                    "save_checkpoint",
+                    cfg.checkpoint_dir,
+                    step + 1,
+                    {"step": step + 1, "group_ids": group_ids},
+                    lc.keep_checkpoints,
+                )
+            with self.timeline.span("publish", step=step):
+                await self._publish(ranks, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
             async with self.client.pipeline(transaction=True) as pipe:
                 self.ledger.record_trained(pipe, group_ids)
                 pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
@@ -235,6 +242,7 @@ def _drive(cfg: EAPOConfig, redis_url: str, ranks: Ranks) -> None:
             await learner.run(ranks)
         finally:
             learner.step_log.close()
+            learner.timeline.close()
             await client.aclose()
 
     try:

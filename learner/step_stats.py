@@ -35,6 +35,16 @@ def calls_per_episode(groups: list[TrajectoryGroup]) -> float:
     return sum(len(s.consults) for s in samples) / max(len(samples), 1)
 
 
+def token_lags(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, float]:
+    """How many versions behind the learner the sampled tokens of ``groups`` are, token-weighted."""
+    turns = [(learner_version - t.policy_version, t.end - t.start) for g in groups for s in g.samples for t in s.turns]
+    tokens = sum(n for _, n in turns)
+    return {
+        "token_lag_mean": sum(lag * n for lag, n in turns) / max(tokens, 1),
+        "token_lag_max": float(max((lag for lag, n in turns if n), default=0)),
+    }
+
+
 def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, float]:
     """What the rollouts of this step looked like, over every group read (kept or dropped)."""
     samples = [s for g in groups for s in g.samples]
@@ -87,6 +97,7 @@ def step_record(
         "idle_ratio": round(times.wait_s / max(times.step_s, 1e-9), 4),
         "tokens_per_s": train_stats["policy_tokens"] / max(compute_s, 1e-9),
         "kept_calls_per_episode": calls_per_episode(trained),
+        **token_lags(trained, step),
         "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
         "group_ids": [g.group_id for g in trained],
         "dropped": dict(dropped),

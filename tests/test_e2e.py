@@ -8,6 +8,7 @@ import signal
 import pytest
 from stack import port_free
 
+from eapo.core.timeline import read_timeline
 from proto.weights import published_versions, verify_version, version_dir
 
 pytestmark = pytest.mark.e2e
@@ -17,6 +18,7 @@ def test_eapo_up_trains_publishes_and_stops_cleanly(stack):
     stack.write(
         learner={"steps": 4, "keep_versions": 3, "max_staleness": 1},
         rollout={"group_size": 4, "max_groups_in_flight": 4},
+        timeline=True,
     )
     with stack.up() as proc:
         out = stack.finish(proc, timeout_s=600)
@@ -39,6 +41,18 @@ def test_eapo_up_trains_publishes_and_stops_cleanly(stack):
     for v in (2, 3, 4):
         assert verify_version(version_dir(weights, v)).version == v
     assert "policy weights now at version" in (run_dir / "logs" / "rollout-0.log").read_text()
+
+    # the timeline benchmarks.async_speedup reads: every step's phases, and each version's publication
+    # before the rollout first sampled with it
+    learner = read_timeline(run_dir / "timeline" / "learner.jsonl")
+    rollout = read_timeline(run_dir / "timeline" / "rollout-0.jsonl")
+    for what in ("wait", "train", "checkpoint", "publish"):
+        assert sorted(r["step"] for r in learner if r["what"] == what) == [0, 1, 2, 3]
+    published = {r["version"]: r["t"] for r in learner if r["what"] == "published"}
+    assert sorted(published) == [0, 1, 2, 3, 4]
+    first = {r["version"]: r["t"] for r in rollout if r["what"] == "first_sample"}
+    assert first and all(first[v] >= published[v] for v in first)
+    assert sum(r["what"] == "group" for r in rollout) >= sum(m["groups_read"] for m in metrics)
 
 
 def test_ctrl_c_stops_every_process_and_releases_ports(stack):

@@ -7,8 +7,8 @@ import pytest
 from helpers import group
 
 from eapo.core.config import LearnerConfig
-from learner.step_stats import StepTimes, step_record
-from proto import AnnealState
+from learner.step_stats import StepTimes, step_record, token_lags
+from proto import AnnealState, TurnRecord
 
 
 def test_a_step_record_tells_what_was_read_from_what_was_trained():
@@ -33,3 +33,18 @@ def test_a_step_record_tells_what_was_read_from_what_was_trained():
     assert record["stale_calls_per_episode"] == 0.0 and record["dropped"] == {"zero_signal": 1, "stale": 1}
     assert (record["time_s"], record["wait_s"], record["step_s"]) == (12.35, 1.0, 4.0)
     assert record["idle_ratio"] == 0.2 and record["tokens_per_s"] == 10.0 and record["loss"] == 0.5
+
+
+def test_token_lag_weights_each_turn_by_its_tokens():
+    g = group(np.random.default_rng(0), [1, 0])
+    a, b = g.samples
+    a.turns = [
+        TurnRecord(start=8, end=18, policy_version=2, finish="consult"),  # 10 tokens, 3 behind at step 5
+        TurnRecord(start=20, end=50, policy_version=5, finish="eos"),  # 30 tokens, current
+    ]
+    b.turns = [
+        TurnRecord(start=8, end=8, policy_version=0, finish="length"),  # no tokens: lags nothing
+        TurnRecord(start=8, end=28, policy_version=4, finish="eos"),  # 20 tokens, 1 behind
+    ]
+    lags = token_lags([g], learner_version=5)
+    assert lags == {"token_lag_mean": pytest.approx((10 * 3 + 20 * 1) / 60), "token_lag_max": 3.0}

@@ -4,6 +4,7 @@ that keeps ``eapo up --resume`` from continuing a run under a config that would 
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 import time
@@ -11,8 +12,8 @@ import time
 import pytest
 
 from eapo.core.config import SupervisionConfig
-from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor
-from eapo.dev.up import config_changes
+from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child
+from eapo.dev.up import config_changes, pinned_cores
 
 
 def exits(code: int) -> subprocess.Popen[bytes]:
@@ -98,3 +99,22 @@ def test_resume_refuses_a_changed_model_and_accepts_a_longer_run():
     other = stored | {"learner": {"steps": 20, "lr": 1e-5}, "redis": {"url": None, "prefix": "other"}}
     accepted, refused = config_changes(stored, other)
     assert accepted == [] and refused == ["learner.lr: 1e-06 -> 1e-05", "redis.prefix: 'eapo' -> 'other'"]
+
+
+def test_a_pinned_child_and_every_thread_it_starts_run_on_its_cores_only():
+    script = (
+        "import os, threading, json; seen = []\n"
+        "t = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0)))); t.start(); t.join()\n"
+        "print(json.dumps([sorted(os.sched_getaffinity(0)), seen[0]]))"
+    )
+    child = popen_child([sys.executable, "-c", script], cpus=[0], stdout=subprocess.PIPE)
+    out, _ = child.communicate(timeout=60)
+    assert json.loads(out) == [[0], [0]]
+
+
+def test_cpu_affinity_is_chosen_by_the_longest_matching_name_prefix():
+    affinity = {"rollout": [0], "rollout-1": [1], "expert": [0, 1]}
+    assert pinned_cores(affinity, "rollout-0") == [0]
+    assert pinned_cores(affinity, "rollout-1") == [1]
+    assert pinned_cores(affinity, "expert-3") == [0, 1]
+    assert pinned_cores(affinity, "learner") is None

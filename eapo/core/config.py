@@ -217,6 +217,7 @@ class RolloutConfig(Section):
     replica: str = Field("rollout-0", description="consumer name in the prompts group")
     group_size: int = Field(4, description="G: episodes per prompt")
     max_groups_in_flight: int = 4
+    weights_poll_s: float = Field(0.05, gt=0, description="how often a replica looks for a newly published version")
     max_queries: int = Field(3, description="K: queries per consult block")
     gateway_url: str = "http://127.0.0.1:8000"
     max_new_tokens: int = Field(48, description="tokens the policy may sample per turn")
@@ -323,12 +324,18 @@ class LearnerConfig(Section):
 
 
 class SupervisionConfig(Section):
-    """``eapo up``'s restart policy: a process that dies is restarted after a back-off, within a budget."""
+    """``eapo up``'s process policy: a process that dies is restarted after a back-off, within a budget;
+    processes may be pinned to cores."""
 
     max_restarts: int = Field(5, ge=0, description="restarts allowed per component before the run stops")
     backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles per crash in a row")
     backoff_max_s: float = Field(30.0, ge=0, description="the back-off's ceiling")
     reset_after_s: float = Field(60.0, ge=0, description="up this long: the next crash backs off from the start")
+    cpu_affinity: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="pin processes to CPU cores by name prefix (learner, rollout, expert, gateway), e.g. "
+        "{learner: [1], rollout: [0]}: each stage on its own cores, as on separate machines; empty: no pinning",
+    )
 
 
 class TrackingConfig(Section):
@@ -350,6 +357,9 @@ class EAPOConfig(BaseSettings):
     run_dir: Path = Field(default_factory=lambda: Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     seed: int = Field(0, description="the root seed: every role's seed not set is derived from it")
     log_level: str = "INFO"
+    timeline: bool = Field(
+        False, description="record who is busy when under <run_dir>/timeline (benchmarks.async_speedup reads it)"
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the learner's and rollout's /metrics")
     redis: RedisConfig = RedisConfig()
     model: ModelConfig = ModelConfig()

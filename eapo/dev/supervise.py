@@ -42,10 +42,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def popen_child(argv: list[str], *, die_with_parent: bool = False, **kwargs: object) -> subprocess.Popen[bytes]:
-    """``subprocess.Popen``, optionally tied to this process's life (see ``_die_with_parent``).
+def popen_child(
+    argv: list[str], *, die_with_parent: bool = False, cpus: list[int] | None = None, **kwargs: object
+) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen``, optionally tied to this process's life (see ``_die_with_parent``) and pinned to
+    ``cpus`` (set before exec, so every thread the child starts inherits it).
     The death signal follows the thread that forks: call it from a thread that outlives the child."""
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent if die_with_parent else None, **kwargs)  # type: ignore[call-overload]
+
+    def setup() -> None:
+        if die_with_parent:
+            _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.Popen(argv, preexec_fn=setup if die_with_parent or cpus else None, **kwargs)  # type: ignore[call-overload]
 
 
 @dataclass(eq=False)

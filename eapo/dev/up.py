@@ -51,10 +51,18 @@ class Child:
     health_url: str | None = None
 
 
-def _spawn(name: str, role: str, config: Path, logs: Path, env: dict[str, str]) -> Child:
+def pinned_cores(affinity: dict[str, list[int]], name: str) -> list[int] | None:
+    """The cores ``supervision.cpu_affinity`` gives process ``name`` (by its longest matching prefix)."""
+    prefixes = sorted((p for p in affinity if name.startswith(p)), key=len, reverse=True)
+    return affinity[prefixes[0]] if prefixes else None
+
+
+def _spawn(name: str, role: str, config: Path, logs: Path, env: dict[str, str], cpus: list[int] | None = None) -> Child:
     logs.mkdir(parents=True, exist_ok=True)
     out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     full_env = {**os.environ, "EAPO_ROLE": name, "PYTHONUNBUFFERED": "1", **env}
+    if cpus:  # one compute thread per core it may use: more would only contend
+        full_env["OMP_NUM_THREADS"] = str(len(cpus))
     proc = popen_child(
         [sys.executable, "-m", "eapo.cli", role, "--config", str(config)],
         stdout=out,
@@ -62,6 +70,7 @@ def _spawn(name: str, role: str, config: Path, logs: Path, env: dict[str, str]) 
         env=full_env,
         start_new_session=True,  # Ctrl-C reaches ``eapo up`` only, which stops the children in order
         die_with_parent=True,
+        cpus=cpus,
     )
     out.close()
     return Child(name, proc)
@@ -255,7 +264,8 @@ class _Stack:
 
     def add(self, name: str, role: str, env: dict[str, str], finished: Callable[[int], bool] | None = None) -> None:
         def start() -> subprocess.Popen[bytes]:
-            return self._started(name, _spawn(name, role, self.config_file, self.logs, env).process)
+            cpus = pinned_cores(self.cfg.supervision.cpu_affinity, name)
+            return self._started(name, _spawn(name, role, self.config_file, self.logs, env, cpus).process)
 
         self.supervisor.add(Component(name, start, finished or (lambda code: False)))
 
