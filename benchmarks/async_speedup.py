@@ -1,0 +1,185 @@
+"""Asynchrony against a synchronous loop: the same ``eapo up`` run with ``learner.max_staleness`` 0 (the
+feed admits a step's prompts only after the previous step: synchronous), 1, 2 and 4.
+
+    python -m benchmarks.async_speedup [--config configs/tiny.yaml] [--steps 40] [--modes 0 1 2 4]
+
+Every run is the README's run (real processes, private Redis, the tiny world) with the same seed and
+step count, the rollout pinned to core 0, the learner to core 1 and the experts and gateway sharing
+both (``supervision.cpu_affinity``): the laptop-sized picture of rollout and learner on their own
+hardware. Each run records its timeline (``timeline: true``); the first ``--warmup`` steps are left
+out of every figure. Per mode: learner steps per hour, the learner's idle ratio (waiting for groups)
+and the rollout's (no group in flight: waiting for admission, i.e. back-pressure), the version lag of
+the trained tokens, the importance-weight statistics, and the delay from a version's publication to
+its first sampled turn. The timeline picture of the synchronous and the fastest asynchronous mode
+is written beside the JSON.
+
+Targets: the best ``max_staleness`` ≤ 2 runs ≥ 1.7× the synchronous learner steps per hour, its learner
+idle ratio < 10%, and weight sync p50 ≤ 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, print_table, write_result
+from eapo.core.timeline import read_timeline
+
+AFFINITY = {"rollout": [0], "learner": [1], "expert": [0, 1], "gateway": [0, 1]}
+
+
+def run_mode(config: Path, out: Path, staleness: int, steps: int, seed: int) -> Path:
+    """One ``eapo up`` run; returns its run directory (an existing finished one is reused)."""
+    run_dir = out / f"staleness{staleness}-seed{seed}"
+    if (run_dir / "summary.json").exists() and json.loads((run_dir / "summary.json").read_text())["ok"]:
+        return run_dir
+    env = {
+        **os.environ,
+        "EAPO_RUN_DIR": str(run_dir),
+        "EAPO_SEED": str(seed),
+        "EAPO_LEARNER__STEPS": str(steps),
+        "EAPO_LEARNER__MAX_STALENESS": str(staleness),
+        "EAPO_TIMELINE": "true",
+        "EAPO_SUPERVISION__CPU_AFFINITY": json.dumps(AFFINITY),
+        "EAPO_SUPERVISION__MAX_RESTARTS": "0",  # a crash is a failed measurement, not something to hide
+    }
+    print(f"max_staleness={staleness} seed={seed}: eapo up → {run_dir}", flush=True)
+    eapo = Path(sys.executable).with_name("eapo")
+    done = subprocess.run([str(eapo), "up", "--config", str(config)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"eapo up failed (rc {done.returncode}) for max_staleness={staleness}:\n{done.stdout[-3000:]}")
+    return run_dir
+
+
+def busy_fraction(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """The share of [lo, hi] covered by the union of ``spans``."""
+    covered, end = 0.0, lo
+    for t0, t1 in sorted(spans):
+        t0, t1 = max(t0, end), min(t1, hi)
+        if t1 > t0:
+            covered += t1 - t0
+            end = t1
+    return covered / max(hi - lo, 1e-9)
+
+
+def measure(run_dir: Path, warmup: int) -> dict[str, float]:
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    learner = read_timeline(run_dir / "timeline" / "learner.jsonl")
+    rollout = [r for p in (run_dir / "timeline").glob("rollout-*.jsonl") for r in read_timeline(p)]
+    published = {r["version"]: r["t"] for r in learner if r["what"] == "published"}
+    first = {r["version"]: r["t"] for r in rollout if r["what"] == "first_sample"}
+    # the window: from the publication that ends step `warmup` to the one that ends the last step
+    lo, hi = published[warmup], published[len(steps)]
+    window = [s for s in steps if s["step"] > warmup]
+    sync_s = [first[v] - published[v] for v in range(warmup + 1, len(steps)) if v in first]
+    tokens = sum(s["policy_tokens"] + s["is_masked_tokens"] for s in window)
+    groups = [(r["t0"], r["t1"]) for r in rollout if r["what"] == "group"]
+    learner_busy = [(r["t0"], r["t1"]) for r in learner if r["what"] in ("train", "checkpoint", "publish")]
+    return {
+        "steps_per_hour": len(window) / (hi - lo) * 3600,
+        "learner_idle": 1 - busy_fraction(learner_busy, lo, hi),
+        "rollout_idle": 1 - busy_fraction(groups, lo, hi),
+        "token_lag_mean": statistics.fmean(s["token_lag_mean"] for s in window),
+        "token_lag_max": max(s["token_lag_max"] for s in window),
+        "is_weight_mean": statistics.fmean(s["is_weight_mean"] for s in window),
+        "is_weight_max": max(s["is_weight_max"] for s in window),
+        "is_capped_share": sum(s["is_masked_tokens"] for s in window) / max(tokens, 1),
+        "sync_p50_s": statistics.median(sync_s) if sync_s else float("nan"),
+        "sync_max_s": max(sync_s) if sync_s else float("nan"),
+        "groups_per_step": statistics.fmean(s["groups_read"] for s in window),
+        "window_s": hi - lo,
+    }
+
+
+def draw(runs: dict[str, Path], warmup: int, seconds: float, path: Path) -> None:
+    """Who is busy when, for ``seconds`` after the warm-up: learner spans, and each group in flight on
+    its own lane under the rollout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.6 * len(runs)), squeeze=False)
+    colors = {"wait": "#dddddd", "train": "#d62728", "checkpoint": "#ff7f0e", "publish": "#2ca02c"}
+    for ax, (label, run_dir) in zip(axes[:, 0], runs.items(), strict=True):
+        learner = read_timeline(run_dir / "timeline" / "learner.jsonl")
+        rollout = [r for p in (run_dir / "timeline").glob("rollout-*.jsonl") for r in read_timeline(p)]
+        t0 = next(r["t"] for r in learner if r["what"] == "published" and r["version"] == warmup)
+        lanes: list[float] = []  # when each lane is free again
+        for r in sorted((r for r in rollout if r["what"] == "group"), key=lambda r: r["t0"]):
+            lane = next((i for i, free in enumerate(lanes) if free <= r["t0"]), len(lanes))
+            if lane == len(lanes):
+                lanes.append(r["t1"])
+            else:
+                lanes[lane] = r["t1"]
+            ax.broken_barh([(r["t0"] - t0, r["t1"] - r["t0"])], (lane + 1.6, 0.8), color="#1f77b4")
+        for r in learner:
+            if "t0" in r:
+                ax.broken_barh([(r["t0"] - t0, r["t1"] - r["t0"])], (0, 1), color=colors[r["what"]])
+        for r in rollout:
+            if r["what"] == "load_weights":
+                ax.broken_barh([(r["t0"] - t0, r["t1"] - r["t0"])], (1.1, 0.4), color="#9467bd")
+        ax.set_xlim(0, seconds)
+        ax.set_yticks([0.5, 1.3, 2.0 + len(lanes) / 2])
+        ax.set_yticklabels(["learner", "load", "rollout groups"])
+        ax.set_title(label, fontsize=10)
+    axes[-1, 0].set_xlabel(
+        "seconds after the warm-up (learner: grey waits, red trains, orange checkpoints, green publishes)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", type=int, nargs="+", default=[0, 1, 2, 4])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-async"))
+    args = ap.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("this benchmark pins rollout and learner to cores 0 and 1: it needs 2 cores")
+    t0 = time.monotonic()
+    runs = {m: run_mode(args.config, args.out, m, args.steps, args.seed) for m in args.modes}
+    rows = [{"max_staleness": m, **measure(d, args.warmup)} for m, d in runs.items()]
+    print_table(rows, list(rows[0]))
+    sync = next(r for r in rows if r["max_staleness"] == 0)
+    best = max((r for r in rows if 0 < r["max_staleness"] <= 2), key=lambda r: r["steps_per_hour"])
+    speedup = best["steps_per_hour"] / sync["steps_per_hour"]
+    print(f"\nbest asynchronous mode: max_staleness={best['max_staleness']}, {speedup:.2f}x the synchronous loop")
+    picture = RESULTS / "async_speedup.png"
+    shown = {
+        "synchronous (max_staleness=0)": runs[0],
+        f"max_staleness={best['max_staleness']}": runs[best["max_staleness"]],
+    }
+    draw(shown, args.warmup, 60.0, picture)
+    summary = {
+        "best_max_staleness": best["max_staleness"],
+        "speedup": speedup,
+        "learner_idle_async": best["learner_idle"],
+        "sync_p50_s_async": best["sync_p50_s"],
+        "timeline_picture": str(picture.relative_to(RESULTS.parent.parent)),
+        "wall_s": time.monotonic() - t0,
+    }
+    targets = {
+        "speedup >= 1.7": speedup >= 1.7,
+        "async learner idle < 10%": best["learner_idle"] < 0.10,
+        "weight sync p50 <= 0.5 s": best["sync_p50_s"] <= 0.5,
+    }
+    config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "affinity": AFFINITY}
+    write_result("async_speedup", config, {"modes": rows}, summary, targets)
+    for name, ok in targets.items():
+        print(f"{'MET ' if ok else 'MISS'} {name}")
+
+
+if __name__ == "__main__":
+    main()
