@@ -30,8 +30,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--modes", type=int, nargs="+", default=[0, 2])
-    ap.add_argument("--out", type=Path, default=Path("runs/bench-async-quality"))
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/bench-async-quality-<steps>")
     args = ap.parse_args()
+    args.out = args.out or Path(f"runs/bench-async-quality-{args.steps}")
     if 0 not in args.modes:
         raise SystemExit("--modes must include 0: the synchronous loop is the reference")
     exp = load_experiment(args.experiment)
@@ -60,14 +61,15 @@ def main() -> None:
             }
         )
     print_table(rows, list(rows[0]))
-    sync = rows[0]
+    sync = next(r for r in rows if r["max_staleness"] == 0)
+    others = [r for r in rows if r is not sync]
     targets = {}
-    for row in rows[1:]:
+    for row in others:
         spread = max(sync["std"], row["std"])
         targets[f"staleness {row['max_staleness']} within one seed spread ({spread:.4f}) of synchronous"] = (
             abs(row["mean"] - sync["mean"]) <= spread
         )
-    summary = {f"delta_staleness_{r['max_staleness']}": r["mean"] - sync["mean"] for r in rows[1:]}
+    summary = {f"delta_staleness_{r['max_staleness']}": r["mean"] - sync["mean"] for r in others}
     config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "run": exp.run}
     write_result("async_quality", config, {"scores": scores}, summary, targets)
     for name, ok in targets.items():

@@ -7,11 +7,11 @@ Every run is the README's run (real processes, private Redis, the tiny world) wi
 step count, the rollout pinned to core 0, the learner to core 1 and the experts and gateway sharing
 both (``supervision.cpu_affinity``): the laptop-sized picture of rollout and learner on their own
 hardware. Each run records its timeline (``timeline: true``); the first ``--warmup`` steps are left
-out of every figure. Per mode: learner steps per hour, the learner's idle ratio (waiting for groups)
-and the rollout's (no group in flight: waiting for admission, i.e. back-pressure), the version lag of
-the trained tokens, the importance-weight statistics, and the delay from a version's publication to
-its first sampled turn. The timeline picture of the synchronous and the fastest asynchronous mode
-is written beside the JSON.
+out of every figure. Per mode: learner steps per hour; the learner's idle ratio (waiting for groups)
+and the rollout's (no group in flight: nothing admitted, i.e. back-pressure), with the share of its
+group slots in use; the version lag of the trained tokens; the importance-weight statistics; and the
+delay from a version's publication to the rollout serving it. The timeline picture of the synchronous
+and the fastest asynchronous mode is written beside the JSON.
 
 Targets: the best ``max_staleness`` ≤ 2 runs ≥ 1.7× the synchronous learner steps per hour, its learner
 idle ratio < 10%, and weight sync p50 ≤ 0.5 s.
@@ -22,23 +22,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from benchmarks.common import RESULTS, print_table, write_result
 from eapo.core.timeline import read_timeline
 
-AFFINITY = {"rollout": [0], "learner": [1], "expert": [0, 1], "gateway": [0, 1]}
+
+def affinity() -> dict[str, list[int]]:
+    """Rollout and learner on a core each (the first two this process may use), experts and gateway on both."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        raise SystemExit("this benchmark pins rollout and learner to a core each: it needs 2 cores")
+    return {"rollout": cores[:1], "learner": cores[1:], "expert": cores, "gateway": cores}
 
 
 def run_mode(config: Path, out: Path, staleness: int, steps: int, seed: int) -> Path:
-    """One ``eapo up`` run; returns its run directory (an existing finished one is reused)."""
-    run_dir = out / f"staleness{staleness}-seed{seed}"
-    if (run_dir / "summary.json").exists() and json.loads((run_dir / "summary.json").read_text())["ok"]:
+    """One ``eapo up`` run; returns its run directory. A finished run of the same config, staleness, seed
+    and step count is reused; an unfinished one is started over."""
+    run_dir = out / f"{config.stem}-staleness{staleness}-seed{seed}-steps{steps}"
+    summary = run_dir / "summary.json"
+    if summary.exists() and json.loads(summary.read_text())["ok"]:
         return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
     env = {
         **os.environ,
         "EAPO_RUN_DIR": str(run_dir),
@@ -46,7 +58,7 @@ def run_mode(config: Path, out: Path, staleness: int, steps: int, seed: int) -> 
         "EAPO_LEARNER__STEPS": str(steps),
         "EAPO_LEARNER__MAX_STALENESS": str(staleness),
         "EAPO_TIMELINE": "true",
-        "EAPO_SUPERVISION__CPU_AFFINITY": json.dumps(AFFINITY),
+        "EAPO_SUPERVISION__CPU_AFFINITY": json.dumps(affinity()),
         "EAPO_SUPERVISION__MAX_RESTARTS": "0",  # a crash is a failed measurement, not something to hide
     }
     print(f"max_staleness={staleness} seed={seed}: eapo up → {run_dir}", flush=True)
@@ -68,31 +80,57 @@ def busy_fraction(spans: list[tuple[float, float]], lo: float, hi: float) -> flo
     return covered / max(hi - lo, 1e-9)
 
 
-def measure(run_dir: Path, warmup: int) -> dict[str, float]:
+def mean_overlap(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """How many of ``spans`` are open at once, on average over [lo, hi]."""
+    return sum(max(0.0, min(t1, hi) - max(t0, lo)) for t0, t1 in spans) / max(hi - lo, 1e-9)
+
+
+def serving_delays(published: dict[int, float], loaded: list[tuple[int, float]], versions: range) -> list[float]:
+    """Per version: publication to the first moment a replica serves it or a newer one (a skipped version
+    counts until its successor serves). The load span's end is that moment: the engine's next batch,
+    milliseconds later, samples with it."""
+    return [
+        min(t for v, t in loaded if v >= version) - published[version]
+        for version in versions
+        if any(v >= version for v, _ in loaded)
+    ]
+
+
+def load_run(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """A run's metrics records, learner timeline and the timelines of all its rollout replicas."""
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     learner = read_timeline(run_dir / "timeline" / "learner.jsonl")
-    rollout = [r for p in (run_dir / "timeline").glob("rollout-*.jsonl") for r in read_timeline(p)]
+    rollout = [r for p in sorted((run_dir / "timeline").glob("rollout-*.jsonl")) for r in read_timeline(p)]
+    return steps, learner, rollout
+
+
+def measure(run_dir: Path, warmup: int) -> dict[str, float]:
+    """The figures of one run over the steps after ``warmup``: from the publication that ends step
+    ``warmup`` to the one that ends the last step. Token statistics are weighted by policy tokens;
+    the capped share is that of ``learner.importance: decoupled`` (tokens above the cap leave the loss)."""
+    steps, learner, rollout = load_run(run_dir)
+    in_flight = yaml.safe_load((run_dir / "config.yaml").read_text())["rollout"]["max_groups_in_flight"]
     published = {r["version"]: r["t"] for r in learner if r["what"] == "published"}
-    first = {r["version"]: r["t"] for r in rollout if r["what"] == "first_sample"}
-    # the window: from the publication that ends step `warmup` to the one that ends the last step
     lo, hi = published[warmup], published[len(steps)]
     window = [s for s in steps if s["step"] > warmup]
-    sync_s = [first[v] - published[v] for v in range(warmup + 1, len(steps)) if v in first]
-    tokens = sum(s["policy_tokens"] + s["is_masked_tokens"] for s in window)
+    tokens = [s["policy_tokens"] for s in window]
+    loaded = [(r["version"], r["t1"]) for r in rollout if r["what"] == "load_weights"]
+    delays = serving_delays(published, loaded, range(warmup + 1, len(steps)))
     groups = [(r["t0"], r["t1"]) for r in rollout if r["what"] == "group"]
-    learner_busy = [(r["t0"], r["t1"]) for r in learner if r["what"] in ("train", "checkpoint", "publish")]
     return {
         "steps_per_hour": len(window) / (hi - lo) * 3600,
-        "learner_idle": 1 - busy_fraction(learner_busy, lo, hi),
+        "learner_idle": sum(s["wait_s"] for s in window) / (hi - lo),
         "rollout_idle": 1 - busy_fraction(groups, lo, hi),
-        "token_lag_mean": statistics.fmean(s["token_lag_mean"] for s in window),
+        "rollout_slots_used": mean_overlap(groups, lo, hi) / in_flight,
+        "token_lag_mean": sum(s["token_lag_mean"] * n for s, n in zip(window, tokens, strict=True)) / sum(tokens),
         "token_lag_max": max(s["token_lag_max"] for s in window),
-        "is_weight_mean": statistics.fmean(s["is_weight_mean"] for s in window),
+        "is_weight_mean": sum(s["is_weight_mean"] * n for s, n in zip(window, tokens, strict=True)) / sum(tokens),
         "is_weight_max": max(s["is_weight_max"] for s in window),
-        "is_capped_share": sum(s["is_masked_tokens"] for s in window) / max(tokens, 1),
-        "sync_p50_s": statistics.median(sync_s) if sync_s else float("nan"),
-        "sync_max_s": max(sync_s) if sync_s else float("nan"),
-        "groups_per_step": statistics.fmean(s["groups_read"] for s in window),
+        "is_capped_share": sum(s["is_masked_tokens"] for s in window)
+        / max(sum(tokens) + sum(s["is_masked_tokens"] for s in window), 1),
+        "sync_p50_s": statistics.median(delays),
+        "sync_max_s": max(delays),
+        "groups_read_per_step": statistics.fmean(s["groups_read"] for s in window),
         "window_s": hi - lo,
     }
 
@@ -108,8 +146,7 @@ def draw(runs: dict[str, Path], warmup: int, seconds: float, path: Path) -> None
     fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.6 * len(runs)), squeeze=False)
     colors = {"wait": "#dddddd", "train": "#d62728", "checkpoint": "#ff7f0e", "publish": "#2ca02c"}
     for ax, (label, run_dir) in zip(axes[:, 0], runs.items(), strict=True):
-        learner = read_timeline(run_dir / "timeline" / "learner.jsonl")
-        rollout = [r for p in (run_dir / "timeline").glob("rollout-*.jsonl") for r in read_timeline(p)]
+        _, learner, rollout = load_run(run_dir)
         t0 = next(r["t"] for r in learner if r["what"] == "published" and r["version"] == warmup)
         lanes: list[float] = []  # when each lane is free again
         for r in sorted((r for r in rollout if r["what"] == "group"), key=lambda r: r["t0"]):
@@ -146,14 +183,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-async"))
     args = ap.parse_args()
-    if len(os.sched_getaffinity(0)) < 2:
-        raise SystemExit("this benchmark pins rollout and learner to cores 0 and 1: it needs 2 cores")
+    if 0 not in args.modes or not any(m > 0 for m in args.modes):
+        raise SystemExit("--modes needs 0 (the synchronous reference) and at least one asynchronous mode")
     t0 = time.monotonic()
     runs = {m: run_mode(args.config, args.out, m, args.steps, args.seed) for m in args.modes}
     rows = [{"max_staleness": m, **measure(d, args.warmup)} for m, d in runs.items()]
     print_table(rows, list(rows[0]))
     sync = next(r for r in rows if r["max_staleness"] == 0)
-    best = max((r for r in rows if 0 < r["max_staleness"] <= 2), key=lambda r: r["steps_per_hour"])
+    candidates = [r for r in rows if 0 < r["max_staleness"] <= 2] or [r for r in rows if r["max_staleness"] > 0]
+    best = max(candidates, key=lambda r: r["steps_per_hour"])
     speedup = best["steps_per_hour"] / sync["steps_per_hour"]
     print(f"\nbest asynchronous mode: max_staleness={best['max_staleness']}, {speedup:.2f}x the synchronous loop")
     picture = RESULTS / "async_speedup.png"
@@ -175,7 +213,7 @@ def main() -> None:
         "async learner idle < 10%": best["learner_idle"] < 0.10,
         "weight sync p50 <= 0.5 s": best["sync_p50_s"] <= 0.5,
     }
-    config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "affinity": AFFINITY}
+    config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "affinity": affinity()}
     write_result("async_speedup", config, {"modes": rows}, summary, targets)
     for name, ok in targets.items():
         print(f"{'MET ' if ok else 'MISS'} {name}")

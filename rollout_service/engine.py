@@ -23,19 +23,15 @@ from proto.weights import verify_version
 log = logging.getLogger(__name__)
 
 
-class Sampler(Protocol):
-    """What an episode needs of an engine."""
-
+class PolicyEngine(Protocol):
     tokenizer: PreTrainedTokenizerFast
+
+    @property
+    def version(self) -> int: ...
 
     async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
         """Sample one turn; returns the result and the weight version that produced it."""
         ...
-
-
-class PolicyEngine(Sampler, Protocol):
-    @property
-    def version(self) -> int: ...
 
     async def load_version(self, version: int, path: Path) -> None: ...
 

@@ -20,7 +20,7 @@ from eapo.inference.sampling import SampleRequest
 from proto import AnnealState, ConsultRecord, ConsultResult, PromptTask, Trajectory
 from proto import episode_format as fmt
 from rollout_service.consult import parse_consult
-from rollout_service.engine import Sampler
+from rollout_service.engine import PolicyEngine
 from rollout_service.expert_client import Experts
 from rollout_service.metrics import CONSULTS, EPISODES, PARSE_ISSUES
 from rollout_service.reward import extract_answer, judge
@@ -34,7 +34,7 @@ def episode_seed(base: int, prompt_id: str, sample_index: int) -> int:
 
 
 async def run_episode(
-    engine: Sampler,
+    engine: PolicyEngine,
     experts: Experts | None,
     task: PromptTask,
     anneal: AnnealState,

@@ -11,6 +11,7 @@ its version). It stops when the learner says done (or on SIGTERM), finishing the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -21,11 +22,10 @@ import redis.asyncio as aioredis
 from eapo.core.config import EAPOConfig
 from eapo.core.metrics import serve_metrics
 from eapo.core.timeline import Timeline
-from eapo.inference.sampling import SampleRequest, SampleResult
 from proto import AnnealState, Names, PromptTask, TrajectoryGroup, WeightManifest, decode
 from proto.streams import Entry, StreamConsumer, StreamProducer
 from proto.weights import version_dir
-from rollout_service.engine import PolicyEngine, Sampler, open_engine
+from rollout_service.engine import PolicyEngine, open_engine
 from rollout_service.episode import run_episode
 from rollout_service.expert_client import ExpertClient, gateway_session
 from rollout_service.metrics import GROUPS, POLICY_VERSION
@@ -42,28 +42,11 @@ async def wait_for_key(client: aioredis.Redis, key: str, stop: asyncio.Event, po
     return None
 
 
-class _MarkFirstSample:
-    """The engine, marking on the timeline when each weight version samples its first turn: with the
-    learner's "published" marks, that is the weight-sync delay the rollout actually sees."""
-
-    def __init__(self, engine: PolicyEngine, timeline: Timeline):
-        self.engine, self.timeline, self.tokenizer = engine, timeline, engine.tokenizer
-        self.last = engine.version
-
-    async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
-        result, version = await self.engine.sample(request)
-        if version > self.last:
-            self.last = version
-            self.timeline.mark("first_sample", version=version)
-        return result, version
-
-
 class RolloutService:
     def __init__(self, cfg: EAPOConfig, client: aioredis.Redis):
         self.cfg, self.client, self.names = cfg, client, Names(cfg.redis.prefix)
         self.stop = asyncio.Event()
         self.engine: PolicyEngine | None = None
-        self.sampler: Sampler | None = None  # the engine, as the episodes see it
         self.groups_done = 0
         self.timeline = Timeline(cfg.run_dir if cfg.timeline else None, cfg.rollout.replica)
 
@@ -77,16 +60,25 @@ class RolloutService:
         await self.client.hset(self.names.rollout_versions, self.cfg.rollout.replica, report)
 
     async def _follow_weights(self) -> None:
-        """Load every newly published version as it appears. A poll of one small key, not a wait on the
-        slots: a replica whose slots are all busy still picks a new version up within ``weights_poll_s``."""
+        """Load every newly published version as it appears, beside generation: a replica whose slots
+        are all busy still picks a new version up within ``weights_poll_s``. It polls the manifest key
+        (one small GET) rather than the announcement channel, so a restarted Redis or a missed message
+        costs nothing. A load that fails (a policy server down) keeps the version and is retried."""
         assert self.engine is not None
         while not self.stop.is_set():
             latest = await self._latest_weights()
             if latest is not None and latest.version > self.engine.version:
                 await self._report_version(latest.version)
-                with self.timeline.span("load_weights", version=latest.version):
-                    await self.engine.load_version(latest.version, version_dir(self.cfg.weights_dir, latest.version))
-                POLICY_VERSION.set(latest.version)
+                path = version_dir(self.cfg.weights_dir, latest.version)
+                try:
+                    # the span ends when the engine serves the version: its next batch samples with it
+                    with self.timeline.span("load_weights", version=latest.version):
+                        await self.engine.load_version(latest.version, path)
+                except Exception:  # any failure: keep serving the loaded version, retry in a second
+                    log.warning("loading version %d failed; retrying", latest.version, exc_info=True)
+                    await asyncio.sleep(1.0)
+                else:
+                    POLICY_VERSION.set(latest.version)
                 continue
             await asyncio.sleep(self.cfg.rollout.weights_poll_s)
 
@@ -96,12 +88,12 @@ class RolloutService:
     async def _roll_group(
         self, entry: Entry[PromptTask], experts: ExpertClient | None, consumer: StreamConsumer, producer: StreamProducer
     ) -> None:
-        assert self.sampler is not None
+        assert self.engine is not None
         anneal = await self._anneal()
         with self.timeline.span("group", prompt=entry.message.prompt_id):
             samples = await asyncio.gather(
                 *(
-                    run_episode(self.sampler, experts, entry.message, anneal, self.cfg.rollout, i)
+                    run_episode(self.engine, experts, entry.message, anneal, self.cfg.rollout, i)
                     for i in range(self.cfg.rollout.group_size)
                 )
             )
@@ -132,7 +124,6 @@ class RolloutService:
         assert latest is not None
         await self._report_version(latest.version)
         self.engine = await open_engine(self.cfg, version_dir(self.cfg.weights_dir, latest.version), latest.version)
-        self.sampler = _MarkFirstSample(self.engine, self.timeline) if self.cfg.timeline else self.engine
         consumer = StreamConsumer(
             self.client,
             self.names.prompts,
@@ -153,23 +144,26 @@ class RolloutService:
             experts = ExpertClient.for_rollout(session, self.cfg) if rc.consult else None
             log.info("rollout %s serving with policy version %d", rc.replica, self.engine.version)
             weights = asyncio.create_task(self._follow_weights())
-            while not self.stop.is_set():
-                if weights.done():
-                    weights.result()  # the follower died (Redis gone, a bad version): so does the replica
-                if await self.client.exists(self.names.done):
-                    log.info("learner is done; draining")
-                    break
-                await slots.acquire()
-                entries = await consumer.read(count=1, block_ms=500)
-                if not entries:
-                    slots.release()
-                    continue
-                task = asyncio.create_task(self._roll_group(entries[0], experts, consumer, producer))
-                tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), slots.release(), _report(t)))
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            weights.cancel()
+            weights.add_done_callback(lambda _: self.stop.set())  # a dead follower (Redis gone) ends the loop
+            try:
+                while not self.stop.is_set():
+                    if await self.client.exists(self.names.done):
+                        log.info("learner is done; draining")
+                        break
+                    await slots.acquire()
+                    entries = await consumer.read(count=1, block_ms=500)
+                    if not entries:
+                        slots.release()
+                        continue
+                    task = asyncio.create_task(self._roll_group(entries[0], experts, consumer, producer))
+                    tasks.add(task)
+                    task.add_done_callback(lambda t: (tasks.discard(t), slots.release(), _report(t)))
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                weights.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await weights  # re-raises what killed the follower: the replica fails with it, and restarts
         await self.engine.close()
         self.timeline.close()
         log.info("rollout %s stopped after %d groups", rc.replica, self.groups_done)

@@ -334,7 +334,8 @@ class SupervisionConfig(Section):
     cpu_affinity: dict[str, list[int]] = Field(
         default_factory=dict,
         description="pin processes to CPU cores by name prefix (learner, rollout, expert, gateway), e.g. "
-        "{learner: [1], rollout: [0]}: each stage on its own cores, as on separate machines; empty: no pinning",
+        "{learner: [1], rollout: [0]}: each stage on its own cores, as on separate machines; empty: no pinning "
+        "(the private Redis is never pinned)",
     )
 
 

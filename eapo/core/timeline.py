@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 
 class Timeline:
@@ -20,7 +21,7 @@ class Timeline:
 
     def __init__(self, run_dir: Path | None, process: str):
         self.process = process
-        self._file = None
+        self._file: TextIO | None = None
         if run_dir is not None:
             path = run_dir / "timeline" / f"{process}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)

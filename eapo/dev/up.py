@@ -61,7 +61,7 @@ def _spawn(name: str, role: str, config: Path, logs: Path, env: dict[str, str], 
     logs.mkdir(parents=True, exist_ok=True)
     out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     full_env = {**os.environ, "EAPO_ROLE": name, "PYTHONUNBUFFERED": "1", **env}
-    if cpus:  # one compute thread per core it may use: more would only contend
+    if cpus and "OMP_NUM_THREADS" not in env:  # a thread per core it may use, unless the role sets its own
         full_env["OMP_NUM_THREADS"] = str(len(cpus))
     proc = popen_child(
         [sys.executable, "-m", "eapo.cli", role, "--config", str(config)],
