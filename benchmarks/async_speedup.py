@@ -1,17 +1,21 @@
 """Asynchrony against a synchronous loop: the same ``eapo up`` run with ``learner.max_staleness`` 0 (the
 feed admits a step's prompts only after the previous step: synchronous), 1, 2 and 4.
 
-    python -m benchmarks.async_speedup [--config configs/tiny.yaml] [--steps 40] [--modes 0 1 2 4]
+    python -m benchmarks.async_speedup [--config configs/tiny.yaml] [--steps 30] [--modes 0 1 2 4]
+                                       [--seeds 0 1 2]
 
-Every run is the README's run (real processes, private Redis, the tiny world) with the same seed and
-step count, the rollout pinned to core 0, the learner to core 1 and the experts and gateway sharing
-both (``supervision.cpu_affinity``): the laptop-sized picture of rollout and learner on their own
-hardware. Each run records its timeline (``timeline: true``); the first ``--warmup`` steps are left
-out of every figure. Per mode: learner steps per hour; the learner's idle ratio (waiting for groups)
-and the rollout's (no group in flight: nothing admitted, i.e. back-pressure), with the share of its
-group slots in use; the version lag of the trained tokens; the importance-weight statistics; and the
-delay from a version's publication to the rollout serving it. The timeline picture of the synchronous
-and the fastest asynchronous mode is written beside the JSON.
+Every run is the README's run (real processes, private Redis, the tiny world) with the rollout pinned
+to one core, the learner to the other and the experts and gateway sharing both
+(``supervision.cpu_affinity``): the laptop-sized picture of rollout and learner on their own hardware.
+The modes share each seed and the step count, and the speed-up is paired by seed: repeats of one run
+differ by up to ~25%, since which version samples which turn depends on timing, and with it how many
+groups are dropped. Each run records its timeline (``timeline: true``); the first ``--warmup`` steps
+are left out of every figure, and each figure is the mean over seeds. Per mode: learner steps per
+hour; the learner's idle ratio (waiting for groups) and the rollout's (no group in flight: nothing
+admitted, i.e. back-pressure), with the share of its group slots in use; the version lag of the
+trained tokens; the importance-weight statistics; and the delay from a version's publication to the
+rollout serving it. The timeline picture (first seed) of the synchronous and the fastest asynchronous
+mode is written beside the JSON.
 
 Targets: the best ``max_staleness`` ≤ 2 runs ≥ 1.7× the synchronous learner steps per hour, its learner
 idle ratio < 10%, and weight sync p50 ≤ 0.5 s.
@@ -135,6 +139,22 @@ def measure(run_dir: Path, warmup: int) -> dict[str, float]:
     }
 
 
+KEYS = [
+    "steps_per_hour",
+    "learner_idle",
+    "rollout_idle",
+    "rollout_slots_used",
+    "token_lag_mean",
+    "token_lag_max",
+    "is_weight_mean",
+    "is_weight_max",
+    "is_capped_share",
+    "sync_p50_s",
+    "sync_max_s",
+    "groups_read_per_step",
+]
+
+
 def draw(runs: dict[str, Path], warmup: int, seconds: float, path: Path) -> None:
     """Who is busy when, for ``seconds`` after the warm-up: learner spans, and each group in flight on
     its own lane under the rollout."""
@@ -177,32 +197,43 @@ def draw(runs: dict[str, Path], warmup: int, seconds: float, path: Path) -> None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", type=int, nargs="+", default=[0, 1, 2, 4])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-async"))
     args = ap.parse_args()
     if 0 not in args.modes or not any(m > 0 for m in args.modes):
         raise SystemExit("--modes needs 0 (the synchronous reference) and at least one asynchronous mode")
     t0 = time.monotonic()
-    runs = {m: run_mode(args.config, args.out, m, args.steps, args.seed) for m in args.modes}
-    rows = [{"max_staleness": m, **measure(d, args.warmup)} for m, d in runs.items()]
-    print_table(rows, list(rows[0]))
-    sync = next(r for r in rows if r["max_staleness"] == 0)
+    runs = {(m, s): run_mode(args.config, args.out, m, args.steps, s) for s in args.seeds for m in args.modes}
+    per_run = [{"max_staleness": m, "seed": s, **measure(d, args.warmup)} for (m, s), d in runs.items()]
+    rows = [
+        {"max_staleness": m, **{k: statistics.fmean(r[k] for r in per_run if r["max_staleness"] == m) for k in KEYS}}
+        for m in args.modes
+    ]  # each figure the mean over seeds
+    print_table(rows, ["max_staleness", *KEYS])
     candidates = [r for r in rows if 0 < r["max_staleness"] <= 2] or [r for r in rows if r["max_staleness"] > 0]
     best = max(candidates, key=lambda r: r["steps_per_hour"])
-    speedup = best["steps_per_hour"] / sync["steps_per_hour"]
-    print(f"\nbest asynchronous mode: max_staleness={best['max_staleness']}, {speedup:.2f}x the synchronous loop")
+    rate = {(r["max_staleness"], r["seed"]): r["steps_per_hour"] for r in per_run}
+    speedups = [rate[best["max_staleness"], s] / rate[0, s] for s in args.seeds]  # paired by seed
+    speedup = statistics.fmean(speedups)
+    spread = statistics.stdev(speedups) if len(speedups) > 1 else 0.0
+    print(
+        f"\nbest asynchronous mode: max_staleness={best['max_staleness']}, {speedup:.2f}x ± {spread:.2f} "
+        f"the synchronous loop (per seed: {', '.join(f'{x:.2f}' for x in speedups)})"
+    )
     picture = RESULTS / "async_speedup.png"
     shown = {
-        "synchronous (max_staleness=0)": runs[0],
-        f"max_staleness={best['max_staleness']}": runs[best["max_staleness"]],
+        "synchronous (max_staleness=0)": runs[0, args.seeds[0]],
+        f"max_staleness={best['max_staleness']}": runs[best["max_staleness"], args.seeds[0]],
     }
     draw(shown, args.warmup, 60.0, picture)
     summary = {
         "best_max_staleness": best["max_staleness"],
         "speedup": speedup,
+        "speedup_per_seed": speedups,
+        "speedup_std": spread,
         "learner_idle_async": best["learner_idle"],
         "sync_p50_s_async": best["sync_p50_s"],
         "timeline_picture": str(picture.relative_to(RESULTS.parent.parent)),
@@ -214,7 +245,7 @@ def main() -> None:
         "weight sync p50 <= 0.5 s": best["sync_p50_s"] <= 0.5,
     }
     config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "affinity": affinity()}
-    write_result("async_speedup", config, {"modes": rows}, summary, targets)
+    write_result("async_speedup", config, {"modes": rows, "runs": per_run}, summary, targets)
     for name, ok in targets.items():
         print(f"{'MET ' if ok else 'MISS'} {name}")
 

@@ -281,7 +281,11 @@ class LearnerConfig(Section):
         description="drop groups whose correctness scores are all equal (DAPO, on accuracy); off keeps them, "
         "their advantages then only the consult penalty's λ·(c − mean c) (plumbing tests on an untrained world)",
     )
-    max_staleness: int = Field(1, description="batches the prompt feed may run ahead of the learner")
+    max_staleness: int = Field(
+        2,
+        ge=0,
+        description="batches the prompt feed may run ahead of the learner; 0 = synchronous (README: Asynchrony)",
+    )
     max_version_lag: int | None = Field(
         None, description="hard limit: drop (counted) groups whose oldest turn is this many versions behind"
     )
