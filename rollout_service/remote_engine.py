@@ -96,7 +96,7 @@ class RemotePolicyEngine:
 
     async def load_version(self, version: int, path: Path) -> None:
         """Every server loads ``path`` (all or nothing is not possible over HTTP: a failure raises, the
-        version stays, and the rollout's weight follower retries)."""
+        version stays, and the rollout retries at its next weight check)."""
         for url in self.urls:
             await self._post(url, "/collective_rpc", {"method": "eapo_load_weights", "args": [str(path)]})
         self._version = version

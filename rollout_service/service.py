@@ -2,16 +2,14 @@
 
 Any number of replicas share a run: each reads its share of the prompts stream through the
 ``rollout`` consumer group; a dead replica's unacknowledged prompts are reclaimed by the others. A
-prompt is acknowledged only after its group is on the trajectory stream. The replica watches the
-weight manifest beside generation and loads each newly published version off the event loop; the
-engine switches to it between batches, so groups in flight go on sampling meanwhile (each turn records
-its version). It stops when the learner says done (or on SIGTERM), finishing the groups it holds.
+prompt is acknowledged only after its group is on the trajectory stream. The replica loads each
+newly published weight version before starting new groups, and stops when the learner says done
+(or on SIGTERM), finishing the groups it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -59,28 +57,14 @@ class RolloutService:
         report = json.dumps({"version": version, "at": time.time()})
         await self.client.hset(self.names.rollout_versions, self.cfg.rollout.replica, report)
 
-    async def _follow_weights(self) -> None:
-        """Load every newly published version as it appears, beside generation: a replica whose slots
-        are all busy still picks a new version up within ``weights_poll_s``. It polls the manifest key
-        (one small GET) rather than the announcement channel, so a restarted Redis or a missed message
-        costs nothing. A load that fails (a policy server down) keeps the version and is retried."""
-        assert self.engine is not None
-        while not self.stop.is_set():
-            latest = await self._latest_weights()
-            if latest is not None and latest.version > self.engine.version:
-                await self._report_version(latest.version)
-                path = version_dir(self.cfg.weights_dir, latest.version)
-                try:
-                    # the span ends when the engine serves the version: its next batch samples with it
-                    with self.timeline.span("load_weights", version=latest.version):
-                        await self.engine.load_version(latest.version, path)
-                except Exception:  # any failure: keep serving the loaded version, retry in a second
-                    log.warning("loading version %d failed; retrying", latest.version, exc_info=True)
-                    await asyncio.sleep(1.0)
-                else:
-                    POLICY_VERSION.set(latest.version)
-                continue
-            await asyncio.sleep(self.cfg.rollout.weights_poll_s)
+    async def _sync_weights(self) -> None:
+        latest = await self._latest_weights()
+        if latest is not None and self.engine is not None and latest.version > self.engine.version:
+            await self._report_version(latest.version)
+            # the span ends when the engine serves the version: its next batch samples with it
+            with self.timeline.span("load_weights", version=latest.version):
+                await self.engine.load_version(latest.version, version_dir(self.cfg.weights_dir, latest.version))
+            POLICY_VERSION.set(latest.version)
 
     async def _anneal(self) -> AnnealState:
         return decode(await self.client.get(self.names.anneal), AnnealState)
@@ -143,27 +127,21 @@ class RolloutService:
         async with gateway_session(self.cfg) as session:
             experts = ExpertClient.for_rollout(session, self.cfg) if rc.consult else None
             log.info("rollout %s serving with policy version %d", rc.replica, self.engine.version)
-            weights = asyncio.create_task(self._follow_weights())
-            weights.add_done_callback(lambda _: self.stop.set())  # a dead follower (Redis gone) ends the loop
-            try:
-                while not self.stop.is_set():
-                    if await self.client.exists(self.names.done):
-                        log.info("learner is done; draining")
-                        break
-                    await slots.acquire()
-                    entries = await consumer.read(count=1, block_ms=500)
-                    if not entries:
-                        slots.release()
-                        continue
-                    task = asyncio.create_task(self._roll_group(entries[0], experts, consumer, producer))
-                    tasks.add(task)
-                    task.add_done_callback(lambda t: (tasks.discard(t), slots.release(), _report(t)))
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            finally:
-                weights.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await weights  # re-raises what killed the follower: the replica fails with it, and restarts
+            while not self.stop.is_set():
+                if await self.client.exists(self.names.done):
+                    log.info("learner is done; draining")
+                    break
+                await self._sync_weights()
+                await slots.acquire()
+                entries = await consumer.read(count=1, block_ms=500)
+                if not entries:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self._roll_group(entries[0], experts, consumer, producer))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), slots.release(), _report(t)))
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
         await self.engine.close()
         self.timeline.close()
         log.info("rollout %s stopped after %d groups", rc.replica, self.groups_done)

@@ -217,7 +217,6 @@ class RolloutConfig(Section):
     replica: str = Field("rollout-0", description="consumer name in the prompts group")
     group_size: int = Field(4, description="G: episodes per prompt")
     max_groups_in_flight: int = 4
-    weights_poll_s: float = Field(0.05, gt=0, description="how often a replica looks for a newly published version")
     max_queries: int = Field(3, description="K: queries per consult block")
     gateway_url: str = "http://127.0.0.1:8000"
     max_new_tokens: int = Field(48, description="tokens the policy may sample per turn")
@@ -282,7 +281,7 @@ class LearnerConfig(Section):
         "their advantages then only the consult penalty's λ·(c − mean c) (plumbing tests on an untrained world)",
     )
     max_staleness: int = Field(
-        2,
+        1,
         ge=0,
         description="batches the prompt feed may run ahead of the learner; 0 = synchronous (README: Asynchrony)",
     )
