@@ -117,7 +117,12 @@ def measure(run_dir: Path, warmup: int) -> dict[str, float]:
     published = {r["version"]: r["t"] for r in learner if r["what"] == "published"}
     lo, hi = published[warmup], published[len(steps)]
     window = [s for s in steps if s["step"] > warmup]
-    tokens = [s["policy_tokens"] for s in window]
+    tokens = sum(s["policy_tokens"] for s in window)
+    masked = sum(s["is_masked_tokens"] for s in window)
+
+    def by_tokens(key: str) -> float:  # a per-step mean, weighted by the step's policy tokens
+        return sum(s[key] * s["policy_tokens"] for s in window) / tokens
+
     loaded = [(r["version"], r["t1"]) for r in rollout if r["what"] == "load_weights"]
     delays = serving_delays(published, loaded, range(warmup + 1, len(steps)))
     groups = [(r["t0"], r["t1"]) for r in rollout if r["what"] == "group"]
@@ -126,33 +131,16 @@ def measure(run_dir: Path, warmup: int) -> dict[str, float]:
         "learner_idle": sum(s["wait_s"] for s in window) / (hi - lo),
         "rollout_idle": 1 - busy_fraction(groups, lo, hi),
         "rollout_slots_used": mean_overlap(groups, lo, hi) / in_flight,
-        "token_lag_mean": sum(s["token_lag_mean"] * n for s, n in zip(window, tokens, strict=True)) / sum(tokens),
+        "token_lag_mean": by_tokens("token_lag_mean"),
         "token_lag_max": max(s["token_lag_max"] for s in window),
-        "is_weight_mean": sum(s["is_weight_mean"] * n for s, n in zip(window, tokens, strict=True)) / sum(tokens),
+        "is_weight_mean": by_tokens("is_weight_mean"),
         "is_weight_max": max(s["is_weight_max"] for s in window),
-        "is_capped_share": sum(s["is_masked_tokens"] for s in window)
-        / max(sum(tokens) + sum(s["is_masked_tokens"] for s in window), 1),
+        "is_capped_share": masked / max(tokens + masked, 1),
         "sync_p50_s": statistics.median(delays),
         "sync_max_s": max(delays),
         "groups_read_per_step": statistics.fmean(s["groups_read"] for s in window),
         "window_s": hi - lo,
     }
-
-
-KEYS = [
-    "steps_per_hour",
-    "learner_idle",
-    "rollout_idle",
-    "rollout_slots_used",
-    "token_lag_mean",
-    "token_lag_max",
-    "is_weight_mean",
-    "is_weight_max",
-    "is_capped_share",
-    "sync_p50_s",
-    "sync_max_s",
-    "groups_read_per_step",
-]
 
 
 def draw(runs: dict[str, Path], warmup: int, seconds: float, path: Path) -> None:
@@ -208,11 +196,12 @@ def main() -> None:
     t0 = time.monotonic()
     runs = {(m, s): run_mode(args.config, args.out, m, args.steps, s) for s in args.seeds for m in args.modes}
     per_run = [{"max_staleness": m, "seed": s, **measure(d, args.warmup)} for (m, s), d in runs.items()]
+    figures = [k for k in per_run[0] if k not in ("max_staleness", "seed", "window_s")]
     rows = [
-        {"max_staleness": m, **{k: statistics.fmean(r[k] for r in per_run if r["max_staleness"] == m) for k in KEYS}}
+        {"max_staleness": m, **{k: statistics.fmean(r[k] for r in per_run if r["max_staleness"] == m) for k in figures}}
         for m in args.modes
     ]  # each figure the mean over seeds
-    print_table(rows, ["max_staleness", *KEYS])
+    print_table(rows, ["max_staleness", *figures])
     candidates = [r for r in rows if 0 < r["max_staleness"] <= 2] or [r for r in rows if r["max_staleness"] > 0]
     best = max(candidates, key=lambda r: r["steps_per_hour"])
     rate = {(r["max_staleness"], r["seed"]): r["steps_per_hour"] for r in per_run}

@@ -1,9 +1,9 @@
 """Who is busy when: spans and marks appended to ``<run_dir>/timeline/<process>.jsonl``.
 
 Off by default (``timeline: true`` turns it on). ``benchmarks/async_speedup`` reads the files to measure
-idle ratios and the publish-to-sampling delay of each weight version, and to draw the picture of
-rollout and learner overlapping. Times are wall-clock (``time.time()``): the processes of one machine
-share that clock, and the files of different processes are compared by it.
+idle ratios and the delay from each weight version's publication to the rollout serving it, and to
+draw the picture of rollout and learner overlapping. Times are wall-clock (``time.time()``): the
+processes of one machine share that clock, and the files of different processes are compared by it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ class Timeline:
     """One process's record; ``Timeline(None, …)`` records nothing, so call sites need no condition."""
 
     def __init__(self, run_dir: Path | None, process: str):
-        self.process = process
         self._file: TextIO | None = None
         if run_dir is not None:
             path = run_dir / "timeline" / f"{process}.jsonl"
@@ -41,7 +40,7 @@ class Timeline:
             self._write({"what": what, "t0": round(t0, 4), "t1": round(time.time(), 4), **fields})
 
     def mark(self, what: str, **fields: object) -> None:
-        """Record an instant, e.g. a version published or first sampled."""
+        """Record an instant, e.g. a version published."""
         self._write({"what": what, "t": round(time.time(), 4), **fields})
 
     def close(self) -> None:
