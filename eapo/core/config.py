@@ -66,8 +66,8 @@ class WorldConfig(Section):
     policy: ModelSpec = ModelSpec(curriculum="policy", hidden=64, layers=2, sft_steps=800)
     experts: dict[str, ModelSpec] = Field(
         default_factory=lambda: {
-            "expert": ModelSpec(curriculum="solver", hidden=96, layers=4, sft_steps=1000, lr=5e-3),
-            "calculator": ModelSpec(curriculum="calculator", hidden=96, layers=3, sft_steps=800, lr=5e-3),
+            "expert": ModelSpec(curriculum="solver", hidden=96, layers=4, sft_steps=720, lr=5e-3),
+            "calculator": ModelSpec(curriculum="calculator", hidden=96, layers=3, sft_steps=500, lr=5e-3),
         },
         description="expert checkpoints by name: heterogeneous, each good at something else",
     )
