@@ -1,5 +1,7 @@
-"""Run under torchrun by test_learner_ranks: one learner step on a fixed batch; rank 0 writes the loss
-and the updated parameters, so runs with different rank counts or packings can be compared."""
+"""Run under torchrun by test_learner_ranks: for each setting ``STAGE:MICRO_TOKENS:KL_COEF`` a fresh
+learner takes one step on a fixed batch; rank 0 writes each loss and the updated parameters, so runs
+with different rank counts, ZeRO stages or packings can be compared. Several settings share one launch
+(process start and DeepSpeed's import are most of a run's time)."""
 
 import json
 import sys
@@ -24,27 +26,24 @@ def fixed_batch(vocab: int) -> list[TrainSample]:
     return samples
 
 
-def main() -> None:
-    world_dir, out, stage, micro_tokens = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    kl_coef = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+def step(world_dir: str, stage: int, micro_tokens: int, kl_coef: float) -> dict:
     cfg = LearnerConfig(
         seed=0, zero_stage=stage, micro_batch_tokens=micro_tokens, lr=1e-3, warmup_steps=1, kl_coef=kl_coef
     )
     trainer = Trainer(cfg, Path(world_dir) / "policy")
     stats = trainer.step(fixed_batch(len(trainer.tokenizer)))
+    params = torch.cat([p.detach().double().flatten() for p in trainer.module.parameters()])
+    return {"loss": stats["loss"], "kl": stats.get("kl"), "tokens": stats["policy_tokens"], "params": params.tolist()}
+
+
+def main() -> None:
+    world_dir, out, settings = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    results = {}
+    for setting in settings:
+        stage, micro_tokens, kl_coef = setting.split(":")
+        results[setting] = step(world_dir, int(stage), int(micro_tokens), float(kl_coef))
     if torch.distributed.get_rank() == 0:
-        params = torch.cat([p.detach().double().flatten() for p in trainer.module.parameters()])
-        out.write_text(
-            json.dumps(
-                {
-                    "loss": stats["loss"],
-                    "kl": stats.get("kl"),
-                    "tokens": stats["policy_tokens"],
-                    "params": params.tolist(),
-                    "world": torch.distributed.get_world_size(),
-                }
-            )
-        )
+        out.write_text(json.dumps({"world": torch.distributed.get_world_size(), "results": results}))
 
 
 if __name__ == "__main__":

@@ -13,22 +13,15 @@ pytestmark = pytest.mark.e2e
 SCRIPT = Path(__file__).with_name("dist_step.py")
 
 
-def run(world_dir, tmp_path, ranks: int, stage: int, micro_tokens: int, kl_coef: float = 0.0) -> dict:
-    out = tmp_path / f"r{ranks}-s{stage}-m{micro_tokens}-k{kl_coef}.json"
-    cmd = [
-        *torchrun(ranks),
-        str(SCRIPT),
-        str(world_dir),
-        str(out),
-        str(stage),
-        str(micro_tokens),
-        str(kl_coef),
-    ]
+def run(world_dir, tmp_path, ranks: int, *settings: str) -> dict[str, dict]:
+    """One launch of ``ranks`` processes taking a step per ``STAGE:MICRO_TOKENS:KL_COEF`` setting."""
+    out = tmp_path / f"r{ranks}.json"
+    cmd = [*torchrun(ranks), str(SCRIPT), str(world_dir), str(out), *settings]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == ranks
-    return result
+    return result["results"]
 
 
 def same_update(params: list[float], expected: list[float]) -> None:
@@ -41,24 +34,34 @@ def same_update(params: list[float], expected: list[float]) -> None:
     assert diff.max() <= 1e-3 + 1e-6
 
 
-def test_two_ranks_and_micro_batches_match_one_rank(world_dir, tmp_path):
-    one = run(world_dir, tmp_path, ranks=1, stage=2, micro_tokens=1 << 20)
-    two = run(world_dir, tmp_path, ranks=2, stage=2, micro_tokens=1 << 20)
-    packed = run(world_dir, tmp_path, ranks=1, stage=2, micro_tokens=128)
-    for other in (two, packed):
+WHOLE, PACKED = "2:1048576:0", "2:128:0"
+
+
+@pytest.fixture(scope="module")
+def one_rank(world_dir, tmp_path_factory) -> dict[str, dict]:
+    """One rank: ZeRO-2 whole and token-packed, ZeRO-0, ZeRO-2 with a KL term, and ZeRO-3 last (its
+    partitioning patches module construction for the rest of the process). ZeRO-3 runs on one rank
+    here: with two CPU ranks under load it aborts intermittently inside DeepSpeed/gloo ("terminate
+    called without an active exception")."""
+    return run(
+        world_dir, tmp_path_factory.mktemp("one-rank"), 1, WHOLE, PACKED, "0:1048576:0", "2:1048576:0.1", "3:1048576:0"
+    )
+
+
+def test_two_ranks_and_micro_batches_match_one_rank(world_dir, tmp_path, one_rank):
+    one = one_rank[WHOLE]
+    two = run(world_dir, tmp_path, 2, WHOLE)[WHOLE]
+    for other in (two, one_rank[PACKED]):
         assert other["tokens"] == one["tokens"]
         assert other["loss"] == pytest.approx(one["loss"], abs=1e-5)
         same_update(other["params"], one["params"])
-    # ZeRO-0 and ZeRO-3 agree with ZeRO-2. ZeRO-3 runs on one rank here: with two CPU ranks under load it
-    # aborts intermittently inside DeepSpeed/gloo ("terminate called without an active exception").
-    for ranks, stage in ((1, 0), (1, 3)):
-        other = run(world_dir, tmp_path, ranks=ranks, stage=stage, micro_tokens=1 << 20)
-        assert other["loss"] == pytest.approx(one["loss"], abs=1e-5)
-        same_update(other["params"], one["params"])
+    # ZeRO-0 and ZeRO-3 agree with ZeRO-2.
+    for stage in ("0:1048576:0", "3:1048576:0"):
+        assert one_rank[stage]["loss"] == pytest.approx(one["loss"], abs=1e-5)
+        same_update(one_rank[stage]["params"], one["params"])
 
 
-def test_kl_term_is_zero_at_the_start_and_leaves_the_first_step_unchanged(world_dir, tmp_path):
-    plain = run(world_dir, tmp_path, ranks=1, stage=2, micro_tokens=1 << 20)
-    with_kl = run(world_dir, tmp_path, ranks=1, stage=2, micro_tokens=1 << 20, kl_coef=0.1)
+def test_kl_term_is_zero_at_the_start_and_leaves_the_first_step_unchanged(one_rank):
+    plain, with_kl = one_rank[WHOLE], one_rank["2:1048576:0.1"]
     assert plain["kl"] is None and with_kl["kl"] == pytest.approx(0.0, abs=1e-7)
     assert with_kl["loss"] == pytest.approx(plain["loss"], abs=1e-6)
