@@ -1,0 +1,93 @@
+"""What a policy does with an expert's answer (issue #18, item 6): the held-out problems under the
+training prompt with one consult whose expert block is filled by hand — the correct worked solution, a
+worked solution whose last step and box are wrong, or "unavailable" — against the evaluation prompt
+alone. Per case: accuracy, the share that ends on the expert's wrong answer, the share that restates
+steps in its own tokens. If a correct expert barely raises accuracy, RL under the consult prompt has
+little expert help to reward, whatever the schedule.
+
+    .venv/bin/python -m benchmarks.expert_use [--model .cache/world/policy] [--problems 40] [--samples 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import print_table, write_result
+from eapo.dev.world.tasks import solution_steps, worked_solution
+from eapo.inference.model import load_model
+from proto import episode_format as fmt
+
+BOX = re.compile(r"\\boxed\{([^}]*)\}")
+
+
+def wrong_solution(expr: str, answer: str) -> tuple[str, str]:
+    """The worked solution with its last step's result and the box moved by 7."""
+    steps, bad = solution_steps(expr), str(int(answer) + 7)
+    shown = [f"{op}={value}" for op, value in steps[:-1]] + [f"{steps[-1][0]}={bad}"]
+    return " ".join(shown) + f" \\boxed{{{bad}}}", bad
+
+
+def cases(expr: str, answer: str) -> dict[str, tuple[str, str | None]]:
+    """Case → (prompt, the wrong answer an expert showed, if any)."""
+    consult = fmt.training_prompt(expr) + fmt.consult_block([expr])
+    wrong, bad = wrong_solution(expr, answer)
+    return {
+        "correct expert": (consult + fmt.expert_block(worked_solution(expr)), None),
+        "wrong expert": (consult + fmt.expert_block(wrong), bad),
+        "expert unavailable": (consult + fmt.expert_block(None), None),
+        "alone (eval prompt)": (fmt.eval_prompt(expr), None),
+    }
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    model, tok = load_model(args.model)
+    problems = [json.loads(line) for line in args.dataset.read_text().splitlines()][: args.problems]
+    counts: dict[str, dict[str, int]] = {}
+    for p in problems:
+        for case, (prompt, bad) in cases(p["problem"], p["answer"]).items():
+            ids = torch.tensor([tok.encode(prompt)])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                max_new_tokens=args.max_new_tokens,
+                num_return_sequences=args.samples,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            c = counts.setdefault(case, {"n": 0, "correct": 0, "follows_wrong": 0, "restates": 0})
+            for seq in out[:, ids.shape[1] :]:
+                text = tok.decode(seq, skip_special_tokens=False)
+                boxes = BOX.findall(text)
+                box = boxes[-1].strip() if boxes else None
+                c["n"] += 1
+                c["correct"] += box == p["answer"]
+                c["follows_wrong"] += bad is not None and box == bad
+                c["restates"] += "=" in text.split("\\boxed")[0]
+    rows = [
+        {"case": case, **{k: c[k] / c["n"] for k in ("correct", "follows_wrong", "restates")}, "samples": c["n"]}
+        for case, c in counts.items()
+    ]
+    print_table(rows, ["case", "correct", "follows_wrong", "restates", "samples"])
+    config = {k: str(v) for k, v in vars(args).items()}
+    write_result("expert_use", config, counts, {r["case"]: r["correct"] for r in rows}, {})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path(".cache/world/policy"))
+    parser.add_argument("--dataset", type=Path, default=Path(".cache/world/eval.jsonl"))
+    parser.add_argument("--problems", type=int, default=40, help="the first N held-out problems (10 per tier at 40)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per problem and case, at temperature 1")
+    parser.add_argument("--max-new-tokens", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    main(parser.parse_args())
