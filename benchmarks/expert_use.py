@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -21,8 +20,7 @@ from benchmarks.common import print_table, write_result
 from eapo.dev.world.tasks import solution_steps, worked_solution
 from eapo.inference.model import load_model
 from proto import episode_format as fmt
-
-BOX = re.compile(r"\\boxed\{([^}]*)\}")
+from rollout_service.reward import extract_boxed, score
 
 
 def wrong_solution(expr: str, answer: str) -> tuple[str, str]:
@@ -67,11 +65,10 @@ def main(args: argparse.Namespace) -> None:
             c = counts.setdefault(case, {"n": 0, "correct": 0, "follows_wrong": 0, "restates": 0})
             for seq in out[:, ids.shape[1] :]:
                 text = tok.decode(seq, skip_special_tokens=False)
-                boxes = BOX.findall(text)
-                box = boxes[-1].strip() if boxes else None
+                box = extract_boxed(text)  # judged as episodes are
                 c["n"] += 1
-                c["correct"] += box == p["answer"]
-                c["follows_wrong"] += bad is not None and box == bad
+                c["correct"] += score(box, p["answer"]) == 1.0
+                c["follows_wrong"] += bad is not None and score(box, bad) == 1.0
                 c["restates"] += "=" in text.split("\\boxed")[0]
     rows = [
         {"case": case, **{k: c[k] / c["n"] for k in ("correct", "follows_wrong", "restates")}, "samples": c["n"]}

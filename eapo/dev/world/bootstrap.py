@@ -169,11 +169,11 @@ def sft(
         pairs = [make_sample(rng) for _ in range(batch)]
         rows = sorted(((tok.encode(p + c), len(tok.encode(p))) for p, c in pairs), key=lambda row: len(row[0]))
         parts = [_padded(part, tok.pad_token_id) for part in _slices(rows, slice_tokens)]
-        targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in parts)  # the tokens the loss averages
+        counts = [int((labels[:, 1:] != -100).sum()) for _, labels in parts]  # the tokens each slice's loss averages
         opt.zero_grad(set_to_none=True)
         loss_value = 0.0
-        for ids, labels in parts:
-            share = int((labels[:, 1:] != -100).sum()) / targets
+        for (ids, labels), count in zip(parts, counts, strict=True):
+            share = count / sum(counts)
             loss = model(input_ids=ids, attention_mask=ids != tok.pad_token_id, labels=labels).loss * share
             loss.backward()
             loss_value += loss.item()
