@@ -29,8 +29,11 @@ from proto import Names
 
 # What every run on the test world shares. The barely trained world never solves a problem: its
 # zero-signal groups are kept, and a consultation penalty from step 0 gives them an advantage (the
-# plumbing, not learning, is under test); short turns keep the steps quick.
+# plumbing, not learning, is under test); short turns keep the steps quick. One expert server instead
+# of the default two: each process a stack starts costs ~10 s of a core (the chaos suite, which starts
+# its own, keeps two behind the gateway).
 TEST_RUN: dict[str, Any] = {
+    "expert_server": {"pool": ["expert"]},
     "learner": {"batch_groups": 2, "dynamic_sampling": False},
     "rollout": {"max_new_tokens": 32},
     "anneal": {"penalty": {"kind": "constant", "start": 0.1, "end": 0.1}},

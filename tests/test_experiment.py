@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from eapo.core.config import ExperimentConfig, derive_seed
-from eapo.experiment.harness import eval_steps, load_experiment, run_experiment
+from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
+from eapo.experiment.harness import eval_steps, run_experiment
 from eapo.experiment.report import spread, summarize, write_report
 from learner.anneal import anneal_state
 
@@ -72,6 +72,7 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
         eval_limit=8,
         run={
             "world": tiny_world.model_dump(mode="json"),
+            "expert_server": {"pool": ["expert"]},  # one expert server: a process less to start
             "learner": {"steps": 3, "batch_groups": 1, "max_dropped_per_step": 4, "dynamic_sampling": False},
             "rollout": {"group_size": 2, "max_groups_in_flight": 2, "max_new_tokens": 16, "max_context": 160},
             # the test world's policy never solves a problem: its zero-signal groups are kept

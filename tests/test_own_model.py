@@ -231,7 +231,7 @@ async def test_queries_go_to_several_expert_pools_in_turn():
 @pytest.mark.e2e
 def test_eapo_up_trains_and_eapo_eval_judges_a_users_own_model_through_config_alone(own_model, tiny_world, tmp_path):
     """`model:` and `data:` point at the BPE model and a JSONL set of the user's own: the stack trains
-    it 20 steps, its episodes consult, and `eapo eval` answers with the result."""
+    it 8 steps, its episodes consult, and `eapo eval` answers with the result."""
     run_dir = tmp_path / "run"
     train = write_problems(tmp_path / "train.jsonl", 48, seed=1)
     held_out = write_problems(tmp_path / "held-out.jsonl", 8, seed=2)
@@ -241,7 +241,7 @@ def test_eapo_up_trains_and_eapo_eval_judges_a_users_own_model_through_config_al
         "model": {"policy": str(own_model.dir), "experts": ["expert"]},
         "data": {"train": {"path": str(train), "layout": "aime"}, "eval": {"path": str(held_out), "layout": "aime"}},
         "expert_server": {"pool": [str(Path(tiny_world.dir) / "expert")]},  # an absolute checkpoint path
-        "learner": {"steps": 20, "batch_groups": 1, "dynamic_sampling": False, "lr": 1e-4},
+        "learner": {"steps": 8, "batch_groups": 1, "dynamic_sampling": False, "lr": 1e-4},
         "rollout": {"group_size": 2, "max_groups_in_flight": 2, "max_new_tokens": 24, "max_context": 400},
         "anneal": {
             "budget": {"kind": "constant", "start": 3, "end": 3},
@@ -255,10 +255,10 @@ def test_eapo_up_trains_and_eapo_eval_judges_a_users_own_model_through_config_al
     )
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics][-1] == 20
+    assert [m["step"] for m in metrics][-1] == 8
     assert sum(m["calls_per_episode"] for m in metrics) > 0  # consult blocks were detected under BPE
-    final = version_dir(run_dir / "weights", 20)
-    assert verify_version(final).version == 20
+    final = version_dir(run_dir / "weights", 8)
+    assert verify_version(final).version == 8
     out = tmp_path / "eval.json"
     argv = ["eval", "--config", str(path), "--model", str(final), "--samples", "2", "--out", str(out)]
     evaluated = subprocess.run([sys.executable, "-m", "eapo.cli", *argv], capture_output=True, text=True, timeout=600)
