@@ -20,8 +20,8 @@ import statistics
 from pathlib import Path
 
 from benchmarks.common import print_table, write_result
-from eapo.core.config import ArmConfig, merge
-from eapo.experiment.harness import load_experiment, run_experiment
+from eapo.core.config import ArmConfig, load_experiment, merge
+from eapo.experiment.harness import run_experiment
 
 
 def main() -> None:

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         if args.command == "experiment":
-            from eapo.experiment.harness import load_experiment
+            from eapo.core.config import load_experiment
 
             args.experiment = load_experiment(args.config)  # checked before anything starts
         elif args.command not in OWN_CONFIG:

@@ -513,3 +513,16 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> EAPOConfig:
         data = loaded or {}
     data.update(overrides)
     return EAPOConfig(**data)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and check an experiment file: every arm × seed must make a valid run config, so a typo
+    fails now rather than 40 minutes in, and before ``eapo experiment`` imports torch."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    exp = ExperimentConfig(**data)
+    for arm in exp.arms:
+        for seed in exp.seeds:
+            exp.arm_config(arm, seed)
+    return exp

@@ -30,19 +30,6 @@ from rollout_service.evaluate import evaluate
 log = logging.getLogger(__name__)
 
 
-def load_experiment(path: Path) -> ExperimentConfig:
-    """Read and check an experiment file: every arm × seed must make a valid run config, so a typo
-    fails now rather than 40 minutes in."""
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    exp = ExperimentConfig(**data)
-    for arm in exp.arms:
-        for seed in exp.seeds:
-            exp.arm_config(arm, seed)
-    return exp
-
-
 def eval_steps(steps: int, every: int) -> list[int]:
     """The learner steps whose weights are judged: 0, every, 2·every, …, and always the last."""
     return sorted({*range(0, steps, every), steps})
