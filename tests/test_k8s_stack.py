@@ -113,10 +113,14 @@ def test_dev_overlay_runs_the_cpu_stack(stack, redis_server):
     def ready(obj, port, proc):
         stack.wait_http(f"http://127.0.0.1:{port}{container(obj)['readinessProbe']['httpGet']['path']}", alive=(proc,))
 
-    for i, p in enumerate(expert_ports):
-        ready(expert, p, start(expert, {"EAPO_EXPERT_SERVER__PORT": str(p)}, pod=f"expert-{i}"))
-    ready(gateway, ports["gateway"], start(gateway, log="gateway"))
+    # As in a cluster, the pods start together; the rollout once the experts behind the gateway are up
+    # (a rollout pod that came first would find every expert unavailable until they were).
+    experts = [start(expert, {"EAPO_EXPERT_SERVER__PORT": str(p)}, f"expert-{i}") for i, p in enumerate(expert_ports)]
+    gateway_proc = start(gateway, log="gateway")
     learner_proc = start(learner, log="learner")
+    for p, proc in zip(expert_ports, experts, strict=True):
+        ready(expert, p, proc)
+    ready(gateway, ports["gateway"], gateway_proc)
     rollout_proc = start(rollout, pod="eapo-eapo-rollout-7d9f-abcde")
     ready(rollout, ports["rollout"], rollout_proc)
     stack.finish(learner_proc, timeout_s=300)

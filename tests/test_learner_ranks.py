@@ -13,13 +13,16 @@ pytestmark = pytest.mark.e2e
 SCRIPT = Path(__file__).with_name("dist_step.py")
 
 
-def run(world_dir, tmp_path, ranks: int, *settings: str) -> dict[str, dict]:
-    """One launch of ``ranks`` processes taking a step per ``STAGE:MICRO_TOKENS:KL_COEF`` setting."""
-    out = tmp_path / f"r{ranks}.json"
-    cmd = [*torchrun(ranks), str(SCRIPT), str(world_dir), str(out), *settings]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+def start(world_dir, tmp_path, ranks: int, *settings: str) -> subprocess.Popen[bytes]:
+    """A launch of ``ranks`` processes taking a step per ``STAGE:MICRO_TOKENS:KL_COEF`` setting."""
+    cmd = [*torchrun(ranks), str(SCRIPT), str(world_dir), str(tmp_path / f"r{ranks}.json"), *settings]
+    with open(tmp_path / f"r{ranks}.log", "w") as log:  # a file, not a pipe: nobody reads it meanwhile
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+
+
+def results(proc: subprocess.Popen[bytes], tmp_path, ranks: int) -> dict[str, dict]:
+    assert proc.wait(timeout=300) == 0, (tmp_path / f"r{ranks}.log").read_text()[-5000:]
+    result = json.loads((tmp_path / f"r{ranks}.json").read_text())
     assert result["world"] == ranks
     return result["results"]
 
@@ -38,19 +41,26 @@ WHOLE, PACKED = "2:1048576:0", "2:128:0"
 
 
 @pytest.fixture(scope="module")
-def one_rank(world_dir, tmp_path_factory) -> dict[str, dict]:
-    """One rank: ZeRO-2 whole and token-packed, ZeRO-0, ZeRO-2 with a KL term, and ZeRO-3 last (its
-    partitioning patches module construction for the rest of the process). ZeRO-3 runs on one rank
-    here: with two CPU ranks under load it aborts intermittently inside DeepSpeed/gloo ("terminate
-    called without an active exception")."""
-    return run(
-        world_dir, tmp_path_factory.mktemp("one-rank"), 1, WHOLE, PACKED, "0:1048576:0", "2:1048576:0.1", "3:1048576:0"
-    )
+def ranks(world_dir, tmp_path_factory) -> dict[int, dict[str, dict]]:
+    """The results of two launches, side by side (the 2-core machine's time is the bound). One rank:
+    ZeRO-2 whole and token-packed, ZeRO-0, ZeRO-2 with a KL term, and ZeRO-3 last (its partitioning
+    patches module construction for the rest of the process). Two ranks: ZeRO-2 whole. ZeRO-3 runs on
+    one rank only: with two CPU ranks under load it aborts intermittently inside DeepSpeed/gloo
+    ("terminate called without an active exception")."""
+    tmp_path = tmp_path_factory.mktemp("ranks")
+    settings = {1: (WHOLE, PACKED, "0:1048576:0", "2:1048576:0.1", "3:1048576:0"), 2: (WHOLE,)}
+    procs = {n: start(world_dir, tmp_path, n, *settings[n]) for n in settings}
+    try:
+        return {n: results(proc, tmp_path, n) for n, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
 
 
-def test_two_ranks_and_micro_batches_match_one_rank(world_dir, tmp_path, one_rank):
+def test_two_ranks_and_micro_batches_match_one_rank(ranks):
+    one_rank, two = ranks[1], ranks[2][WHOLE]
     one = one_rank[WHOLE]
-    two = run(world_dir, tmp_path, 2, WHOLE)[WHOLE]
     for other in (two, one_rank[PACKED]):
         assert other["tokens"] == one["tokens"]
         assert other["loss"] == pytest.approx(one["loss"], abs=1e-5)
@@ -61,7 +71,7 @@ def test_two_ranks_and_micro_batches_match_one_rank(world_dir, tmp_path, one_ran
         same_update(one_rank[stage]["params"], one["params"])
 
 
-def test_kl_term_is_zero_at_the_start_and_leaves_the_first_step_unchanged(one_rank):
-    plain, with_kl = one_rank[WHOLE], one_rank["2:1048576:0.1"]
+def test_kl_term_is_zero_at_the_start_and_leaves_the_first_step_unchanged(ranks):
+    plain, with_kl = ranks[1][WHOLE], ranks[1]["2:1048576:0.1"]
     assert plain["kl"] is None and with_kl["kl"] == pytest.approx(0.0, abs=1e-7)
     assert with_kl["loss"] == pytest.approx(plain["loss"], abs=1e-6)

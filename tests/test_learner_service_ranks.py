@@ -4,6 +4,7 @@ mirrors its metrics to TensorBoard when asked."""
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,17 +21,16 @@ pytestmark = pytest.mark.e2e
 STEPS = 3
 
 
-def run_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, groups) -> list[dict]:
+def start_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, groups) -> subprocess.Popen[bytes]:
     client = redis.Redis.from_url(redis_server.url)
     for g in groups:
         client.xadd(f"{prefix}:stream:trajectories", {FIELD: encode(g)})
     client.close()
-    run_dir = tmp_path / f"run-{ranks}"
     config = tmp_path / f"learner-{ranks}.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "run_dir": str(run_dir),
+                "run_dir": str(tmp_path / f"run-{ranks}"),
                 "world": tiny_world.model_dump(mode="json"),
                 "redis": {"prefix": prefix},
                 "learner": {"steps": STEPS, "batch_groups": 2, "zero_stage": 2},
@@ -38,15 +38,18 @@ def run_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, gro
             }
         )
     )
-    launcher = [*torchrun(ranks), "-m"]
-    proc = subprocess.run(
-        [*launcher, "eapo.cli", "learner", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "REDIS_URL": redis_server.url},
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(tmp_path / f"learner-{ranks}.log", "w") as log:  # a file, not a pipe: nobody reads it meanwhile
+        return subprocess.Popen(
+            [*torchrun(ranks), "-m", "eapo.cli", "learner", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "REDIS_URL": redis_server.url},
+        )
+
+
+def metrics_of(proc: subprocess.Popen[bytes], tmp_path: Path, ranks: int) -> list[dict]:
+    assert proc.wait(timeout=300) == 0, (tmp_path / f"learner-{ranks}.log").read_text()[-5000:]
+    run_dir = tmp_path / f"run-{ranks}"
     assert published_versions(run_dir / "weights")[-1] == STEPS
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -54,8 +57,16 @@ def run_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, gro
 def test_two_rank_learner_matches_one_rank(tiny_world, redis_server, tmp_path, prefix):
     rng = np.random.default_rng(3)
     groups = [group(rng, [1.0, 0.0, 1.0, 0.0]) for _ in range(2 * STEPS)]
-    one = run_learner(tiny_world, redis_server, tmp_path, prefix + "a", 1, groups)
-    two = run_learner(tiny_world, redis_server, tmp_path, prefix + "b", 2, groups)
+    # side by side (separate streams and run directories): the 2-core machine's time is the bound
+    runs = {
+        ranks: start_learner(tiny_world, redis_server, tmp_path, prefix + str(ranks), ranks, groups) for ranks in (1, 2)
+    }
+    try:
+        one, two = (metrics_of(runs[r], tmp_path, r) for r in (1, 2))
+    finally:
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
     assert [r["group_ids"] for r in one] == [r["group_ids"] for r in two]  # same batches, in order
     for a, b in zip(one, two, strict=True):
         assert b["policy_tokens"] == a["policy_tokens"]

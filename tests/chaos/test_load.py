@@ -38,7 +38,7 @@ def grows(samples: list[float]) -> float:
 
 
 async def test_gateway_at_ten_times_default_concurrency_answers_and_stays_flat(tmp_path):
-    concurrency, seconds = 10 * DEFAULT_QUERIES, 24
+    concurrency, seconds = 10 * DEFAULT_QUERIES, 16
     with FakeBackend("a", latency_ms=20) as a, FakeBackend("b", latency_ms=20) as b:
         port = free_port()
         cfg = {"gateway": {"port": port, "max_in_flight_per_backend": 64, "queue_size": 256, "queue_timeout_s": 2,
