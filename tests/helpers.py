@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from eapo.core.net import free_port
+from eapo.dev.supervise import terminate
 from proto import AnnealState, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
 
 
@@ -51,6 +56,30 @@ def torchrun(ranks: int) -> list[str]:
         f"--master_port={free_port()}",
         "--master_addr=127.0.0.1",
     ]
+
+
+@contextmanager
+def side_by_side(launches: Mapping[str, list[str]], logs: Path, **popen) -> Iterator[dict[str, subprocess.Popen]]:
+    """Independent launches run at once (on 2 cores their time is the bound, not their number), each
+    logging to ``logs/NAME.log`` (a file: nobody reads a pipe meanwhile); whatever is still running on
+    the way out is stopped (SIGTERM, then SIGKILL) and reaped."""
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, argv in launches.items():
+            with open(logs / f"{name}.log", "wb") as log:
+                procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **popen)
+        yield procs
+    finally:
+        terminate(list(procs.values()))
+
+
+def exited_ok(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """``proc`` exits 0 within ``timeout_s``; otherwise the assertion shows the end of its log."""
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        code = None  # still running
+    assert code == 0, f"{log.name}: exit code {code} after up to {timeout_s:.0f}s\n{log.read_text()[-5000:]}"
 
 
 class ServerThread:

@@ -1,4 +1,4 @@
-"""The whole loop through real processes: `eapo up` with a private Redis, two expert servers, the
+"""The whole loop through real processes: `eapo up` with a private Redis, an expert server, the
 gateway, the learner and a rollout replica, on the fast test world. Slowest test: runs last."""
 
 import json

@@ -2,29 +2,19 @@
 token-packed micro-batches (gradient accumulation)."""
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import torchrun
+from helpers import exited_ok, side_by_side, torchrun
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # two launches, side by side
 SCRIPT = Path(__file__).with_name("dist_step.py")
 
 
-def start(world_dir, tmp_path, ranks: int, *settings: str) -> subprocess.Popen[bytes]:
+def launch(world_dir, out: Path, ranks: int, *settings: str) -> list[str]:
     """A launch of ``ranks`` processes taking a step per ``STAGE:MICRO_TOKENS:KL_COEF`` setting."""
-    cmd = [*torchrun(ranks), str(SCRIPT), str(world_dir), str(tmp_path / f"r{ranks}.json"), *settings]
-    with open(tmp_path / f"r{ranks}.log", "w") as log:  # a file, not a pipe: nobody reads it meanwhile
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
-
-
-def results(proc: subprocess.Popen[bytes], tmp_path, ranks: int) -> dict[str, dict]:
-    assert proc.wait(timeout=300) == 0, (tmp_path / f"r{ranks}.log").read_text()[-5000:]
-    result = json.loads((tmp_path / f"r{ranks}.json").read_text())
-    assert result["world"] == ranks
-    return result["results"]
+    return [*torchrun(ranks), str(SCRIPT), str(world_dir), str(out), *settings]
 
 
 def same_update(params: list[float], expected: list[float]) -> None:
@@ -49,13 +39,13 @@ def ranks(world_dir, tmp_path_factory) -> dict[int, dict[str, dict]]:
     ("terminate called without an active exception")."""
     tmp_path = tmp_path_factory.mktemp("ranks")
     settings = {1: (WHOLE, PACKED, "0:1048576:0", "2:1048576:0.1", "3:1048576:0"), 2: (WHOLE,)}
-    procs = {n: start(world_dir, tmp_path, n, *settings[n]) for n in settings}
-    try:
-        return {n: results(proc, tmp_path, n) for n, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    launches = {f"r{n}": launch(world_dir, tmp_path / f"r{n}.json", n, *settings[n]) for n in settings}
+    with side_by_side(launches, tmp_path, cwd=Path(__file__).parent.parent) as procs:
+        for name, proc in procs.items():
+            exited_ok(proc, tmp_path / f"{name}.log", timeout_s=400)
+    results = {n: json.loads((tmp_path / f"r{n}.json").read_text()) for n in settings}
+    assert all(results[n]["world"] == n for n in settings)
+    return {n: results[n]["results"] for n in settings}
 
 
 def test_two_ranks_and_micro_batches_match_one_rank(ranks):

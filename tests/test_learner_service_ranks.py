@@ -3,25 +3,25 @@ mirrors its metrics to TensorBoard when asked."""
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 import yaml
-from helpers import group, torchrun
+from helpers import exited_ok, group, side_by_side, torchrun
 from test_tracking import tensorboard_scalars
 
 from proto import encode
 from proto.streams import FIELD
 from proto.weights import published_versions
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # two launches, side by side
 STEPS = 3
 
 
-def start_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, groups) -> subprocess.Popen[bytes]:
+def learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, groups) -> list[str]:
+    """The stream filled with ``groups`` under ``prefix``; the command line of a ``ranks``-rank learner."""
     client = redis.Redis.from_url(redis_server.url)
     for g in groups:
         client.xadd(f"{prefix}:stream:trajectories", {FIELD: encode(g)})
@@ -38,18 +38,10 @@ def start_learner(tiny_world, redis_server, tmp_path, prefix: str, ranks: int, g
             }
         )
     )
-    with open(tmp_path / f"learner-{ranks}.log", "w") as log:  # a file, not a pipe: nobody reads it meanwhile
-        return subprocess.Popen(
-            [*torchrun(ranks), "-m", "eapo.cli", "learner", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "REDIS_URL": redis_server.url},
-        )
+    return [*torchrun(ranks), "-m", "eapo.cli", "learner", "--config", str(config)]
 
 
-def metrics_of(proc: subprocess.Popen[bytes], tmp_path: Path, ranks: int) -> list[dict]:
-    assert proc.wait(timeout=300) == 0, (tmp_path / f"learner-{ranks}.log").read_text()[-5000:]
-    run_dir = tmp_path / f"run-{ranks}"
+def metrics(run_dir: Path) -> list[dict]:
     assert published_versions(run_dir / "weights")[-1] == STEPS
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -57,16 +49,12 @@ def metrics_of(proc: subprocess.Popen[bytes], tmp_path: Path, ranks: int) -> lis
 def test_two_rank_learner_matches_one_rank(tiny_world, redis_server, tmp_path, prefix):
     rng = np.random.default_rng(3)
     groups = [group(rng, [1.0, 0.0, 1.0, 0.0]) for _ in range(2 * STEPS)]
-    # side by side (separate streams and run directories): the 2-core machine's time is the bound
-    runs = {
-        ranks: start_learner(tiny_world, redis_server, tmp_path, prefix + str(ranks), ranks, groups) for ranks in (1, 2)
-    }
-    try:
-        one, two = (metrics_of(runs[r], tmp_path, r) for r in (1, 2))
-    finally:
-        for proc in runs.values():
-            if proc.poll() is None:
-                proc.kill()
+    # side by side: separate streams and run directories
+    launches = {f"learner-{n}": learner(tiny_world, redis_server, tmp_path, f"{prefix}{n}", n, groups) for n in (1, 2)}
+    with side_by_side(launches, tmp_path, env={**os.environ, "REDIS_URL": redis_server.url}) as procs:
+        for name, proc in procs.items():
+            exited_ok(proc, tmp_path / f"{name}.log", timeout_s=400)
+    one, two = metrics(tmp_path / "run-1"), metrics(tmp_path / "run-2")
     assert [r["group_ids"] for r in one] == [r["group_ids"] for r in two]  # same batches, in order
     for a, b in zip(one, two, strict=True):
         assert b["policy_tokens"] == a["policy_tokens"]

@@ -1,8 +1,8 @@
 """``eapo up``: the whole loop on one machine, every service a real process, supervised.
 
 Bootstraps the tiny world, starts a private Redis (unless ``REDIS_URL``/``redis.url``), one CPU
-expert server per checkpoint of ``expert_server.pool``, the gateway and the learner, then (the experts
-healthy) one rollout replica; prints progress from the learner's metrics; restarts whatever dies
+expert server per checkpoint of ``expert_server.pool``, the gateway, the learner and one rollout
+replica; waits for health; prints progress from the learner's metrics; restarts whatever dies
 (``eapo.dev.supervise``: back-off, a restart budget); and stops everything — after the learner's last
 step, when a restart budget is spent, or on Ctrl-C. The run directory gets the resolved config,
 metrics.jsonl, per-process logs (``logs/up.log``: what the supervisor did), the weight versions and
@@ -336,16 +336,14 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = F
         specs = expert_pool_specs(resolved)
         for name, role, env, _url in specs:
             stack.add(name, role, env)
-        # The learner needs no expert: it starts (and publishes its first weights) while they load. The
-        # rollout waits for them, or its first episodes would find every expert unavailable.
-        stack.add("learner", "learner", cfg.secret_env(), finished=finished)
-        learner = supervisor.components["learner"]
         _wait_healthy(
             {name: health for name, _, _, health in specs},
             cfg.expert_server.start_timeout_s,
             lambda name: supervisor.check(),
         )
         say(f"experts and gateway healthy ({time.monotonic() - t0:.0f}s)")
+        stack.add("learner", "learner", cfg.secret_env(), finished=finished)
+        learner = supervisor.components["learner"]
         stack.add("rollout-0", "rollout", {"OMP_NUM_THREADS": "1", **cfg.secret_env()}, finished=finished)
         rollout = supervisor.components["rollout-0"]
         shown = 0
