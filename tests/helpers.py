@@ -6,8 +6,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -58,28 +57,25 @@ def torchrun(ranks: int) -> list[str]:
     ]
 
 
-@contextmanager
-def side_by_side(launches: Mapping[str, list[str]], logs: Path, **popen) -> Iterator[dict[str, subprocess.Popen]]:
+def side_by_side(launches: Mapping[str, list[str]], logs: Path, timeout_s: float, **popen) -> None:
     """Independent launches run at once (on 2 cores their time is the bound, not their number), each
-    logging to ``logs/NAME.log`` (a file: nobody reads a pipe meanwhile); whatever is still running on
-    the way out is stopped (SIGTERM, then SIGKILL) and reaped."""
+    logging to ``logs/NAME.log`` (a file: nobody reads a pipe meanwhile); each must exit 0 within
+    ``timeout_s``, or the assertion shows the end of its log. Whatever still runs on the way out is
+    stopped (SIGTERM, then SIGKILL) and reaped."""
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name, argv in launches.items():
             with open(logs / f"{name}.log", "wb") as log:
                 procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **popen)
-        yield procs
+        for name, proc in procs.items():
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                code = None  # still running
+            log_text = (logs / f"{name}.log").read_text()[-5000:]
+            assert code == 0, f"{name}: exit code {code} after up to {timeout_s:.0f}s\n{log_text}"
     finally:
         terminate(list(procs.values()))
-
-
-def exited_ok(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """``proc`` exits 0 within ``timeout_s``; otherwise the assertion shows the end of its log."""
-    try:
-        code = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        code = None  # still running
-    assert code == 0, f"{log.name}: exit code {code} after up to {timeout_s:.0f}s\n{log.read_text()[-5000:]}"
 
 
 class ServerThread:

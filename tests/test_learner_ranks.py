@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import exited_ok, side_by_side, torchrun
+from helpers import side_by_side, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # two launches, side by side
 SCRIPT = Path(__file__).with_name("dist_step.py")
@@ -40,9 +40,7 @@ def ranks(world_dir, tmp_path_factory) -> dict[int, dict[str, dict]]:
     tmp_path = tmp_path_factory.mktemp("ranks")
     settings = {1: (WHOLE, PACKED, "0:1048576:0", "2:1048576:0.1", "3:1048576:0"), 2: (WHOLE,)}
     launches = {f"r{n}": launch(world_dir, tmp_path / f"r{n}.json", n, *settings[n]) for n in settings}
-    with side_by_side(launches, tmp_path, cwd=Path(__file__).parent.parent) as procs:
-        for name, proc in procs.items():
-            exited_ok(proc, tmp_path / f"{name}.log", timeout_s=400)
+    side_by_side(launches, tmp_path, timeout_s=400, cwd=Path(__file__).parent.parent)
     results = {n: json.loads((tmp_path / f"r{n}.json").read_text()) for n in settings}
     assert all(results[n]["world"] == n for n in settings)
     return {n: results[n]["results"] for n in settings}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 import yaml
-from helpers import exited_ok, group, side_by_side, torchrun
+from helpers import group, side_by_side, torchrun
 from test_tracking import tensorboard_scalars
 
 from proto import encode
@@ -51,9 +51,7 @@ def test_two_rank_learner_matches_one_rank(tiny_world, redis_server, tmp_path, p
     groups = [group(rng, [1.0, 0.0, 1.0, 0.0]) for _ in range(2 * STEPS)]
     # side by side: separate streams and run directories
     launches = {f"learner-{n}": learner(tiny_world, redis_server, tmp_path, f"{prefix}{n}", n, groups) for n in (1, 2)}
-    with side_by_side(launches, tmp_path, env={**os.environ, "REDIS_URL": redis_server.url}) as procs:
-        for name, proc in procs.items():
-            exited_ok(proc, tmp_path / f"{name}.log", timeout_s=400)
+    side_by_side(launches, tmp_path, timeout_s=400, env={**os.environ, "REDIS_URL": redis_server.url})
     one, two = metrics(tmp_path / "run-1"), metrics(tmp_path / "run-2")
     assert [r["group_ids"] for r in one] == [r["group_ids"] for r in two]  # same batches, in order
     for a, b in zip(one, two, strict=True):

@@ -172,8 +172,9 @@ def sft(
         counts = [int((labels[:, 1:] != -100).sum()) for _, labels in parts]  # the tokens each slice's loss averages
         opt.zero_grad(set_to_none=True)
         loss_value = 0.0
+        total = sum(counts)
         for (ids, labels), count in zip(parts, counts, strict=True):
-            share = count / sum(counts)
+            share = count / total
             loss = model(input_ids=ids, attention_mask=ids != tok.pad_token_id, labels=labels).loss * share
             loss.backward()
             loss_value += loss.item()
