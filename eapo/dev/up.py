@@ -1,8 +1,8 @@
 """``eapo up``: the whole loop on one machine, every service a real process, supervised.
 
 Bootstraps the tiny world, starts a private Redis (unless ``REDIS_URL``/``redis.url``), one CPU
-expert server per checkpoint of ``expert_server.pool``, the gateway, the learner and one rollout
-replica; waits for health; prints progress from the learner's metrics; restarts whatever dies
+expert server per checkpoint of ``expert_server.pool`` and the gateway, then (those healthy) the learner
+and one rollout replica; prints progress from the learner's metrics; restarts whatever dies
 (``eapo.dev.supervise``: back-off, a restart budget); and stops everything — after the learner's last
 step, when a restart budget is spent, or on Ctrl-C. The run directory gets the resolved config,
 metrics.jsonl, per-process logs (``logs/up.log``: what the supervisor did), the weight versions and
