@@ -124,4 +124,7 @@ class VLLMEngine:
         log.info("vLLM policy now at version %d", version)
 
     async def close(self) -> None:
+        """Shut the engine down and let it go: an AsyncLLM alive until interpreter exit shuts down again in
+        its ``__del__``, when vLLM's module globals are already gone (an ignored TypeError at exit)."""
         self._llm.shutdown()
+        del self._llm
