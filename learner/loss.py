@@ -95,24 +95,27 @@ def dapo_loss(
     importance: str = "none",
     weight_cap: float = 5.0,
     normalizer: float | None = None,
+    proximal_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level clipped surrogate, summed over policy tokens and divided by ``normalizer``
     (default: this batch's policy-token count; pass the whole step's count when micro-batching).
 
     ``logprobs``, ``behaviour_logprobs``, ``mask``: [B, T]; ``advantages``: [B] (one per sample).
     importance="none": ratio π_θ/π_behaviour, clipped (PPO with the behaviour policy as old policy).
-    "decoupled": ratio π_θ/π_prox, clipped, π_prox = π_θ before this step (``logprobs`` detached),
-    times w = π_prox/π_behaviour; tokens with w > cap leave the loss (AReaL's decoupled PPO).
+    "decoupled": ratio π_θ/π_prox, clipped, times w = π_prox/π_behaviour; tokens with w > cap leave the
+    loss (AReaL's decoupled PPO). π_prox is the policy before this step's first update:
+    ``proximal_logprobs`` when the step makes several updates, else ``logprobs`` detached (the same thing).
     "truncated": as decoupled, but w is capped at ``weight_cap`` instead (truncated IS).
     """
     # Masked slots are zeroed before exp: whatever an observation token holds cannot overflow into the loss.
     policy_mask = mask = mask.bool()
-    to_behaviour = torch.where(mask, logprobs - behaviour_logprobs, 0.0)
     if importance == "none":
-        ratio, weight = torch.exp(to_behaviour), torch.ones_like(logprobs)
+        ratio = torch.exp(torch.where(mask, logprobs - behaviour_logprobs, 0.0))
+        weight = torch.ones_like(logprobs)
     elif importance in ("decoupled", "truncated"):
-        ratio = torch.exp(torch.where(mask, logprobs - logprobs.detach(), 0.0))
-        weight = torch.exp(to_behaviour.detach())
+        proximal = logprobs.detach() if proximal_logprobs is None else proximal_logprobs
+        ratio = torch.exp(torch.where(mask, logprobs - proximal, 0.0))
+        weight = torch.exp(torch.where(mask, proximal - behaviour_logprobs, 0.0))
         if importance == "decoupled":
             mask = mask & (weight <= weight_cap)
         weight = weight.clamp(max=weight_cap)

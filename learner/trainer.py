@@ -58,6 +58,7 @@ class TrainSample:
     mask: torch.Tensor  # bool [T]: 1 on policy-sampled tokens
     behaviour: torch.Tensor  # float32 [T]: behaviour log-probs (0 off the mask)
     advantage: float
+    proximal: torch.Tensor | None = None  # float32 [T]: log-probs before the step's first update
 
     @classmethod
     def of(cls, trajectory: Trajectory, advantage: float) -> TrainSample:
@@ -117,19 +118,40 @@ class Trainer:
         return self.engine.module
 
     def step(self, samples: list[TrainSample]) -> dict[str, float]:
-        """One optimizer step over ``samples`` (every rank passes the same full list).
+        """One learner step over ``samples`` (every rank passes the same full list): ``ppo_epochs`` passes,
+        each ``mini_batches`` optimizer updates on consecutive equal shares of the samples (whole groups,
+        as they come; the same split every pass). Stats are means over the updates.
 
-        Rank r trains on samples r, r+W, …, packed into micro-batches of at most ``micro_batch_tokens``
-        padded tokens. Each micro-batch's loss is divided by the policy-token count of the whole step
-        on all ranks, so the accumulated, rank-averaged gradient (× W) is exactly the token-level mean
-        of the batch — independent of the number of ranks and of the packing.
+        With more than one update the policy moves inside the step, so the proximal policy of decoupled
+        PPO (and truncated IS) is recorded first: one no-grad pass over the batch before any update.
         """
+        c = self.cfg
+        if len(samples) % c.mini_batches:
+            raise ValueError(f"{len(samples)} samples do not split into {c.mini_batches} equal mini-batches")
+        size = len(samples) // c.mini_batches
+        shares = [samples[i : i + size] for i in range(0, len(samples), size)]
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        total_tokens = float(sum(int(s.mask.sum()) for s in samples))
-        mine = samples[rank::world]
         self.engine.train()
+        if c.importance != "none" and c.ppo_epochs * c.mini_batches > 1:
+            for share in shares:
+                self._record_proximal(share[rank::world])
+        updates = [self._update(share, world, rank) for _ in range(c.ppo_epochs) for share in shares]
+        result = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        result["is_weight_max"] = max(u["is_weight_max"] for u in updates)
+        result["lr"] = updates[-1]["lr"]
+        result["updates"] = len(updates)
+        for k in ("policy_tokens", "is_masked_tokens"):  # the batch's, not a mini-batch's
+            result[k] *= c.mini_batches
+        return result
+
+    def _update(self, samples: list[TrainSample], world: int, rank: int) -> dict[str, float]:
+        """One optimizer update over ``samples``. Rank r trains on samples r, r+W, …, packed into
+        micro-batches of at most ``micro_batch_tokens`` padded tokens. Each micro-batch's loss is divided
+        by the policy-token count of all of ``samples``, so the accumulated, rank-averaged gradient (× W)
+        is exactly their token-level mean — independent of the number of ranks and of the packing."""
+        total_tokens = float(sum(int(s.mask.sum()) for s in samples))
         sums: dict[str, float] = {}
-        for batch in pack_by_tokens(mine, self.cfg.micro_batch_tokens):
+        for batch in pack_by_tokens(samples[rank::world], self.cfg.micro_batch_tokens):
             stats = self._micro_step(batch, total_tokens, world)
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, v), v) if k == "is_weight_max" else sums.get(k, 0.0) + v
@@ -148,24 +170,46 @@ class Trainer:
         result["lr"] = float(self.engine.get_lr()[0])
         return result
 
-    def _micro_step(self, batch: list[TrainSample], total_tokens: float, world: int) -> dict[str, float]:
-        device = self.engine.device
-        width = max(len(s.ids) for s in batch)
-        n = len(batch)
+    def _padded(self, batch: list[TrainSample]) -> tuple[torch.Tensor, ...]:
+        """ids, attention mask, loss mask, behaviour and proximal log-probs of ``batch``, right-padded."""
+        width, n = max(len(s.ids) for s in batch), len(batch)
         ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         old = torch.zeros((n, width), dtype=torch.float32)
+        prox = torch.zeros((n, width), dtype=torch.float32)
         for i, s in enumerate(batch):
             k = len(s.ids)
             ids[i, :k], attn[i, :k], mask[i, :k], old[i, :k] = s.ids, 1, s.mask, s.behaviour
-        ids, attn, mask, old = ids.to(device), attn.to(device), mask.to(device), old.to(device)
-        adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device)
+            if s.proximal is not None:
+                prox[i, :k] = s.proximal
+        return tuple(t.to(self.engine.device) for t in (ids, attn, mask, old, prox))
+
+    @torch.no_grad()
+    def _record_proximal(self, samples: list[TrainSample]) -> None:
+        for batch in pack_by_tokens(samples, self.cfg.micro_batch_tokens):
+            ids, attn, *_ = self._padded(batch)
+            logp = token_logprobs(self.engine(input_ids=ids, attention_mask=attn).logits, ids).float().cpu()
+            for i, s in enumerate(batch):
+                s.proximal = logp[i, : len(s.ids)]
+
+    def _micro_step(self, batch: list[TrainSample], total_tokens: float, world: int) -> dict[str, float]:
+        ids, attn, mask, old, prox = self._padded(batch)
+        adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=self.engine.device)
         logits = self.engine(input_ids=ids, attention_mask=attn).logits
         logp = token_logprobs(logits, ids)
         c = self.cfg
         loss, stats = dapo_loss(
-            logp, old, adv, mask, c.clip_low, c.clip_high, c.importance, c.behaviour_weight_cap, normalizer=total_tokens
+            logp,
+            old,
+            adv,
+            mask,
+            c.clip_low,
+            c.clip_high,
+            c.importance,
+            c.behaviour_weight_cap,
+            normalizer=total_tokens,
+            proximal_logprobs=prox if batch[0].proximal is not None else None,
         )
         if self.reference is not None:
             with torch.no_grad():

@@ -1,6 +1,8 @@
-"""Run under torchrun by test_learner_ranks: for each setting ``STAGE:MICRO_TOKENS:KL_COEF`` a fresh
-learner takes one step on a fixed batch; rank 0 writes each loss and the updated parameters, so runs
-with different rank counts, ZeRO stages or packings can be compared. Several settings share one launch
+"""Run under torchrun by test_learner_ranks: for each setting (``key=value,…``: LearnerConfig fields, plus
+``steps=N`` to take the batch as N steps on consecutive shares instead of one, and ``on_policy=1`` to
+make the behaviour log-probs the starting policy's own) a fresh learner steps on a fixed batch; rank 0
+writes each loss and the updated parameters, so runs with different rank counts, ZeRO stages, packings
+or update schedules can be compared. Several settings share one launch
 (process start and DeepSpeed's import are most of a run's time)."""
 
 import json
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 
 from eapo.core.config import LearnerConfig
+from learner.loss import token_logprobs
 from learner.trainer import Trainer, TrainSample
 
 
@@ -26,22 +29,41 @@ def fixed_batch(vocab: int) -> list[TrainSample]:
     return samples
 
 
-def step(world_dir: str, stage: int, micro_tokens: int, kl_coef: float) -> dict:
-    cfg = LearnerConfig(
-        seed=0, zero_stage=stage, micro_batch_tokens=micro_tokens, lr=1e-3, warmup_steps=1, kl_coef=kl_coef
-    )
+def on_policy(trainer: Trainer, samples: list[TrainSample]) -> None:
+    """Behaviour log-probs := the starting policy's own, so π_prox = π_behaviour at the step's start."""
+    with torch.no_grad():
+        for s in samples:
+            logits = trainer.module(input_ids=s.ids[None].to(trainer.engine.device)).logits
+            s.behaviour = torch.where(s.mask, token_logprobs(logits, s.ids[None])[0].float().cpu(), 0.0)
+
+
+def step(world_dir: str, setting: str) -> dict:
+    options = dict(kv.split("=") for kv in setting.split(","))
+    steps, behaviour_on_policy = int(options.pop("steps", 1)), options.pop("on_policy", "0") == "1"
+    cfg = LearnerConfig(**{"seed": 0, "lr": 1e-3, "warmup_steps": 1, **options})
     trainer = Trainer(cfg, Path(world_dir) / "policy")
-    stats = trainer.step(fixed_batch(len(trainer.tokenizer)))
+    samples = fixed_batch(len(trainer.tokenizer))
+    if behaviour_on_policy:
+        on_policy(trainer, samples)
+    size = len(samples) // steps
+    stats = [trainer.step(samples[i : i + size]) for i in range(0, len(samples), size)]
     params = torch.cat([p.detach().double().flatten() for p in trainer.module.parameters()])
-    return {"loss": stats["loss"], "kl": stats.get("kl"), "tokens": stats["policy_tokens"], "params": params.tolist()}
+    last = stats[-1]
+    return {
+        "loss": last["loss"],
+        "kl": last.get("kl"),
+        "tokens": last["policy_tokens"],
+        "updates": sum(s["updates"] for s in stats),
+        "clipped": last["clip_frac_low"] + last["clip_frac_high"],  # the mean share over its updates
+        "params": params.tolist(),
+    }
 
 
 def main() -> None:
     world_dir, out, settings = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     results = {}
     for setting in settings:
-        stage, micro_tokens, kl_coef = setting.split(":")
-        results[setting] = step(world_dir, int(stage), int(micro_tokens), float(kl_coef))
+        results[setting] = step(world_dir, setting)
     if torch.distributed.get_rank() == 0:
         out.write_text(json.dumps({"world": torch.distributed.get_world_size(), "results": results}))
 

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from eapo.cli import COMMANDS
-from eapo.core.config import EAPOConfig, derive_seed, load_config
+from eapo.core.config import EAPOConfig, LearnerConfig, derive_seed, load_config
 
 
 def test_env_overrides_file_and_file_overrides_defaults(tmp_path, monkeypatch):
@@ -140,3 +141,9 @@ def test_role_seeds_derive_from_the_root_seed_unless_set():
     assert a.rollout.seed == derive_seed(0, "rollout") == EAPOConfig(seed=0).rollout.seed
     assert EAPOConfig(seed=1, learner={"seed": 5}).learner.seed == 5
     assert a.world.seed == b.world.seed == 1234
+
+
+def test_mini_batches_must_split_the_batch_into_whole_groups():
+    assert LearnerConfig(batch_groups=8, mini_batches=4).mini_batches == 4
+    with pytest.raises(ValidationError, match=r"mini_batches=3 must divide learner\.batch_groups=8"):
+        LearnerConfig(batch_groups=8, mini_batches=3)

@@ -240,3 +240,19 @@ def test_kl_penalty_is_zero_at_the_reference_and_pulls_toward_it():
     assert kl.item() == pytest.approx(float((torch.exp(r) - r - 1).mean()))
     kl.backward()
     assert new.grad[0, 0] > 0 and new.grad[0, 1] < 0 and new.grad[0, 2] == 0  # descent moves toward ref
+
+
+def test_decoupled_with_a_recorded_proximal_policy_by_hand():
+    # A later update of a step: π_θ = (0.5, 0.9), π_prox = (0.4, 0.5), π_behaviour = (0.2, 0.5), A = +1.
+    # ratio π_θ/π_prox = (1.25, 1.8), w = π_prox/π_behaviour = (2, 1); the second ratio is clipped to 1.28.
+    # loss = −(2·1.25 + 1·1.28)/2; only the unclipped token has a gradient, −w·r·A/n = −1.25.
+    new = torch.log(torch.tensor([[0.5, 0.9]])).requires_grad_(True)
+    proximal, behaviour = torch.log(torch.tensor([[0.4, 0.5]])), torch.log(torch.tensor([[0.2, 0.5]]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = dapo_loss(
+        new, behaviour, torch.tensor([1.0]), mask, importance="decoupled", proximal_logprobs=proximal
+    )
+    assert loss.item() == pytest.approx(-(2 * 1.25 + 1.28) / 2)
+    assert stats["clip_frac_high"] == pytest.approx(0.5) and stats["is_weight_max"] == pytest.approx(2.0)
+    loss.backward()
+    assert new.grad[0].tolist() == pytest.approx([-1.25, 0.0])

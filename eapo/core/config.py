@@ -313,6 +313,10 @@ class LearnerConfig(Section):
     kl_coef: float = Field(0.0, ge=0.0, description="KL penalty to the initial policy; 0 = off (as in DAPO)")
     overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
     overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs; verl's ppo_epochs)")
+    mini_batches: int = Field(
+        1, ge=1, description="optimizer updates per pass, each on an equal share of the batch's groups (DAPO: 16)"
+    )
     micro_batch_tokens: int = Field(8192, description="padded tokens per micro-batch (grad accumulation)")
     zero_stage: int = Field(2, ge=0, le=3)
     grad_clip: float = 1.0
@@ -324,6 +328,15 @@ class LearnerConfig(Section):
     seed: int = Field(
         default_factory=lambda: derive_seed(0, "learner"), description="default: derived from the root `seed`"
     )
+
+    @model_validator(mode="after")
+    def _mini_batches_split_the_groups(self) -> LearnerConfig:
+        if self.batch_groups % self.mini_batches:
+            raise ValueError(
+                f"learner.mini_batches={self.mini_batches} must divide learner.batch_groups={self.batch_groups}: "
+                "each update takes whole groups, an equal share of them"
+            )
+        return self
 
 
 class SupervisionConfig(Section):
