@@ -281,7 +281,7 @@ class LearnerConfig(Section):
         "their advantages then only the consult penalty's λ·(c − mean c) (plumbing tests on an untrained world)",
     )
     max_staleness: int = Field(
-        1,
+        2,
         ge=0,
         description="batches the prompt feed may run ahead of the learner; 0 = synchronous (README: Asynchrony)",
     )
