@@ -176,7 +176,8 @@ class Learner:
                 for s, adv in zip(entry.message.samples, advantages, strict=True)
             ]
             with self.timeline.span("train", step=step):
-                stats = await asyncio.to_thread(ranks.call, "step", samples)
+                sizes = [len(entry.message.samples) for entry, _ in batch]
+                stats = await asyncio.to_thread(ranks.call, "step", samples, sizes)
             trained = [entry.message for entry, _ in batch]
             group_ids = [g.group_id for g in trained]
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between

@@ -1,4 +1,5 @@
-"""The DeepSpeed policy update: one optimizer step on a batch of trajectory groups.
+"""The DeepSpeed policy update: a learner step on a batch of trajectory groups, one optimizer update
+by default, several with ``mini_batches``/``ppo_epochs``.
 
 ZeRO stage, gradient clipping and lr warm-up come from the config; fp32 on CPU, bf16 on GPU. Runs
 as a single process (a private gloo group is set up) or under ``torchrun``/``deepspeed`` with ≥2 ranks.
@@ -7,6 +8,7 @@ as a single process (a private gloo group is set up) or under ``torchrun``/``dee
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -83,6 +85,17 @@ def pack_by_tokens(samples: list[TrainSample], max_tokens: int) -> list[list[Tra
     return batches
 
 
+def split_groups(samples: list[TrainSample], group_sizes: list[int], n: int) -> list[list[TrainSample]]:
+    """``samples`` (group after group) in ``min(n, groups)`` consecutive shares of whole groups, as equal
+    in groups as can be: every update sees whole groups, whose advantages sum to zero."""
+    if sum(group_sizes) != len(samples):
+        raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
+    bounds = list(itertools.accumulate(group_sizes, initial=0))
+    n = min(n, len(group_sizes))
+    cuts = [bounds[len(group_sizes) * k // n] for k in range(n + 1)]
+    return [samples[a:b] for a, b in itertools.pairwise(cuts)]
+
+
 def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
     """Sum over ranks (max for maxima)."""
     if torch.distributed.get_world_size() == 1:
@@ -103,7 +116,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model, self.tokenizer = load_model(model_path)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01)
-        warmup = max(cfg.warmup_steps, 1)
+        # The scheduler steps per optimizer update; warm-up is counted in learner steps.
+        warmup = max(cfg.warmup_steps * cfg.ppo_epochs * cfg.mini_batches, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
@@ -117,20 +131,20 @@ class Trainer:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def step(self, samples: list[TrainSample]) -> dict[str, float]:
-        """One learner step over ``samples`` (every rank passes the same full list): ``ppo_epochs`` passes,
-        each ``mini_batches`` optimizer updates on consecutive equal shares of the samples (whole groups,
-        as they come; the same split every pass). Stats are means over the updates.
+    def step(self, samples: list[TrainSample], group_sizes: list[int] | None = None) -> dict[str, float]:
+        """One learner step over ``samples`` (every rank passes the same full list), which come group by
+        group, ``group_sizes`` samples each (default: one each): ``ppo_epochs`` passes, each
+        ``mini_batches`` optimizer updates on consecutive shares of whole groups (fewer when there are
+        fewer groups; the same split every pass). Stats are means over the updates.
 
         With more than one update the policy moves inside the step, so the proximal policy of decoupled
         PPO (and truncated IS) is recorded first: one no-grad pass over the batch before any update.
         """
         c = self.cfg
-        if len(samples) % c.mini_batches:
-            raise ValueError(f"{len(samples)} samples do not split into {c.mini_batches} equal mini-batches")
-        size = len(samples) // c.mini_batches
-        shares = [samples[i : i + size] for i in range(0, len(samples), size)]
+        shares = split_groups(samples, group_sizes or [1] * len(samples), c.mini_batches)
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if min(len(share) for share in shares) < world:
+            raise ValueError(f"a mini-batch of {min(map(len, shares))} samples leaves some of the {world} ranks none")
         self.engine.train()
         if c.importance != "none" and c.ppo_epochs * c.mini_batches > 1:
             for share in shares:
@@ -141,7 +155,7 @@ class Trainer:
         result["lr"] = updates[-1]["lr"]
         result["updates"] = len(updates)
         for k in ("policy_tokens", "is_masked_tokens"):  # the batch's, not a mini-batch's
-            result[k] *= c.mini_batches
+            result[k] *= len(shares)
         return result
 
     def _update(self, samples: list[TrainSample], world: int, rank: int) -> dict[str, float]:
@@ -225,7 +239,9 @@ class Trainer:
             probs = torch.softmax(logits.float()[:, :-1], dim=-1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
             stats["entropy"] = float((entropy * m[:, 1:]).sum())
-            stats["logprob_gap"] = float(((logp - old).abs() * m).sum())
+            # rollout vs learner at the step's start, however far the step's earlier updates moved
+            start = prox if batch[0].proximal is not None else logp
+            stats["logprob_gap"] = float(((start - old).abs() * m).sum())
         for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean"):
             stats[k] *= tokens  # back to sums, averaged over the whole step by the caller
         stats["loss"] = float(loss.detach())

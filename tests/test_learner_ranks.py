@@ -30,7 +30,7 @@ def same_update(params: list[float], expected: list[float]) -> None:
 
 WHOLE, PACKED = "zero_stage=2,micro_batch_tokens=1048576", "zero_stage=2,micro_batch_tokens=128"
 ZERO0, ZERO3, KL = "zero_stage=0", "zero_stage=3", "kl_coef=0.1"
-MINI, TWO_STEPS = "importance=none,mini_batches=2", "importance=none,steps=2"
+MINI, TWO_STEPS = "importance=none,mini_batches=2,warmup_steps=0", "importance=none,steps=2,warmup_steps=0"
 EPOCHS = "on_policy=1,ppo_epochs=2,mini_batches=2,lr=0.01"  # updates big enough to leave the clip range
 EPOCHS_NONE = EPOCHS + ",importance=none"
 

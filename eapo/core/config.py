@@ -273,7 +273,7 @@ class BroadcastConfig(Section):
 
 class LearnerConfig(Section):
     steps: int = 20
-    batch_groups: int = Field(4, description="informative groups per optimizer step")
+    batch_groups: int = Field(4, description="informative groups per learner step (one weight version)")
     max_dropped_per_step: int = Field(64, description="zero-signal groups a step may skip")
     dynamic_sampling: bool = Field(
         True,
@@ -297,7 +297,7 @@ class LearnerConfig(Section):
     version_report_ttl_s: float = Field(600.0, description="how long a rollout's version report spares it")
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
     lr: float = 1e-4
-    warmup_steps: int = 2
+    warmup_steps: int = Field(2, ge=0, description="learner steps of linear lr warm-up (not optimizer updates)")
     clip_low: float = 0.20
     clip_high: float = 0.28
     normalize_advantages: bool = Field(
