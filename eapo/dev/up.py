@@ -277,7 +277,10 @@ class _Stack:
 
     def _started(self, name: str, process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
         self.pids[name] = process.pid
-        (self.cfg.run_dir / "processes.json").write_text(json.dumps(self.pids, indent=2))
+        record = self.cfg.run_dir / "processes.json"
+        partial = record.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(self.pids, indent=2))
+        os.replace(partial, record)  # a reader (a script watching the run) never sees it half written
         return process
 
     def exit_codes(self) -> dict[str, int | None]:
