@@ -146,7 +146,7 @@ class Trainer:
         if min(len(share) for share in shares) < world:
             raise ValueError(f"a mini-batch of {min(map(len, shares))} samples leaves some of the {world} ranks none")
         self.engine.train()
-        if c.importance != "none" and c.ppo_epochs * c.mini_batches > 1:
+        if c.importance != "none" and c.ppo_epochs * len(shares) > 1:
             for share in shares:
                 self._record_proximal(share[rank::world])
         updates = [self._update(share, world, rank) for _ in range(c.ppo_epochs) for share in shares]
@@ -185,19 +185,23 @@ class Trainer:
         return result
 
     def _padded(self, batch: list[TrainSample]) -> tuple[torch.Tensor, ...]:
-        """ids, attention mask, loss mask, behaviour and proximal log-probs of ``batch``, right-padded."""
+        """ids, attention mask, loss mask and behaviour log-probs of ``batch``, right-padded, and the
+        proximal log-probs when they were recorded (else None)."""
         width, n = max(len(s.ids) for s in batch), len(batch)
         ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         old = torch.zeros((n, width), dtype=torch.float32)
-        prox = torch.zeros((n, width), dtype=torch.float32)
+        recorded = batch[0].proximal is not None  # recorded for every sample of a step, or for none
+        prox = torch.zeros((n, width), dtype=torch.float32) if recorded else None
         for i, s in enumerate(batch):
             k = len(s.ids)
             ids[i, :k], attn[i, :k], mask[i, :k], old[i, :k] = s.ids, 1, s.mask, s.behaviour
-            if s.proximal is not None:
+            if prox is not None:
                 prox[i, :k] = s.proximal
-        return tuple(t.to(self.engine.device) for t in (ids, attn, mask, old, prox))
+        device = self.engine.device
+        prox = None if prox is None else prox.to(device)
+        return ids.to(device), attn.to(device), mask.to(device), old.to(device), prox
 
     @torch.no_grad()
     def _record_proximal(self, samples: list[TrainSample]) -> None:
@@ -223,7 +227,7 @@ class Trainer:
             c.importance,
             c.behaviour_weight_cap,
             normalizer=total_tokens,
-            proximal_logprobs=prox if batch[0].proximal is not None else None,
+            proximal_logprobs=prox,
         )
         if self.reference is not None:
             with torch.no_grad():
@@ -240,7 +244,7 @@ class Trainer:
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
             stats["entropy"] = float((entropy * m[:, 1:]).sum())
             # rollout vs learner at the step's start, however far the step's earlier updates moved
-            start = prox if batch[0].proximal is not None else logp
+            start = logp if prox is None else prox
             stats["logprob_gap"] = float(((start - old).abs() * m).sum())
         for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean"):
             stats[k] *= tokens  # back to sums, averaged over the whole step by the caller
