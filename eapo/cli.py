@@ -129,7 +129,7 @@ def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
     from eapo.experiment.report import table, write_report
 
     exp = args.experiment  # loaded and checked by main()
-    run_experiment(exp)
+    run_experiment(exp, args.arms)
     summary = write_report(exp.out)
     print(table(summary))
     print(f"[eapo experiment] report at {exp.out / 'report.md'}", flush=True)
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "experiment":
             p.add_argument("--config", type=Path, default=Path("configs/experiment.yaml"), help="experiment file")
+            p.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: all)")
         elif name == "report":
             p.add_argument("dir", type=Path, help="the experiment's output directory")
         else:
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             from eapo.core.config import load_experiment
 
             args.experiment = load_experiment(args.config)  # checked before anything starts
+            args.experiment.runs(args.arms)
         elif args.command not in OWN_CONFIG:
             cfg = load_config(args.config)
     except Exception as exc:  # a bad config is the user's to fix: say what is wrong, no traceback

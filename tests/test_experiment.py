@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 
+from eapo.cli import main
 from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
 from eapo.experiment.harness import eval_steps, run_experiment
 from eapo.experiment.report import spread, summarize, write_report
@@ -58,6 +59,16 @@ def test_a_typo_in_any_arm_fails_before_anything_runs(tmp_path):
         load_experiment(path)
 
 
+def test_unknown_arms_are_refused_before_anything_runs(tmp_path, capsys):
+    exp = ExperimentConfig(out=tmp_path / "out", seeds=[0, 1], arms={"a": {}, "b": {"train": False}})
+    assert exp.runs(["b"]) == [("b", 0), ("b", 1)] and len(exp.runs()) == 4
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    assert main(["experiment", "--config", str(path), "--arms", "b", "c"]) == 2
+    assert "unknown arm(s) c; the experiment has a, b" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_spread_of_one_seed_has_no_std():
     assert spread([0.5]) == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 1}
 
@@ -99,6 +110,12 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
     first = (exp.out / "eapo" / "seed-0" / "result.json").stat().st_mtime_ns
     run_experiment(exp)
     assert (exp.out / "eapo" / "seed-0" / "result.json").stat().st_mtime_ns == first
+    # piecewise: only the named arms run
+    (exp.out / "eapo" / "seed-0" / "result.json").rename(exp.out / "eapo-result.json")
+    capsys.readouterr()
+    run_experiment(exp, ["base"])
+    assert "eapo" not in capsys.readouterr().out and not (exp.out / "eapo" / "seed-0" / "result.json").exists()
+    (exp.out / "eapo-result.json").rename(exp.out / "eapo" / "seed-0" / "result.json")
     assert (
         list((exp.out / "base").glob("seed-0.interrupted-*")) and (exp.out / "base" / "seed-0" / "result.json").exists()
     )

@@ -504,6 +504,13 @@ class ExperimentConfig(Section):
         merge(data, {"seed": seed, "run_dir": str(self.out / arm / f"seed-{seed}")})
         return EAPOConfig(**data)
 
+    def runs(self, arms: list[str] | None = None) -> list[tuple[str, int]]:
+        """The (arm, seed) pairs to run: every arm's, or only those of ``arms``."""
+        unknown = [a for a in arms or () if a not in self.arms]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {', '.join(unknown)}; the experiment has {', '.join(self.arms)}")
+        return [(arm, seed) for arm in arms or self.arms for seed in self.seeds]
+
 
 def merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of nested mappings, ``update`` winning (as ``helm -f a.yaml -f b.yaml``); returns

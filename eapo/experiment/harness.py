@@ -117,10 +117,13 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     return result
 
 
-def run_experiment(exp: ExperimentConfig) -> None:
+def run_experiment(exp: ExperimentConfig, arms: list[str] | None = None) -> None:
+    """Runs every arm × seed not finished yet, or only those of ``arms`` (an experiment too long for one
+    sitting runs piecewise; the report covers whatever has finished)."""
+    runs = exp.runs(arms)
     exp.out.mkdir(parents=True, exist_ok=True)
     (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
-    t0, runs = time.monotonic(), [(arm, seed) for arm in exp.arms for seed in exp.seeds]
+    t0 = time.monotonic()
     for i, (arm, seed) in enumerate(runs, 1):
         print(
             f"[eapo experiment] {i}/{len(runs)}: {arm}, seed {seed} ({time.monotonic() - t0:.0f}s so far)", flush=True
