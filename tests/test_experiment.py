@@ -110,16 +110,17 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
     first = (exp.out / "eapo" / "seed-0" / "result.json").stat().st_mtime_ns
     run_experiment(exp)
     assert (exp.out / "eapo" / "seed-0" / "result.json").stat().st_mtime_ns == first
-    # piecewise: only the named arms run
-    (exp.out / "eapo" / "seed-0" / "result.json").rename(exp.out / "eapo-result.json")
-    capsys.readouterr()
-    run_experiment(exp, ["base"])
-    assert "eapo" not in capsys.readouterr().out and not (exp.out / "eapo" / "seed-0" / "result.json").exists()
-    (exp.out / "eapo-result.json").rename(exp.out / "eapo" / "seed-0" / "result.json")
     assert (
         list((exp.out / "base").glob("seed-0.interrupted-*")) and (exp.out / "base" / "seed-0" / "result.json").exists()
     )
     assert "eapo seed 0: held-out mean score" in capsys.readouterr().out
+    # piecewise: only the named arms run
+    (exp.out / "eapo" / "seed-0" / "result.json").rename(exp.out / "eapo-result.json")
+    run_experiment(exp, ["base"])
+    out = capsys.readouterr().out
+    assert "1/1: base, seed 0" in out and "eapo, seed" not in out
+    assert not (exp.out / "eapo" / "seed-0" / "result.json").exists()
+    (exp.out / "eapo-result.json").rename(exp.out / "eapo" / "seed-0" / "result.json")
 
     summary = write_report(exp.out)
     report = (exp.out / "report.md").read_text()
