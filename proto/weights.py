@@ -106,9 +106,19 @@ def published_versions(root: Path) -> list[int]:
 
 
 def prune(root: Path, keep: int, in_use: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
-    """Delete all but the newest ``keep`` versions, sparing any in ``in_use``; returns what was deleted."""
+    """Delete all but the newest ``keep`` versions, sparing any in ``in_use``; returns what was deleted.
+
+    A version is renamed out of sight before it is deleted, the reverse of ``write_version``: a learner
+    killed mid-delete leaves a hidden remnant (removed by the next prune), never a ``vNNNNNN`` directory
+    without its manifest."""
+    root = Path(root)
+    for remnant in root.glob(".v*.deleting"):
+        shutil.rmtree(remnant, ignore_errors=True)
     versions = published_versions(root)
     doomed = [v for v in versions[:-keep] if v not in in_use] if keep > 0 else []
     for v in doomed:
-        shutil.rmtree(version_dir(root, v), ignore_errors=True)
+        path = version_dir(root, v)
+        gone = path.with_name(f".{path.name}.deleting")
+        os.rename(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return doomed

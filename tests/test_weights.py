@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 from proto.weights import WeightsError, prune, published_versions, verify_version, version_dir, write_version
@@ -42,3 +44,22 @@ def test_prune_keeps_newest_and_spares_versions_in_use(tmp_path):
         write_version(tmp_path, v, v, save({"w": bytes([v])}))
     assert prune(tmp_path, keep=2, in_use={1}) == [0, 2, 3]
     assert published_versions(tmp_path) == [1, 4, 5]
+
+
+def test_a_prune_killed_mid_delete_leaves_no_version_without_its_manifest(tmp_path, monkeypatch):
+    for v in range(3):
+        write_version(tmp_path, v, v, save({"w": bytes([v]), "z": b"z"}))
+
+    def killed(path, ignore_errors=False):  # the process dies after removing the manifest, before the rest
+        (path / "manifest.json").unlink()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prune(tmp_path, keep=1)
+    # what a reader lists is whole: no v000000 directory lingers without its manifest
+    assert sorted(p.name for p in tmp_path.glob("v*")) == ["v000001", "v000002"]
+    assert all(verify_version(p) for p in tmp_path.glob("v*"))
+    assert prune(tmp_path, keep=1) == [1]  # the next prune also clears the hidden remnant
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000002"]
