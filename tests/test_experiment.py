@@ -177,3 +177,25 @@ def test_headline_targets_by_hand():
         "variance_not_higher": False,
         "calls_hold_then_fall": False,
     }
+
+
+def test_paired_gaps_against_every_arm_and_the_curve_low_by_hand():
+    def run(arm, seed, scores):
+        curve = [{"step": 50 * i, "mean_score": s, "variance": 0.0, "per_tier": {}, "expert_calls_per_episode": 0}
+                 for i, s in enumerate(scores)]  # fmt: skip
+        return {"arm": arm, "seed": seed, "train": True, "eval_mode": "alone", "steps": 100, "curve": curve,
+                "seconds": 1.0, "metrics": []}  # fmt: skip
+
+    runs = {
+        "eapo": [run("eapo", 0, [0.20, 0.10, 0.30]), run("eapo", 1, [0.20, 0.14, 0.26])],
+        "control": [run("control", 0, [0.20, 0.18, 0.25]), run("control", 1, [0.20, 0.20, 0.21])],
+        "other-seed": [run("other-seed", 5, [0.2, 0.2, 0.2])],  # no seed in common: no gap
+    }
+    s = summarize(runs, ("eapo", "rl"))
+    # gaps +0.05 (seed 0) and +0.05 (seed 1): mean 0.05, std 0
+    assert set(s["against"]) == {"control"}
+    assert s["against"]["control"]["mean"] == pytest.approx(0.05) and s["against"]["control"]["std"] == pytest.approx(0)
+    # eapo's seed-mean curve 0.20, 0.12, 0.28: lowest 0.12 at step 50, 0.08 below the start
+    assert s["arms"]["eapo"]["lowest"] == pytest.approx({"step": 50, "mean_score": 0.12, "below_start": 0.08})
+    # control's 0.20, 0.19, 0.23: 0.19 at step 50, 0.01 below the start
+    assert s["arms"]["control"]["lowest"] == pytest.approx({"step": 50, "mean_score": 0.19, "below_start": 0.01})

@@ -83,16 +83,17 @@ def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
             first = [fmean(m["calls_per_episode"] for m in r["metrics"][:k]) for r in results]
             last = [fmean(m["calls_per_episode"] for m in r["metrics"][-k:]) for r in results]
             arms[arm]["train_calls_per_episode"] = {"first_fifth": fmean(first), "last_fifth": fmean(last)}
+        if len(results[0]["curve"]) > 1:
+            arms[arm]["lowest"] = lowest(results)
     a, b = compare
     headline = None
     if a in runs and b in runs:
-        by_seed = {r["seed"]: r["curve"][-1] for r in runs[b]}
-        paired = [(r["curve"][-1], by_seed[r["seed"]]) for r in runs[a] if r["seed"] in by_seed]
-        if paired:
+        gap = paired(runs[a], runs[b], "mean_score")
+        if gap:
             headline = {
                 "arms": [a, b],
-                "gap": spread([x["mean_score"] - y["mean_score"] for x, y in paired]),
-                "variance_gap": spread([x["variance"] - y["variance"] for x, y in paired]),
+                "gap": gap,
+                "variance_gap": paired(runs[a], runs[b], "variance"),
                 "calls_fell": (
                     arms[a]["train_calls_per_episode"]["last_fifth"] < arms[a]["train_calls_per_episode"]["first_fifth"]
                     if "train_calls_per_episode" in arms[a]
@@ -101,7 +102,25 @@ def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
             }
             headline["calls_phases"] = call_phases(runs[a]) if runs[a][0]["metrics"] else None
             headline["targets"] = judge_targets(headline)
-    return {"arms": arms, "headline": headline}
+    against = {arm: paired(runs[a], results, "mean_score") for arm, results in runs.items() if a in runs and arm != a}
+    return {"arms": arms, "headline": headline, "against": {arm: g for arm, g in against.items() if g}}
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> dict[str, float] | None:
+    """Final held-out ``key`` of ``a`` minus ``b``'s, paired by seed; None without a seed in common."""
+    by_seed = {r["seed"]: r["curve"][-1][key] for r in b}
+    gaps = [r["curve"][-1][key] - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
+    return spread(gaps) if gaps else None
+
+
+def lowest(results: list[dict]) -> dict[str, float]:
+    """The lowest point of the seed-mean held-out curve and how far it lies below the start: the dip a policy
+    that trains under expert help shows when what it learns does not carry over to answering alone."""
+    curve = [
+        (c["step"], fmean(r["curve"][i]["mean_score"] for r in results)) for i, c in enumerate(results[0]["curve"])
+    ]
+    step, score = min(curve, key=lambda point: point[1])
+    return {"step": step, "mean_score": score, "below_start": curve[0][1] - score}
 
 
 def call_phases(results: list[dict]) -> dict[str, float | bool]:
@@ -229,15 +248,26 @@ def table(summary: dict) -> str:
     head = (
         f"| arm | judged | steps | mean@{summary['eval_samples']} (± seed std [min, max]) | variance | "
         + " | ".join(f"tier {t}" for t in tiers)
-        + " | calls/ep (eval) |"
+        + " | calls/ep (eval) | lowest on the curve (step) |"
     )
-    lines = [head, "|" + "---|" * (6 + len(tiers))]
+    lines = [head, "|" + "---|" * (7 + len(tiers))]
     for arm, a in arms.items():
+        low = f"{a['lowest']['mean_score']:.4f} ({a['lowest']['step']})" if "lowest" in a else "—"
         lines.append(
             f"| {arm} | {a['eval_mode']} | {a['steps']} | {_pm(a['mean_score'])} | {a['variance']['mean']:.4f} | "
             + " | ".join(f"{a['per_tier'].get(t, 0.0):.3f}" for t in tiers)
-            + f" | {a['eval_calls_per_episode']:.2f} |"
+            + f" | {a['eval_calls_per_episode']:.2f} | {low} |"
         )
+    return "\n".join(lines)
+
+
+def against_table(summary: dict, arm: str) -> str:
+    """``arm`` minus every other arm, paired by seed: what each ablation changes."""
+    lines = [f"| {arm} − … | paired gap, mean ± seed std [min, max] | seeds |", "|---|---|---|"]
+    lines += [
+        f"| {other} | {g['mean']:+.4f} ± {g['std']:.4f} [{g['min']:+.4f}, {g['max']:+.4f}] | {g['n']} |"
+        for other, g in summary["against"].items()
+    ]
     return "\n".join(lines)
 
 
@@ -290,6 +320,12 @@ def write_report(out: Path) -> dict:
         for s in exp["seeds"]
         if s not in summary["arms"].get(arm, {}).get("seeds", [])
     ]
+    first = exp["compare"][0]
+    against_md = (
+        [f"Held-out mean score alone, {first} minus each arm, paired by seed:", "", against_table(summary, first), ""]
+        if summary["against"]
+        else []
+    )
     md = [
         "# EAPO experiment report",
         "",
@@ -303,6 +339,7 @@ def write_report(out: Path) -> dict:
         "",
         table(summary),
         "",
+        *against_md,
         *(f"![{name}]({name})\n" for name in images),
     ]
     if missing:
