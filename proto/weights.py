@@ -109,16 +109,24 @@ def prune(root: Path, keep: int, in_use: set[int] = frozenset()) -> list[int]:  
     """Delete all but the newest ``keep`` versions, sparing any in ``in_use``; returns what was deleted.
 
     A version is renamed out of sight before it is deleted, the reverse of ``write_version``: a learner
-    killed mid-delete leaves a hidden remnant (removed by the next prune), never a ``vNNNNNN`` directory
-    without its manifest."""
+    killed mid-delete leaves a hidden remnant, never a ``vNNNNNN`` directory without its manifest. Each
+    prune sweeps what killed processes left: those remnants, other processes' unfinished writes and
+    manifest-less versions (only an interrupted delete of an older release makes one)."""
     root = Path(root)
-    for remnant in root.glob(".v*.deleting"):
+    remnants = list(root.glob(".v*.deleting-*"))
+    remnants += [p for p in root.glob(".v*.tmp-*") if not p.name.endswith(f".tmp-{os.getpid()}")]
+    remnants += [p for p in root.glob("v*") if p.is_dir() and not (p / MANIFEST).exists()]
+    for remnant in remnants:
         shutil.rmtree(remnant, ignore_errors=True)
     versions = published_versions(root)
-    doomed = [v for v in versions[:-keep] if v not in in_use] if keep > 0 else []
-    for v in doomed:
+    deleted = []
+    for v in [v for v in versions[:-keep] if v not in in_use] if keep > 0 else []:
         path = version_dir(root, v)
-        gone = path.with_name(f".{path.name}.deleting")
-        os.rename(path, gone)
+        gone = path.with_name(f".{path.name}.deleting-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            os.rename(path, gone)
+        except OSError:  # gone already, or the filesystem refused: the next prune tries again
+            continue
         shutil.rmtree(gone, ignore_errors=True)
-    return doomed
+        deleted.append(v)
+    return deleted

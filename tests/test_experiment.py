@@ -199,3 +199,7 @@ def test_paired_gaps_against_every_arm_and_the_curve_low_by_hand():
     assert s["arms"]["eapo"]["lowest"] == pytest.approx({"step": 50, "mean_score": 0.12, "below_start": 0.08})
     # control's 0.20, 0.19, 0.23: 0.19 at step 50, 0.01 below the start
     assert s["arms"]["control"]["lowest"] == pytest.approx({"step": 50, "mean_score": 0.19, "below_start": 0.01})
+    # a seed judged at fewer steps (an interrupted curve): only the points every seed has, 0.20 and 0.12
+    runs["eapo"][1]["curve"] = runs["eapo"][1]["curve"][:2]
+    low = summarize(runs, ("eapo", "rl"))["arms"]["eapo"]["lowest"]
+    assert low == pytest.approx({"step": 50, "mean_score": 0.12, "below_start": 0.08})

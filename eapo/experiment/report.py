@@ -116,9 +116,8 @@ def paired(a: list[dict], b: list[dict], key: str) -> dict[str, float] | None:
 def lowest(results: list[dict]) -> dict[str, float]:
     """The lowest point of the seed-mean held-out curve and how far it lies below the start: the dip a policy
     that trains under expert help shows when what it learns does not carry over to answering alone."""
-    curve = [
-        (c["step"], fmean(r["curve"][i]["mean_score"] for r in results)) for i, c in enumerate(results[0]["curve"])
-    ]
+    n = min(len(r["curve"]) for r in results)  # the points every seed has
+    curve = [(results[0]["curve"][i]["step"], fmean(r["curve"][i]["mean_score"] for r in results)) for i in range(n)]
     step, score = min(curve, key=lambda point: point[1])
     return {"step": step, "mean_score": score, "below_start": curve[0][1] - score}
 
@@ -321,11 +320,8 @@ def write_report(out: Path) -> dict:
         if s not in summary["arms"].get(arm, {}).get("seeds", [])
     ]
     first = exp["compare"][0]
-    against_md = (
-        [f"Held-out mean score alone, {first} minus each arm, paired by seed:", "", against_table(summary, first), ""]
-        if summary["against"]
-        else []
-    )
+    caption = f"Final held-out mean score (each arm judged as in the table), {first} minus each arm, paired by seed:"
+    against_md = [caption, "", against_table(summary, first), ""] if summary["against"] else []
     md = [
         "# EAPO experiment report",
         "",
