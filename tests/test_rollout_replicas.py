@@ -1,4 +1,4 @@
-"""Two rollout replicas share one run; one is SIGKILLed while it holds prompts. The survivor reclaims
+"""Two rollout replicas share one run; the first is SIGKILLed while it holds prompts. The survivor reclaims
 them, every prompt is rolled out (a prompt whose group the dead replica had already pushed may be
 rolled out again, and is then trained once), and the groups reach the learner. Real Redis, the real
 gateway over CPU expert servers, real learner and rollout processes."""
@@ -35,13 +35,16 @@ def test_a_killed_replica_loses_no_prompt_and_trains_none_twice(stack, redis_ser
     )
     learner = stack.start("learner")
     doomed = stack.start("rollout", name="rollout-a", env={"EAPO_ROLLOUT__REPLICA": "rollout-a"})
-    survivor = stack.start("rollout", name="rollout-b", env={"EAPO_ROLLOUT__REPLICA": "rollout-b"})
     stack.wait(  # kill rollout-a while it holds prompts
         lambda: held_by(client, names, "rollout-a"), 120, "rollout-a taking a prompt", alive=(doomed,), interval_s=0.05
     )
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
     held_by_a = held_by(client, names, "rollout-a")  # what it died with (reclaimable only after 1 s idle)
+    # The survivor starts after the death, so the run cannot end before it has read: its start-up (seconds)
+    # outlasts the 1 s idle, and each read reclaims before it takes new prompts. Started alongside, it
+    # could fill the learner's batches before the held prompts became reclaimable (seen on an idle machine).
+    survivor = stack.start("rollout", name="rollout-b", env={"EAPO_ROLLOUT__REPLICA": "rollout-b"})
     stack.finish(learner, timeout_s=300)
     stack.finish(survivor, timeout_s=120)
 
