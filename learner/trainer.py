@@ -19,6 +19,7 @@ import deepspeed
 import torch
 
 from eapo.core.config import LearnerConfig
+from eapo.core.files import write_atomic
 from eapo.core.net import free_port
 from eapo.inference.model import load_model
 from learner.loss import dapo_loss, kl_penalty, token_logprobs
@@ -259,9 +260,7 @@ class Trainer:
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         torch.distributed.barrier()  # every rank's shard of the tag is written
         if torch.distributed.get_rank() == 0:
-            tmp = Path(root) / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, Path(root) / "latest")
+            write_atomic(Path(root) / "latest", tag)
             for old in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from eapo.core.config import EAPOConfig, ExpertBackend, load_config
+from eapo.core.files import write_atomic
 from eapo.core.net import free_port
 from eapo.dev.redis_server import RedisServer
 from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
@@ -277,10 +278,7 @@ class _Stack:
 
     def _started(self, name: str, process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
         self.pids[name] = process.pid
-        record = self.cfg.run_dir / "processes.json"
-        partial = record.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(self.pids, indent=2))
-        os.replace(partial, record)  # a reader (a script watching the run) never sees it half written
+        write_atomic(self.cfg.run_dir / "processes.json", json.dumps(self.pids, indent=2))  # read while it runs
         return process
 
     def exit_codes(self) -> dict[str, int | None]:
