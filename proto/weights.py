@@ -119,8 +119,9 @@ def prune(root: Path, keep: int, in_use: set[int] = frozenset()) -> list[int]:  
     for remnant in remnants:
         shutil.rmtree(remnant, ignore_errors=True)
     versions = published_versions(root)
+    doomed = [v for v in versions[:-keep] if v not in in_use] if keep > 0 else []
     deleted = []
-    for v in [v for v in versions[:-keep] if v not in in_use] if keep > 0 else []:
+    for v in doomed:
         path = version_dir(root, v)
         gone = path.with_name(f".{path.name}.deleting-{os.getpid()}-{time.monotonic_ns()}")
         try:
