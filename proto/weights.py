@@ -32,7 +32,7 @@ def version_dir(root: Path, version: int) -> Path:
     return Path(root) / f"v{version:06d}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -50,7 +50,7 @@ def write_version(root: Path, version: int, step: int, save: Callable[[Path], No
     tmp.mkdir(parents=True)
     try:
         save(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = WeightManifest(version=version, step=step, created_at=time.time(), files=files)
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         for p in [*tmp.iterdir(), tmp]:
@@ -92,7 +92,7 @@ def verify_version(path: Path) -> WeightManifest:
     path = Path(path)
     manifest = read_manifest(path)
     for name, digest in manifest.files.items():
-        actual = _sha256(path / name) if (path / name).exists() else "missing"
+        actual = file_sha256(path / name) if (path / name).exists() else "missing"
         if actual != digest:
             raise WeightsError(f"{path / name}: checksum {actual} does not match manifest {digest}")
     return manifest

@@ -4,14 +4,16 @@ run (services as processes), resumable, and a report rebuilt from the run direct
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
 
 from eapo.cli import main
 from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
+from eapo.dev.world.bootstrap import world_digest
 from eapo.experiment.harness import eval_steps, run_experiment
-from eapo.experiment.report import spread, summarize, write_report
+from eapo.experiment.report import RECORD_METRICS, spread, summarize, write_report
 from learner.anneal import anneal_state
 
 
@@ -132,6 +134,18 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
     assert gap == pytest.approx(eapo["curve"][-1]["mean_score"] - rerun_base["curve"][-1]["mean_score"])
     assert json.loads((exp.out / "report.json").read_text())["headline"]["gap"]["mean"] == pytest.approx(gap)
 
+    # the records the report wrote stand in for run directories that are gone (another machine's runs)
+    shutil.rmtree(exp.out / "eapo" / "seed-0")
+    run_experiment(exp, ["eapo"])
+    assert "eapo seed 0: held-out mean score" in capsys.readouterr().out
+    assert not (exp.out / "eapo" / "seed-0").exists()  # skipped: nothing ran
+    assert write_report(exp.out)["headline"]["gap"]["mean"] == pytest.approx(gap)
+    # a record made on another world is refused before anything runs
+    stray = json.loads((exp.out / "records" / "eapo" / "seed-0.json").read_text())
+    (exp.out / "records" / "eapo" / "seed-1.json").write_text(json.dumps({**stray, "seed": 1, "world": "0" * 16}))
+    with pytest.raises(SystemExit, match=r"1 record.* another world"):
+        run_experiment(exp, ["base"])
+
 
 def test_headline_targets_by_hand():
     def run(arm, seed, score, variance, calls, acceptance):
@@ -203,3 +217,55 @@ def test_paired_gaps_against_every_arm_and_the_curve_low_by_hand():
     runs["eapo"][1]["curve"] = runs["eapo"][1]["curve"][:2]
     low = summarize(runs, ("eapo", "rl"))["arms"]["eapo"]["lowest"]
     assert low == pytest.approx({"step": 50, "mean_score": 0.12, "below_start": 0.08})
+
+
+def test_records_rebuild_the_report_without_run_directories_and_never_mix_worlds(tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    experiment = {"seeds": [0], "eval_samples": 4, "arms": {"eapo": {}, "rl": {}}, "compare": ["eapo", "rl"]}
+    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment))
+
+    def run_dir(arm, seed, score, world):
+        d = out / arm / f"seed-{seed}"
+        d.mkdir(parents=True)
+        curve = [{"step": 2, "mean_score": score, "variance": 0.1, "per_tier": {"1": score},
+                  "expert_calls_per_episode": 0.0}]  # fmt: skip
+        result = {"arm": arm, "seed": seed, "world": world, "train": True, "eval_mode": "alone", "steps": 2,
+                  "curve": curve, "seconds": 9.0}  # fmt: skip
+        (d / "result.json").write_text(json.dumps(result))
+        metrics = [{k: 0.5 for k in RECORD_METRICS} | {"step": i, "time_s": 3.0 * i, "loss": 1.0} for i in (1, 2)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+    run_dir("eapo", 0, 0.30, "w1")
+    run_dir("rl", 0, 0.25, "w1")
+    first = write_report(out)
+    assert first["headline"]["gap"]["mean"] == pytest.approx(0.05)
+    record = json.loads((out / "records" / "eapo" / "seed-0.json").read_text())
+    assert record["world"] == "w1" and record["curve"][0]["mean_score"] == 0.30
+    assert [m["time_s"] for m in record["metrics"]] == [3.0, 6.0] and "loss" not in record["metrics"][0]
+
+    shutil.rmtree(out / "eapo")
+    shutil.rmtree(out / "rl")
+    assert write_report(out)["headline"] == first["headline"]
+    # a run directory wins over its record: the rerun's score replaces the recorded one
+    run_dir("rl", 0, 0.20, "w1")
+    assert write_report(out)["headline"]["gap"]["mean"] == pytest.approx(0.10)
+    # a run on another world would be paired by seed with these: refused, naming the runs of each world
+    run_dir("rl", 1, 0.20, "w2")
+    with pytest.raises(SystemExit, match=r"different worlds.*world w2: rl/seed-1"):
+        write_report(out)
+
+
+def test_world_digest_covers_every_file_but_the_manifest(tmp_path):
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "model.safetensors").write_bytes(b"\x00\x01")
+    (tmp_path / "eval.jsonl").write_text('{"id": "e0"}\n')
+    (tmp_path / "world.json").write_text('{"seconds": 1.0}')
+    digest = world_digest(tmp_path)
+    (tmp_path / "world.json").write_text('{"seconds": 2.0}')  # the build's timing differs between builds
+    assert world_digest(tmp_path) == digest
+    (tmp_path / "policy" / "model.safetensors").write_bytes(b"\x00\x02")
+    assert world_digest(tmp_path) != digest
+    (tmp_path / "policy" / "model.safetensors").write_bytes(b"\x00\x01")
+    (tmp_path / "eval.jsonl").rename(tmp_path / "train.jsonl")  # same bytes under another name: another world
+    assert world_digest(tmp_path) != digest

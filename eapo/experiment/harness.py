@@ -4,8 +4,9 @@ Every arm × seed runs one after another with the real services (``eapo up`` for
 and gets its own run directory under ``out/ARM/seed-S``. A trained arm's weight versions are kept,
 and every ``eval_every``-th is judged on the held-out split, alone, N samples per problem: the learning
 curve. ``result.json`` marks an arm × seed as finished; a rerun skips it, and an interrupted one
-starts over (its partial directory is moved aside). The report (``eapo.experiment.report``) is then rebuilt
-from the run directories alone.
+starts over (its partial directory is moved aside); so is one with a record (``out/records``, written by the
+report), which may come from another machine if the world there was the same bytes. The report
+(``eapo.experiment.report``) is then rebuilt from the run directories and records alone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from eapo.core.config import EAPOConfig, EvalMode, ExperimentConfig
 from eapo.core.data import read_jsonl
 from eapo.core.tracking import Tracker
 from eapo.dev.up import expert_pool, run_stack
-from eapo.dev.world.bootstrap import bootstrap
+from eapo.dev.world.bootstrap import bootstrap, world_digest
 from proto.weights import prune, version_dir
 from rollout_service.evaluate import evaluate
 
@@ -68,9 +69,10 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     """Train (if the arm trains) and judge one arm × seed; returns its ``result.json``."""
     spec, cfg = exp.arms[arm], exp.arm_config(arm, seed)
     result_path = cfg.run_dir / "result.json"
-    if result_path.exists():
-        log.info("%s seed %d: finished earlier, skipped", arm, seed)
-        return json.loads(result_path.read_text())
+    for done in (result_path, record_path(exp, arm, seed)):
+        if done.exists():
+            log.info("%s seed %d: finished earlier (%s), skipped", arm, seed, done)
+            return json.loads(done.read_text())
     if cfg.run_dir.exists():  # interrupted: keep what it left for inspection, start over
         aside = cfg.run_dir.with_name(f"{cfg.run_dir.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.run_dir.rename(aside)
@@ -99,6 +101,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     result = {
         "arm": arm,
         "seed": seed,
+        "world": world_digest(cfg.world.dir) if cfg.uses_world else None,
         "train": spec.train,
         "eval_mode": spec.eval_mode,
         "steps": cfg.learner.steps if spec.train else 0,
@@ -117,11 +120,33 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     return result
 
 
+def record_path(exp: ExperimentConfig, arm: str, seed: int) -> Path:
+    return exp.out / "records" / arm / f"seed-{seed}.json"
+
+
+def check_records(exp: ExperimentConfig) -> None:
+    """Refuse to continue an experiment whose records were made on a different world: their runs would be
+    paired by seed with runs on this one. Builds (or reuses) the world to know its digest."""
+    cfg = exp.arm_config(next(iter(exp.arms)), exp.seeds[0])
+    if not cfg.uses_world:
+        return
+    here = world_digest(bootstrap(cfg.world))
+    other = sorted(
+        str(path) for path in exp.out.glob("records/*/seed-*.json") if json.loads(path.read_text()).get("world") != here
+    )
+    if other:
+        raise SystemExit(
+            f"{exp.out}: {len(other)} record(s) were made on another world than this one (digest {here}), "
+            f"e.g. {other[0]}; move them aside to start afresh, or rebuild the world they name"
+        )
+
+
 def run_experiment(exp: ExperimentConfig, arms: list[str] | None = None) -> None:
     """Runs every arm × seed not finished yet, or only those of ``arms`` (an experiment too long for one
     sitting runs piecewise; the report covers whatever has finished)."""
     runs = exp.runs(arms)
     exp.out.mkdir(parents=True, exist_ok=True)
+    check_records(exp)
     (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     t0 = time.monotonic()
     for i, (arm, seed) in enumerate(runs, 1):

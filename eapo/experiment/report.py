@@ -1,9 +1,15 @@
 """``eapo report DIR``: an experiment's report, rebuilt from its run directories alone.
 
-Reads ``DIR/experiment.yaml`` and every ``DIR/ARM/seed-S/{result.json,metrics.jsonl}``; writes
-``report.md`` (the Table-1-style comparison and the headline numbers), ``report.json`` (the same
-numbers, the headline's targets judged) and PNG plots: held-out score vs learner step and vs wall time,
-held-out variance, expert call and accepted rates, response length and the paradigm mix over training.
+Reads ``DIR/experiment.yaml``, every ``DIR/ARM/seed-S/{result.json,metrics.jsonl}`` and the records
+``DIR/records/ARM/seed-S.json`` of runs whose directories are gone; writes ``report.md`` (the
+Table-1-style comparison and the headline numbers), ``report.json`` (the same numbers, the headline's
+targets judged), PNG plots (held-out score vs learner step and vs wall time, held-out variance, expert
+call and accepted rates, response length and the paradigm mix over training) and a record of every run.
+
+A record is the run's ``result.json`` with the learner metrics the report reads (tens of kB): committed
+with the report, it lets an experiment longer than one machine's life continue elsewhere and the report
+be rebuilt without the run directories. Runs pair by seed only on one world, so records from different
+worlds (``world``: the built world's content digest) are refused.
 """
 
 from __future__ import annotations
@@ -21,17 +27,50 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 PARADIGMS = ("self_resolution", "direct_consultation", "decomposition")
+# The learner metrics the report reads: what a record keeps of ``metrics.jsonl``.
+RECORD_METRICS = (
+    "step",
+    "time_s",
+    "acceptance",
+    "calls_per_episode",
+    "accepted_rate",
+    "response_tokens",
+    "accuracy",
+    *(f"paradigm_{kind}" for kind in PARADIGMS),
+)
 
 
 def load_runs(out: Path) -> dict[str, list[dict]]:
-    """Arm → its finished seeds' results, each with its learner metrics (``[]`` for arms that do not train)."""
+    """Arm → its finished seeds' results, each with its learner metrics (``[]`` for arms that do not train):
+    from the run directories, then from the records of runs that have none here."""
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(out.glob("*/seed-*/result.json")):
         result = json.loads(path.read_text())
         metrics = path.parent / "metrics.jsonl"
         result["metrics"] = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         runs[result["arm"]].append(result)
+    for path in sorted(out.glob("records/*/seed-*.json")):
+        record = json.loads(path.read_text())
+        if all(r["seed"] != record["seed"] for r in runs[record["arm"]]):
+            runs[record["arm"]].append(record)
+    worlds = defaultdict(list)
+    for arm, results in runs.items():
+        for r in results:
+            worlds[r.get("world")].append(f"{arm}/seed-{r['seed']}")
+    if len(worlds) > 1:
+        listing = "; ".join(f"world {w}: {', '.join(names)}" for w, names in worlds.items())
+        raise SystemExit(f"{out}: runs from different worlds cannot be paired by seed ({listing})")
     return runs
+
+
+def write_records(runs: dict[str, list[dict]], out: Path) -> None:
+    """``out/records/ARM/seed-S.json`` for every run: its result and the metrics the report reads."""
+    for arm, results in runs.items():
+        for r in results:
+            metrics = [{k: m[k] for k in RECORD_METRICS if k in m} for m in r["metrics"]]
+            path = out / "records" / arm / f"seed-{r['seed']}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**r, "metrics": metrics}, separators=(",", ":")) + "\n")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -313,6 +352,7 @@ def write_report(out: Path) -> dict:
     runs = {arm: sorted(runs[arm], key=lambda r: r["seed"]) for arm in order}
     summary = {"eval_samples": exp["eval_samples"], **summarize(runs, tuple(exp["compare"]))}
     images = plot_curves(runs, out) + plot_training(runs, out)
+    write_records(runs, out)
     missing = [
         f"{arm}/seed-{s}"
         for arm in exp["arms"]

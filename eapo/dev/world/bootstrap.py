@@ -33,6 +33,7 @@ from eapo.core.data import write_jsonl
 from eapo.core.logs import setup_logging
 from eapo.dev.world.tasks import TIERS, make_problem, make_split, solution_steps, worked_solution
 from proto import episode_format as fmt
+from proto.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,15 @@ def _train(root: Path, name: str, spec: ModelSpec, cfg: WorldConfig) -> float:
 def _fingerprint(cfg: WorldConfig) -> str:
     data = {**cfg.model_dump(mode="json", exclude={"dir"}), "chat_template": CHAT_TEMPLATE, "format": WORLD_FORMAT}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def world_digest(root: Path) -> str:
+    """sha256 over every file of a built world (splits, tokenizers, weights), manifest excepted: the world's
+    identity. Runs pair by seed only on the same world, and the config fingerprint alone does not show
+    that two machines built the same bytes."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "world.json")
+    listing = "\n".join(f"{p.relative_to(root)} {file_sha256(p)}" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
