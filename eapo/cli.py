@@ -129,7 +129,7 @@ def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
     from eapo.experiment.report import table, write_report
 
     exp = args.experiment  # loaded and checked by main()
-    run_experiment(exp, args.arms)
+    run_experiment(exp, args.arms, args.jobs)
     summary = write_report(exp.out)
     print(table(summary))
     print(f"[eapo experiment] report at {exp.out / 'report.md'}", flush=True)
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "experiment":
             p.add_argument("--config", type=Path, default=Path("configs/experiment.yaml"), help="experiment file")
             p.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: all)")
+            p.add_argument("--jobs", type=int, default=1, metavar="N", help="arm x seeds at once (default 1)")
         elif name == "report":
             p.add_argument("dir", type=Path, help="the experiment's output directory")
         else:
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
             args.experiment = load_experiment(args.config)  # checked before anything starts
             args.experiment.runs(args.arms)
+            if args.jobs < 1:
+                raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         elif args.command not in OWN_CONFIG:
             cfg = load_config(args.config)
     except Exception as exc:  # a bad config is the user's to fix: say what is wrong, no traceback

@@ -68,6 +68,8 @@ def test_unknown_arms_are_refused_before_anything_runs(tmp_path, capsys):
     path.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
     assert main(["experiment", "--config", str(path), "--arms", "b", "c"]) == 2
     assert "unknown arm(s) c; the experiment has a, b" in capsys.readouterr().err
+    assert main(["experiment", "--config", str(path), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -76,7 +78,7 @@ def test_spread_of_one_seed_has_no_std():
 
 
 @pytest.mark.e2e
-def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tmp_path, capsys):
+def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tmp_path, capfd):
     exp = ExperimentConfig(
         out=tmp_path / "exp",
         seeds=[0],
@@ -94,7 +96,8 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
         arms={"base": {"train": False}, "eapo": {}},
         compare=("eapo", "base"),
     )
-    run_experiment(exp)
+    run_experiment(exp, jobs=2)  # both arms at once, each in its own process (capfd: it prints)
+    assert "2/2: eapo, seed 0" in capfd.readouterr().out
     eapo = json.loads((exp.out / "eapo" / "seed-0" / "result.json").read_text())
     assert [c["step"] for c in eapo["curve"]] == [0, 2, 3]
     assert sorted(p.name for p in (exp.out / "eapo" / "seed-0" / "eval").iterdir()) == [
@@ -115,11 +118,11 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
     assert (
         list((exp.out / "base").glob("seed-0.interrupted-*")) and (exp.out / "base" / "seed-0" / "result.json").exists()
     )
-    assert "eapo seed 0: held-out mean score" in capsys.readouterr().out
+    assert "eapo seed 0: held-out mean score" in capfd.readouterr().out
     # piecewise: only the named arms run
     (exp.out / "eapo" / "seed-0" / "result.json").rename(exp.out / "eapo-result.json")
     run_experiment(exp, ["base"])
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "1/1: base, seed 0" in out and "eapo, seed" not in out
     assert not (exp.out / "eapo" / "seed-0" / "result.json").exists()
     (exp.out / "eapo-result.json").rename(exp.out / "eapo" / "seed-0" / "result.json")
@@ -137,7 +140,7 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
     # the records the report wrote stand in for run directories that are gone (another machine's runs)
     shutil.rmtree(exp.out / "eapo" / "seed-0")
     run_experiment(exp, ["eapo"])
-    assert "eapo seed 0: held-out mean score" in capsys.readouterr().out
+    assert "eapo seed 0: held-out mean score" in capfd.readouterr().out
     assert not (exp.out / "eapo" / "seed-0").exists()  # skipped: nothing ran
     assert write_report(exp.out)["headline"]["gap"]["mean"] == pytest.approx(gap)
     # a record made on another world is refused before anything runs

@@ -16,12 +16,15 @@ import json
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
 
 from eapo.core.config import EAPOConfig, EvalMode, ExperimentConfig
 from eapo.core.data import read_jsonl
+from eapo.core.logs import setup_logging
 from eapo.core.tracking import Tracker
 from eapo.dev.up import expert_pool, run_stack
 from eapo.dev.world.bootstrap import bootstrap, world_digest
@@ -141,23 +144,37 @@ def check_records(exp: ExperimentConfig) -> None:
         )
 
 
-def run_experiment(exp: ExperimentConfig, arms: list[str] | None = None) -> None:
+def _run_announced(exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t0: float) -> dict:
+    print(f"[eapo experiment] {i}/{n}: {arm}, seed {seed} ({time.monotonic() - t0:.0f}s so far)", flush=True)
+    result = run_arm(exp, arm, seed)
+    final = result["curve"][-1]
+    print(
+        f"[eapo experiment] {arm} seed {seed}: held-out mean score {final['mean_score']:.4f} "
+        f"after {result['steps']} steps ({result['seconds']:.0f}s)",
+        flush=True,
+    )
+    return result
+
+
+def run_experiment(exp: ExperimentConfig, arms: list[str] | None = None, jobs: int = 1) -> None:
     """Runs every arm × seed not finished yet, or only those of ``arms`` (an experiment too long for one
-    sitting runs piecewise; the report covers whatever has finished)."""
+    sitting runs piecewise; the report covers whatever has finished). ``jobs`` > 1 runs that many arm ×
+    seeds at once, each in its own process: one run leaves cores idle (its rollout samples on one thread
+    while the experts wait), so two on two cores finish the whole sooner; each run is slower alone."""
     runs = exp.runs(arms)
     exp.out.mkdir(parents=True, exist_ok=True)
-    check_records(exp)
+    check_records(exp)  # also builds the world once, before any run needs it
     (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     t0 = time.monotonic()
-    for i, (arm, seed) in enumerate(runs, 1):
-        print(
-            f"[eapo experiment] {i}/{len(runs)}: {arm}, seed {seed} ({time.monotonic() - t0:.0f}s so far)", flush=True
-        )
-        result = run_arm(exp, arm, seed)
-        final = result["curve"][-1]
-        print(
-            f"[eapo experiment] {arm} seed {seed}: held-out mean score {final['mean_score']:.4f} "
-            f"after {result['steps']} steps ({result['seconds']:.0f}s)",
-            flush=True,
-        )
+    if jobs == 1:
+        for i, (arm, seed) in enumerate(runs, 1):
+            _run_announced(exp, arm, seed, i, len(runs), t0)
+    else:
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        with ProcessPoolExecutor(jobs, get_context("spawn"), setup_logging, ("experiment", level)) as pool:
+            futures = [
+                pool.submit(_run_announced, exp, arm, seed, i, len(runs), t0) for i, (arm, seed) in enumerate(runs, 1)
+            ]
+            for future in futures:
+                future.result()  # the first failure ends the experiment; finished runs keep their results
     print(f"[eapo experiment] all {len(runs)} runs done in {time.monotonic() - t0:.0f}s", flush=True)
