@@ -61,6 +61,13 @@ def test_a_typo_in_any_arm_fails_before_anything_runs(tmp_path):
         load_experiment(path)
 
 
+def test_an_arm_named_records_or_with_its_own_world_is_refused():
+    with pytest.raises(ValueError, match="may not be named `records`"):
+        ExperimentConfig(arms={"records": {}})
+    with pytest.raises(ValueError, match=r"arm\(s\) b override `world`"):
+        ExperimentConfig(arms={"a": {}, "b": {"overrides": {"world": {"seed": 7}}}})
+
+
 def test_unknown_arms_are_refused_before_anything_runs(tmp_path, capsys):
     exp = ExperimentConfig(out=tmp_path / "out", seeds=[0, 1], arms={"a": {}, "b": {"train": False}})
     assert exp.runs(["b"]) == [("b", 0), ("b", 1)] and len(exp.runs()) == 4
@@ -143,12 +150,13 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
     assert "eapo seed 0: held-out mean score" in capfd.readouterr().out
     assert not (exp.out / "eapo" / "seed-0").exists()  # skipped: nothing ran
     assert write_report(exp.out)["headline"]["gap"]["mean"] == pytest.approx(gap)
-    # a record made on another world is refused before anything runs
-    stray = json.loads((exp.out / "records" / "eapo" / "seed-0.json").read_text())
-    (exp.out / "records" / "eapo" / "seed-1.json").write_text(json.dumps({**stray, "seed": 1, "world": "0" * 16}))
-    with pytest.raises(SystemExit, match=r"1 record.* another world"):
+    # runs made on another world are refused before anything runs
+    shutil.rmtree(exp.out / "base" / "seed-0")
+    for path in (exp.out / "records").glob("*/seed-*.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "world": "0" * 16}))
+    with pytest.raises(SystemExit, match=r"were made on world 0{16}, this machine's is [0-9a-f]{16}"):
         run_experiment(exp, ["base"])
-
+    assert not (exp.out / "base" / "seed-0").exists()
 
 def test_headline_targets_by_hand():
     def run(arm, seed, score, variance, calls, acceptance):

@@ -498,6 +498,16 @@ class ExperimentConfig(Section):
     arms: dict[str, ArmConfig] = Field(min_length=1)
     compare: tuple[str, str] = Field(("eapo", "self-exploratory-rl"), description="the headline: first minus second")
 
+    @model_validator(mode="after")
+    def _one_world(self) -> ExperimentConfig:
+        """Arms pair by seed on one world (set it in ``run``); ``records`` is where the report keeps its records."""
+        if "records" in self.arms:
+            raise ValueError("an arm may not be named `records`: out/records holds the report's records")
+        own_world = [arm for arm, spec in self.arms.items() if "world" in spec.overrides]
+        if own_world:
+            raise ValueError(f"arm(s) {', '.join(own_world)} override `world`; every arm shares the `run` section's")
+        return self
+
     def arm_config(self, arm: str, seed: int) -> EAPOConfig:
         """The full run config of ``arm`` with ``seed``: shared config, then the arm's overrides."""
         data = merge(merge({}, self.run), self.arms[arm].overrides)

@@ -128,7 +128,8 @@ def _print_progress(metrics: Path, shown: int, total: int) -> int:
     return len(lines)
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def interrupt(signum: int, frame: object) -> None:
+    """A signal handler that stops like Ctrl-C."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -287,7 +288,7 @@ class _Stack:
 
 def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = False) -> int:
     """Run (or with ``resume``, continue) the training run of ``cfg`` under supervision; the exit code."""
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
     # Ctrl-C too when started from a script's background job, which inherits SIGINT ignored
     signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.monotonic()

@@ -1,12 +1,13 @@
 """``eapo experiment``: does EAPO beat self-exploratory RL here?
 
-Every arm × seed runs one after another with the real services (``eapo up`` for the arms that train)
-and gets its own run directory under ``out/ARM/seed-S``. A trained arm's weight versions are kept,
-and every ``eval_every``-th is judged on the held-out split, alone, N samples per problem: the learning
-curve. ``result.json`` marks an arm × seed as finished; a rerun skips it, and an interrupted one
-starts over (its partial directory is moved aside); so is one with a record (``out/records``, written by the
-report), which may come from another machine if the world there was the same bytes. The report
-(``eapo.experiment.report``) is then rebuilt from the run directories and records alone.
+Every arm × seed runs with the real services (``eapo up`` for the arms that train), one after another
+or ``jobs`` at once, and gets its own run directory under ``out/ARM/seed-S``. A trained arm's weight
+versions are kept, and every ``eval_every``-th is judged on the held-out split, alone, N samples per
+problem: the learning curve. ``result.json`` marks an arm × seed as finished and a rerun skips it, as it
+skips one with a record (``out/records``, written by the report, perhaps on another machine); an
+interrupted one starts over (its partial directory is moved aside). Every run names its world by digest,
+and an experiment whose finished runs were made on another world is refused before anything runs. The
+report (``eapo.experiment.report``) is then rebuilt from the run directories and records alone.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import connection, get_context
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import yaml
@@ -26,8 +28,9 @@ from eapo.core.config import EAPOConfig, EvalMode, ExperimentConfig
 from eapo.core.data import read_jsonl
 from eapo.core.logs import setup_logging
 from eapo.core.tracking import Tracker
-from eapo.dev.up import expert_pool, run_stack
+from eapo.dev.up import expert_pool, interrupt, run_stack
 from eapo.dev.world.bootstrap import bootstrap, world_digest
+from eapo.experiment.report import load_runs, record_path
 from proto.weights import prune, version_dir
 from rollout_service.evaluate import evaluate
 
@@ -72,7 +75,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     """Train (if the arm trains) and judge one arm × seed; returns its ``result.json``."""
     spec, cfg = exp.arms[arm], exp.arm_config(arm, seed)
     result_path = cfg.run_dir / "result.json"
-    for done in (result_path, record_path(exp, arm, seed)):
+    for done in (result_path, record_path(exp.out, arm, seed)):
         if done.exists():
             log.info("%s seed %d: finished earlier (%s), skipped", arm, seed, done)
             return json.loads(done.read_text())
@@ -104,7 +107,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     result = {
         "arm": arm,
         "seed": seed,
-        "world": world_digest(cfg.world.dir) if cfg.uses_world else None,
+        "world": world_digest(cfg.world.dir),  # its held-out split judged every arm, whatever the policy
         "train": spec.train,
         "eval_mode": spec.eval_mode,
         "steps": cfg.learner.steps if spec.train else 0,
@@ -123,24 +126,16 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     return result
 
 
-def record_path(exp: ExperimentConfig, arm: str, seed: int) -> Path:
-    return exp.out / "records" / arm / f"seed-{seed}.json"
-
-
-def check_records(exp: ExperimentConfig) -> None:
-    """Refuse to continue an experiment whose records were made on a different world: their runs would be
-    paired by seed with runs on this one. Builds (or reuses) the world to know its digest."""
-    cfg = exp.arm_config(next(iter(exp.arms)), exp.seeds[0])
-    if not cfg.uses_world:
-        return
-    here = world_digest(bootstrap(cfg.world))
-    other = sorted(
-        str(path) for path in exp.out.glob("records/*/seed-*.json") if json.loads(path.read_text()).get("world") != here
-    )
-    if other:
+def check_world(exp: ExperimentConfig) -> None:
+    """Build (or reuse) the world, once before any run needs it, and refuse to add runs on it to finished
+    runs or records made on another world: they would be paired by seed."""
+    here = world_digest(bootstrap(exp.arm_config(next(iter(exp.arms)), exp.seeds[0]).world))
+    there = {r.get("world"): f"{arm}/seed-{r['seed']}" for arm, rs in load_runs(exp.out).items() for r in rs}
+    if there and here not in there:
+        world, example = next(iter(there.items()))
         raise SystemExit(
-            f"{exp.out}: {len(other)} record(s) were made on another world than this one (digest {here}), "
-            f"e.g. {other[0]}; move them aside to start afresh, or rebuild the world they name"
+            f"{exp.out}: its finished runs (e.g. {example}) were made on world {world}, this machine's is {here}; "
+            "move them aside to start afresh, or continue where that world is built"
         )
 
 
@@ -156,25 +151,60 @@ def _run_announced(exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t
     return result
 
 
+def _worker(level: str, exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t0: float) -> None:
+    setup_logging("experiment", level)
+    signal.signal(signal.SIGTERM, interrupt)  # stopped by the parent: as on Ctrl-C, `eapo up` stops its services
+    _run_announced(exp, arm, seed, i, n, t0)
+
+
+def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: int, t0: float) -> None:
+    """Up to ``jobs`` runs at once, a spawned process each, started in order. The first failure, Ctrl-C or
+    SIGTERM ends the experiment: runs not started stay so, running ones are stopped; finished runs keep
+    their results, so a rerun continues from there."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    context = get_context("spawn")
+    pending = list(enumerate(runs, 1))
+    running: dict[int, BaseProcess] = {}  # by sentinel
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, (arm, seed) = pending.pop(0)
+                process = context.Process(
+                    target=_worker, args=(level, exp, arm, seed, i, len(runs), t0), name=f"{arm}/seed-{seed}"
+                )
+                process.start()
+                running[process.sentinel] = process
+            for sentinel in connection.wait(list(running)):
+                process = running.pop(sentinel)
+                process.join()
+                if process.exitcode != 0:
+                    raise RuntimeError(f"{process.name} failed (exit code {process.exitcode}); see the error above")
+    except BaseException:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            process.join(timeout=120)
+            if process.is_alive():
+                process.kill()  # its services die with it (die_with_parent)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_experiment(exp: ExperimentConfig, arms: list[str] | None = None, jobs: int = 1) -> None:
     """Runs every arm × seed not finished yet, or only those of ``arms`` (an experiment too long for one
     sitting runs piecewise; the report covers whatever has finished). ``jobs`` > 1 runs that many arm ×
     seeds at once, each in its own process: one run leaves cores idle (its rollout samples on one thread
-    while the experts wait), so two on two cores finish the whole sooner; each run is slower alone."""
+    while the experts wait), so two on two cores finish the whole sooner, each run slower than alone."""
     runs = exp.runs(arms)
     exp.out.mkdir(parents=True, exist_ok=True)
-    check_records(exp)  # also builds the world once, before any run needs it
+    check_world(exp)
     (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     t0 = time.monotonic()
     if jobs == 1:
         for i, (arm, seed) in enumerate(runs, 1):
             _run_announced(exp, arm, seed, i, len(runs), t0)
     else:
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        with ProcessPoolExecutor(jobs, get_context("spawn"), setup_logging, ("experiment", level)) as pool:
-            futures = [
-                pool.submit(_run_announced, exp, arm, seed, i, len(runs), t0) for i, (arm, seed) in enumerate(runs, 1)
-            ]
-            for future in futures:
-                future.result()  # the first failure ends the experiment; finished runs keep their results
+        _run_in_parallel(exp, runs, jobs, t0)
     print(f"[eapo experiment] all {len(runs)} runs done in {time.monotonic() - t0:.0f}s", flush=True)

@@ -1,4 +1,4 @@
-"""``eapo report DIR``: an experiment's report, rebuilt from its run directories alone.
+"""``eapo report DIR``: an experiment's report, rebuilt from its run directories and records alone.
 
 Reads ``DIR/experiment.yaml``, every ``DIR/ARM/seed-S/{result.json,metrics.jsonl}`` and the records
 ``DIR/records/ARM/seed-S.json`` of runs whose directories are gone; writes ``report.md`` (the
@@ -23,6 +23,8 @@ from statistics import fmean, stdev
 import matplotlib
 import yaml
 
+from eapo.core.files import write_atomic
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
@@ -40,9 +42,15 @@ RECORD_METRICS = (
 )
 
 
+def record_path(out: Path, arm: str, seed: int) -> Path:
+    """Where the report keeps the record of ``arm`` × ``seed`` (and where ``eapo experiment`` looks for one)."""
+    return out / "records" / arm / f"seed-{seed}.json"
+
+
 def load_runs(out: Path) -> dict[str, list[dict]]:
     """Arm → its finished seeds' results, each with its learner metrics (``[]`` for arms that do not train):
-    from the run directories, then from the records of runs that have none here."""
+    from the run directories, then from the records of runs that have none here. Runs of more than one
+    world are refused: they would be paired by seed."""
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(out.glob("*/seed-*/result.json")):
         result = json.loads(path.read_text())
@@ -53,24 +61,27 @@ def load_runs(out: Path) -> dict[str, list[dict]]:
         record = json.loads(path.read_text())
         if all(r["seed"] != record["seed"] for r in runs[record["arm"]]):
             runs[record["arm"]].append(record)
-    worlds = defaultdict(list)
+    worlds: dict[str | None, list[str]] = defaultdict(list)
     for arm, results in runs.items():
         for r in results:
             worlds[r.get("world")].append(f"{arm}/seed-{r['seed']}")
     if len(worlds) > 1:
-        listing = "; ".join(f"world {w}: {', '.join(names)}" for w, names in worlds.items())
+        listing = "; ".join(
+            f"{f'world {w}' if w else 'no world digest (a run from before digests: rerun it)'}: {', '.join(names)}"
+            for w, names in worlds.items()
+        )
         raise SystemExit(f"{out}: runs from different worlds cannot be paired by seed ({listing})")
     return runs
 
 
 def write_records(runs: dict[str, list[dict]], out: Path) -> None:
-    """``out/records/ARM/seed-S.json`` for every run: its result and the metrics the report reads."""
+    """A record of every run: its result and the metrics the report reads."""
     for arm, results in runs.items():
         for r in results:
             metrics = [{k: m[k] for k in RECORD_METRICS if k in m} for m in r["metrics"]]
-            path = out / "records" / arm / f"seed-{r['seed']}.json"
+            path = record_path(out, arm, r["seed"])
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**r, "metrics": metrics}, separators=(",", ":")) + "\n")
+            write_atomic(path, json.dumps({**r, "metrics": metrics}, separators=(",", ":")) + "\n")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -347,7 +358,7 @@ def write_report(out: Path) -> dict:
     exp = yaml.safe_load((out / "experiment.yaml").read_text())
     runs = load_runs(out)
     if not runs:
-        raise SystemExit(f"{out}: no finished runs (ARM/seed-S/result.json)")
+        raise SystemExit(f"{out}: no finished runs (ARM/seed-S/result.json or records/ARM/seed-S.json)")
     order = [arm for arm in exp["arms"] if arm in runs]
     runs = {arm: sorted(runs[arm], key=lambda r: r["seed"]) for arm in order}
     summary = {"eval_samples": exp["eval_samples"], **summarize(runs, tuple(exp["compare"]))}

@@ -216,7 +216,7 @@ def world_digest(root: Path) -> str:
     """sha256 over every file of a built world (splits, tokenizers, weights), manifest excepted: the world's
     identity. Runs pair by seed only on the same world, and the config fingerprint alone does not show
     that two machines built the same bytes."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "world.json")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p != root / "world.json")
     listing = "\n".join(f"{p.relative_to(root)} {file_sha256(p)}" for p in files)
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
