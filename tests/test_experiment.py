@@ -4,6 +4,7 @@ run (services as processes), resumable, and a report rebuilt from the run direct
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 
 import pytest
@@ -158,6 +159,7 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
         run_experiment(exp, ["base"])
     assert not (exp.out / "base" / "seed-0").exists()
 
+
 def test_headline_targets_by_hand():
     def run(arm, seed, score, variance, calls, acceptance):
         metrics = [
@@ -280,3 +282,23 @@ def test_world_digest_covers_every_file_but_the_manifest(tmp_path):
     (tmp_path / "policy" / "model.safetensors").write_bytes(b"\x00\x01")
     (tmp_path / "eval.jsonl").rename(tmp_path / "train.jsonl")  # same bytes under another name: another world
     assert world_digest(tmp_path) != digest
+
+
+@pytest.mark.e2e
+def test_jobs_stop_at_the_first_failure(tiny_world, tmp_path):
+    judged = {"train": False}
+    exp = ExperimentConfig(
+        out=tmp_path / "exp",
+        seeds=[0],
+        eval_samples=1,
+        eval_limit=4,
+        run={"world": tiny_world.model_dump(mode="json")},
+        # `broken` fails in its worker (its config is checked there); base-3 and base-4 could only start after
+        # base and base-2 both finished, which take a worker's start-up and a judgement each
+        arms={"base": judged, "broken": {**judged, "overrides": {"no_such_section": 1}}, "base-2": judged,
+              "base-3": judged, "base-4": judged},
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="broken/seed-0 failed"):
+        run_experiment(exp, jobs=2)
+    assert not multiprocessing.active_children()  # the other worker was stopped, not left running
+    assert not (exp.out / "base-3" / "seed-0").exists() and not (exp.out / "base-4" / "seed-0").exists()
