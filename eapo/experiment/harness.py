@@ -152,6 +152,11 @@ def _run_announced(exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t
 
 
 def _worker(level: str, exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t0: float) -> None:
+    import torch
+
+    # The in-process judgement on one thread: beside another run's multi-threaded torch processes two
+    # threads each oversubscribe the cores (`eapo eval` beside a 2-thread torch loop: 64-71 s, 31-35 s on one).
+    torch.set_num_threads(1)
     setup_logging("experiment", level)
     signal.signal(signal.SIGTERM, interrupt)  # stopped by the parent: as on Ctrl-C, `eapo up` stops its services
     _run_announced(exp, arm, seed, i, n, t0)
