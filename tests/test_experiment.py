@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from eapo.cli import main
 from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
 from eapo.dev.world.bootstrap import world_digest
-from eapo.experiment.harness import eval_steps, run_experiment
+from eapo.experiment.harness import check_world, eval_steps, run_experiment
 from eapo.experiment.report import RECORD_METRICS, spread, summarize, write_report
 from learner.anneal import anneal_state
 
@@ -282,6 +283,23 @@ def test_world_digest_covers_every_file_but_the_manifest(tmp_path):
     (tmp_path / "policy" / "model.safetensors").write_bytes(b"\x00\x01")
     (tmp_path / "eval.jsonl").rename(tmp_path / "train.jsonl")  # same bytes under another name: another world
     assert world_digest(tmp_path) != digest
+
+
+def test_a_pinned_world_is_checked_never_rebuilt(tiny_world, tmp_path):
+    digest = world_digest(tiny_world.dir)
+    world = tiny_world.model_dump(mode="json")
+    pinned = ExperimentConfig(out=tmp_path / "exp", run={"world": world}, arms={"base": {"train": False}})
+    check_world(pinned.model_copy(update={"world_digest": digest}))
+    with pytest.raises(SystemExit, match=re.escape(f"{tiny_world.dir}: not the world 0000000000000000 ")):
+        check_world(pinned.model_copy(update={"world_digest": "0000000000000000"}))
+    # a world config that differs from the shipped world's is refused, and the shipped world is left as it was
+    other = pinned.model_copy(update={"world_digest": digest, "run": {"world": {**world, "train_problems": 65}}})
+    with pytest.raises(SystemExit, match="its world config differs"):
+        check_world(other)
+    assert world_digest(tiny_world.dir) == digest
+    gone = {"world": {**world, "dir": str(tmp_path / "gone")}}
+    with pytest.raises(SystemExit, match="not the world"):
+        check_world(pinned.model_copy(update={"world_digest": digest, "run": gone}))
 
 
 @pytest.mark.e2e

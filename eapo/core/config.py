@@ -497,6 +497,10 @@ class ExperimentConfig(Section):
     run: dict[str, Any] = Field(default_factory=dict, description="the run config every arm shares")
     arms: dict[str, ArmConfig] = Field(min_length=1)
     compare: tuple[str, str] = Field(("eapo", "self-exploratory-rl"), description="the headline: first minus second")
+    world_digest: str | None = Field(
+        None,
+        description="the shipped world (`run.world.dir`) its records were made on: others refused, none rebuilt",
+    )
 
     @model_validator(mode="after")
     def _one_world(self) -> ExperimentConfig:

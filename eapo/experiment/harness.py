@@ -29,7 +29,7 @@ from eapo.core.data import read_jsonl
 from eapo.core.logs import setup_logging
 from eapo.core.tracking import Tracker
 from eapo.dev.up import expert_pool, interrupt, run_stack
-from eapo.dev.world.bootstrap import bootstrap, world_digest
+from eapo.dev.world.bootstrap import bootstrap, is_built, world_digest
 from eapo.experiment.report import load_runs, record_path
 from proto.weights import prune, version_dir
 from rollout_service.evaluate import evaluate
@@ -127,14 +127,24 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
 
 
 def check_world(exp: ExperimentConfig) -> None:
-    """Build (or reuse) the world, once before any run needs it, and refuse to add runs on it to finished
-    runs or records made on another world: they would be paired by seed."""
-    here = world_digest(bootstrap(exp.arm_config(next(iter(exp.arms)), exp.seeds[0]).world))
+    """Build (or reuse) the world, once before any run needs it, or check the pinned one, and refuse to add
+    runs on it to finished runs or records made on another world: they would be paired by seed."""
+    world = exp.arm_config(next(iter(exp.arms)), exp.seeds[0]).world
+    if exp.world_digest is None:
+        here = world_digest(bootstrap(world))
+    elif not is_built(world) or (here := world_digest(world.dir)) != exp.world_digest:
+        # A rebuild would not give these bytes back: worlds built on two machines differed (ea50b7ffa2c686eb,
+        # 1be490bc4f20f832 from one config), so a pinned world is shipped, and restored, never rebuilt.
+        raise SystemExit(
+            f"{world.dir}: not the world {exp.world_digest} that this experiment's records were made on "
+            "(missing, changed, or its world config differs); restore it (git checkout), or drop `world_digest` "
+            "and start afresh on a world built here"
+        )
     there = {r.get("world"): f"{arm}/seed-{r['seed']}" for arm, rs in load_runs(exp.out).items() for r in rs}
     if there and here not in there:
-        world, example = next(iter(there.items()))
+        other, example = next(iter(there.items()))
         raise SystemExit(
-            f"{exp.out}: its finished runs (e.g. {example}) were made on world {world}, this machine's is {here}; "
+            f"{exp.out}: its finished runs (e.g. {example}) were made on world {other}, this machine's is {here}; "
             "move them aside to start afresh, or continue where that world is built"
         )
 

@@ -221,12 +221,18 @@ def world_digest(root: Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
+def is_built(cfg: WorldConfig) -> bool:
+    """Whether ``cfg.dir`` holds a world built from ``cfg``: the one ``bootstrap`` reuses."""
+    manifest = Path(cfg.dir) / "world.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == _fingerprint(cfg)
+
+
 def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
     """Build (or reuse) the world in ``cfg.dir``; returns that directory."""
     root = Path(cfg.dir)
     manifest = root / "world.json"
     fingerprint = _fingerprint(cfg)
-    if not force and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+    if not force and is_built(cfg):
         log.info("tiny world at %s is up to date", root)
         return root
     t0 = time.monotonic()
