@@ -129,7 +129,14 @@ def cmd_experiment(cfg: EAPOConfig | None, args: argparse.Namespace) -> int:
     from eapo.experiment.report import table, write_report
 
     exp = args.experiment  # loaded and checked by main()
-    run_experiment(exp, args.arms, args.jobs)
+    try:
+        run_experiment(exp, args.arms, args.jobs)
+    except KeyboardInterrupt:
+        print(
+            "[eapo experiment] interrupted; finished runs keep their results: the same command continues",
+            file=sys.stderr,
+        )
+        return 130
     summary = write_report(exp.out)
     print(table(summary))
     print(f"[eapo experiment] report at {exp.out / 'report.md'}", flush=True)

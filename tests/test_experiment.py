@@ -7,9 +7,13 @@ import json
 import multiprocessing
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import yaml
+from helpers import wait_for
 
 from eapo.cli import main
 from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
@@ -320,3 +324,38 @@ def test_jobs_stop_at_the_first_failure(tiny_world, tmp_path):
         run_experiment(exp, jobs=2)
     assert not multiprocessing.active_children()  # the other worker was stopped, not left running
     assert not (exp.out / "base-3" / "seed-0").exists() and not (exp.out / "base-4" / "seed-0").exists()
+
+
+@pytest.mark.e2e
+def test_a_stopped_experiment_says_interrupted_not_failed(tiny_world, tmp_path):
+    config = tmp_path / "exp.yaml"
+    out = tmp_path / "exp"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "out": str(out),
+                "seeds": [0],
+                "run": {
+                    "world": tiny_world.model_dump(mode="json"),
+                    "expert_server": {"pool": ["expert"]},
+                    "learner": {"steps": 1000, "batch_groups": 1, "dynamic_sampling": False},
+                    "rollout": {"group_size": 2, "max_new_tokens": 16, "max_context": 160},
+                },
+                "arms": {"eapo": {}},
+            }
+        )
+    )
+    command = [sys.executable, "-m", "eapo.cli", "experiment", "--config", str(config), "--jobs", "2"]
+    with open(tmp_path / "stderr", "w") as stderr:
+        experiment = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        metrics = out / "eapo" / "seed-0" / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, "a learner step")
+        experiment.send_signal(signal.SIGTERM)  # as `kill`, or Ctrl-C: the worker and its stack stop
+        experiment.wait(timeout=300)
+    finally:
+        experiment.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert experiment.returncode == 130, err
+    assert "interrupted" in err and "training failed" not in err and "Traceback" not in err, err
+    assert not (out / "eapo" / "seed-0" / "result.json").exists()

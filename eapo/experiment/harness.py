@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 import time
 from collections import defaultdict
 from multiprocessing import connection, get_context
@@ -86,7 +87,10 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     t0 = time.monotonic()
     if spec.train:
         cfg.learner.keep_versions = cfg.learner.steps + 1  # the learning curve judges old versions
-        if run_stack(cfg) != 0:
+        code = run_stack(cfg)
+        if code == 130:  # stopped from outside (Ctrl-C, SIGTERM): the run did not fail
+            raise KeyboardInterrupt(f"{arm} seed {seed}")
+        if code != 0:
             raise RuntimeError(f"{arm} seed {seed}: training failed; see {cfg.run_dir}/logs")
         evals = [
             judge(cfg, exp, version_dir(cfg.weights_dir, step), spec.eval_mode, step)
@@ -169,7 +173,10 @@ def _worker(level: str, exp: ExperimentConfig, arm: str, seed: int, i: int, n: i
     torch.set_num_threads(1)
     setup_logging("experiment", level)
     signal.signal(signal.SIGTERM, interrupt)  # stopped by the parent: as on Ctrl-C, `eapo up` stops its services
-    _run_announced(exp, arm, seed, i, n, t0)
+    try:
+        _run_announced(exp, arm, seed, i, n, t0)
+    except KeyboardInterrupt:
+        sys.exit(130)  # stopped: the parent, which stopped it or was interrupted too, says so
 
 
 def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: int, t0: float) -> None:
