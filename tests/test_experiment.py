@@ -17,7 +17,8 @@ from helpers import wait_for
 
 from eapo.cli import main
 from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
-from eapo.dev.world.bootstrap import world_digest
+from eapo.dev.supervise import terminate
+from eapo.dev.world.bootstrap import bootstrap, world_digest, world_manifest
 from eapo.experiment.harness import check_world, eval_steps, run_experiment
 from eapo.experiment.report import RECORD_METRICS, spread, summarize, write_report
 from learner.anneal import anneal_state
@@ -29,8 +30,12 @@ def test_eval_steps_always_include_the_start_and_the_last_step():
 
 
 @pytest.mark.parametrize("path", ["configs/experiment.yaml", "configs/ablations.yaml"])
-def test_shipped_experiments_resolve_every_arm(path):
+def test_shipped_experiments_resolve_every_arm(path, tmp_path):
     exp = load_experiment(path)
+    # their world is the shipped one, as the current code would build it from their config (else a change
+    # to the world's format or defaults has orphaned the experiments' records: rebuild and reship it)
+    assert exp.world_digest and world_manifest(exp.arm_config("eapo", 0).world.dir).get("shipped")
+    check_world(exp.model_copy(update={"out": tmp_path}))
     arms = {arm: exp.arm_config(arm, 0) for arm in exp.arms}
     if "consult-prompt-control" in arms:  # the consult prompt alone: nothing shown, nothing charged
         control = arms["consult-prompt-control"]
@@ -294,16 +299,29 @@ def test_a_pinned_world_is_checked_never_rebuilt(tiny_world, tmp_path):
     world = tiny_world.model_dump(mode="json")
     pinned = ExperimentConfig(out=tmp_path / "exp", run={"world": world}, arms={"base": {"train": False}})
     check_world(pinned.model_copy(update={"world_digest": digest}))
-    with pytest.raises(SystemExit, match=re.escape(f"{tiny_world.dir}: not the world 0000000000000000 ")):
+    with pytest.raises(SystemExit, match=f"its files make world {digest}, not the shipped 0000000000000000 "):
         check_world(pinned.model_copy(update={"world_digest": "0000000000000000"}))
     # a world config that differs from the shipped world's is refused, and the shipped world is left as it was
     other = pinned.model_copy(update={"world_digest": digest, "run": {"world": {**world, "train_problems": 65}}})
-    with pytest.raises(SystemExit, match="its world config differs"):
+    with pytest.raises(SystemExit, match="no world built from this experiment's world config"):
         check_world(other)
     assert world_digest(tiny_world.dir) == digest
     gone = {"world": {**world, "dir": str(tmp_path / "gone")}}
-    with pytest.raises(SystemExit, match="not the world"):
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'gone'}: no world built")):
         check_world(pinned.model_copy(update={"world_digest": digest, "run": gone}))
+    assert not (tmp_path / "gone").exists() and not (tmp_path / "exp").exists()
+
+
+def test_bootstrap_never_rebuilds_a_shipped_world(tiny_world, tmp_path):
+    shipped = tmp_path / "world"
+    shutil.copytree(tiny_world.dir, shipped)
+    manifest = json.loads((shipped / "world.json").read_text())
+    (shipped / "world.json").write_text(json.dumps({**manifest, "shipped": True}))
+    digest = world_digest(shipped)
+    assert bootstrap(tiny_world.model_copy(update={"dir": shipped})) == shipped  # its own config: reused
+    with pytest.raises(SystemExit, match="a shipped world, built from another world config"):
+        bootstrap(tiny_world.model_copy(update={"dir": shipped, "train_problems": 65}))
+    assert world_digest(shipped) == digest
 
 
 @pytest.mark.e2e
@@ -350,11 +368,13 @@ def test_a_stopped_experiment_says_interrupted_not_failed(tiny_world, tmp_path):
         experiment = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         metrics = out / "eapo" / "seed-0" / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, "a learner step")
+        stepped = lambda: metrics.exists() and bool(metrics.read_text().strip())  # noqa: E731
+        wait_for(lambda: stepped() or experiment.poll() is not None, 240, "a learner step")
+        assert stepped(), (tmp_path / "stderr").read_text()
         experiment.send_signal(signal.SIGTERM)  # as `kill`, or Ctrl-C: the worker and its stack stop
-        experiment.wait(timeout=300)
+        experiment.wait(timeout=240)
     finally:
-        experiment.kill()
+        terminate([experiment], 60)  # a failed test leaves nothing training: the parent stops its worker
     err = (tmp_path / "stderr").read_text()
     assert experiment.returncode == 130, err
     assert "interrupted" in err and "training failed" not in err and "Traceback" not in err, err

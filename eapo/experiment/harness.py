@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from proto.weights import prune, version_dir
 from rollout_service.evaluate import evaluate
 
 log = logging.getLogger(__name__)
+STOPPED = 130  # the exit code of a run stopped from outside (Ctrl-C, SIGTERM), as `eapo up`'s
 
 
 def eval_steps(steps: int, every: int) -> list[int]:
@@ -88,7 +90,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     if spec.train:
         cfg.learner.keep_versions = cfg.learner.steps + 1  # the learning curve judges old versions
         code = run_stack(cfg)
-        if code == 130:  # stopped from outside (Ctrl-C, SIGTERM): the run did not fail
+        if code == STOPPED:  # stopped from outside (Ctrl-C, SIGTERM): the run did not fail
             raise KeyboardInterrupt(f"{arm} seed {seed}")
         if code != 0:
             raise RuntimeError(f"{arm} seed {seed}: training failed; see {cfg.run_dir}/logs")
@@ -136,13 +138,20 @@ def check_world(exp: ExperimentConfig) -> None:
     world = exp.arm_config(next(iter(exp.arms)), exp.seeds[0]).world
     if exp.world_digest is None:
         here = world_digest(bootstrap(world))
-    elif not is_built(world) or (here := world_digest(world.dir)) != exp.world_digest:
-        # A rebuild would not give these bytes back: worlds built on two machines differed (ea50b7ffa2c686eb,
-        # 1be490bc4f20f832 from one config), so a pinned world is shipped, and restored, never rebuilt.
+    elif not is_built(world):
+        # A rebuild would not give these bytes back: two machines built different worlds from one config,
+        # so a pinned world is shipped and restored, never rebuilt.
         raise SystemExit(
-            f"{world.dir}: not the world {exp.world_digest} that this experiment's records were made on "
-            "(missing, changed, or its world config differs); restore it (git checkout), or drop `world_digest` "
-            "and start afresh on a world built here"
+            f"{world.dir.resolve()}: no world built from this experiment's world config (missing, or built from "
+            f"another); its records were made on the shipped world {exp.world_digest}: run from the repository "
+            f"root or restore it (git checkout -- {world.dir}), or point `run.world.dir` elsewhere and drop "
+            "`world_digest` to start afresh"
+        )
+    elif (here := world_digest(world.dir)) != exp.world_digest:
+        raise SystemExit(
+            f"{world.dir.resolve()}: its files make world {here}, not the shipped {exp.world_digest} that this "
+            f"experiment's records were made on; restore it (git checkout -- {world.dir}; git clean -n {world.dir} "
+            "lists files that do not belong)"
         )
     there = {r.get("world"): f"{arm}/seed-{r['seed']}" for arm, rs in load_runs(exp.out).items() for r in rs}
     if there and here not in there:
@@ -166,17 +175,20 @@ def _run_announced(exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t
 
 
 def _worker(level: str, exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t0: float) -> None:
-    import torch
-
-    # The in-process judgement on one thread: beside another run's multi-threaded torch processes two
-    # threads each oversubscribe the cores (`eapo eval` beside a 2-thread torch loop: 64-71 s, 31-35 s on one).
-    torch.set_num_threads(1)
-    setup_logging("experiment", level)
-    signal.signal(signal.SIGTERM, interrupt)  # stopped by the parent: as on Ctrl-C, `eapo up` stops its services
+    # Stopped only by the parent (SIGTERM, as `eapo up` stops on Ctrl-C): in the terminal's process group
+    # Ctrl-C would reach it too, and the parent's SIGTERM then cut its services' orderly stop short.
+    os.setpgrp()
+    signal.signal(signal.SIGTERM, interrupt)
     try:
+        import torch
+
+        # The in-process judgement on one thread: beside another run's multi-threaded torch processes two
+        # threads oversubscribe the cores (`eapo eval` beside a 2-thread torch loop: 64-71 s, 31-35 s on one).
+        torch.set_num_threads(1)
+        setup_logging("experiment", level)
         _run_announced(exp, arm, seed, i, n, t0)
     except KeyboardInterrupt:
-        sys.exit(130)  # stopped: the parent, which stopped it or was interrupted too, says so
+        sys.exit(STOPPED)  # the parent, which stopped it, says so
 
 
 def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: int, t0: float) -> None:
@@ -187,7 +199,6 @@ def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: i
     context = get_context("spawn")
     pending = list(enumerate(runs, 1))
     running: dict[int, BaseProcess] = {}  # by sentinel
-    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -200,6 +211,8 @@ def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: i
             for sentinel in connection.wait(list(running)):
                 process = running.pop(sentinel)
                 process.join()
+                if process.exitcode in (STOPPED, -signal.SIGTERM, -signal.SIGINT):  # stopped from outside
+                    raise KeyboardInterrupt(process.name)
                 if process.exitcode != 0:
                     raise RuntimeError(f"{process.name} failed (exit code {process.exitcode}); see the error above")
     except BaseException:
@@ -210,8 +223,6 @@ def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: i
             if process.is_alive():
                 process.kill()  # its services die with it (die_with_parent)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_experiment(exp: ExperimentConfig, arms: list[str] | None = None, jobs: int = 1) -> None:
@@ -220,13 +231,17 @@ def run_experiment(exp: ExperimentConfig, arms: list[str] | None = None, jobs: i
     seeds at once, each in its own process: one run leaves cores idle (its rollout samples on one thread
     while the experts wait), so two on two cores finish the whole sooner, each run slower than alone."""
     runs = exp.runs(arms)
-    exp.out.mkdir(parents=True, exist_ok=True)
-    check_world(exp)
-    (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
-    t0 = time.monotonic()
-    if jobs == 1:
-        for i, (arm, seed) in enumerate(runs, 1):
-            _run_announced(exp, arm, seed, i, len(runs), t0)
-    else:
-        _run_in_parallel(exp, runs, jobs, t0)
+    previous = signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as Ctrl-C does, from the start
+    try:
+        check_world(exp)
+        exp.out.mkdir(parents=True, exist_ok=True)
+        (exp.out / "experiment.yaml").write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
+        t0 = time.monotonic()
+        if jobs == 1:
+            for i, (arm, seed) in enumerate(runs, 1):
+                _run_announced(exp, arm, seed, i, len(runs), t0)
+        else:
+            _run_in_parallel(exp, runs, jobs, t0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"[eapo experiment] all {len(runs)} runs done in {time.monotonic() - t0:.0f}s", flush=True)

@@ -221,10 +221,18 @@ def world_digest(root: Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
+def world_manifest(root: Path) -> dict:
+    """The world's ``world.json``, or ``{}`` where there is none (or a kill cut it short)."""
+    try:
+        manifest = json.loads((root / "world.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def is_built(cfg: WorldConfig) -> bool:
     """Whether ``cfg.dir`` holds a world built from ``cfg``: the one ``bootstrap`` reuses."""
-    manifest = Path(cfg.dir) / "world.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == _fingerprint(cfg)
+    return world_manifest(Path(cfg.dir)).get("fingerprint") == _fingerprint(cfg)
 
 
 def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
@@ -235,6 +243,11 @@ def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
     if not force and is_built(cfg):
         log.info("tiny world at %s is up to date", root)
         return root
+    if not force and world_manifest(root).get("shipped"):  # records were made on it: a rebuild differs by machine
+        raise SystemExit(
+            f"{root.resolve()}: a shipped world, built from another world config than this one; it is not "
+            "rebuilt: point `world.dir` elsewhere, or `eapo bootstrap --force` to overwrite it"
+        )
     t0 = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
     write_jsonl(make_split(cfg.seed, cfg.train_problems, "train"), root / "train.jsonl")
