@@ -125,6 +125,8 @@ class VLLMEngine:
 
     async def close(self) -> None:
         """Shut the engine down and let it go: an AsyncLLM alive until interpreter exit shuts down again in
-        its ``__del__``, when vLLM's module globals are already gone (an ignored TypeError at exit)."""
-        self._llm.shutdown()
-        del self._llm
+        its ``__del__``, when vLLM's module globals are already gone (an ignored TypeError at exit).
+        Closing again does nothing."""
+        if hasattr(self, "_llm"):
+            self._llm.shutdown()
+            del self._llm

@@ -364,8 +364,8 @@ def test_a_stopped_experiment_says_interrupted_not_failed(tiny_world, tmp_path):
         )
     )
     command = [sys.executable, "-m", "eapo.cli", "experiment", "--config", str(config), "--jobs", "2"]
-    with open(tmp_path / "stderr", "w") as stderr:
-        experiment = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        experiment = subprocess.Popen(command, stdout=stdout, stderr=stderr)
     try:
         metrics = out / "eapo" / "seed-0" / "metrics.jsonl"
         stepped = lambda: metrics.exists() and bool(metrics.read_text().strip())  # noqa: E731
@@ -378,4 +378,7 @@ def test_a_stopped_experiment_says_interrupted_not_failed(tiny_world, tmp_path):
     err = (tmp_path / "stderr").read_text()
     assert experiment.returncode == 130, err
     assert "interrupted" in err and "training failed" not in err and "Traceback" not in err, err
+    said = (tmp_path / "stdout").read_text()  # the worker's stack says how to go on: not `eapo up --resume`
+    assert "interrupted: stopping every process; rerun the same `eapo experiment` command" in said, said
+    assert "eapo up --resume" not in said + err
     assert not (out / "eapo" / "seed-0" / "result.json").exists()

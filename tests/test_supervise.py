@@ -120,3 +120,35 @@ def test_cpu_affinity_is_chosen_by_the_longest_matching_name_prefix():
     assert pinned_cores(affinity, "rollout-1") == [1]
     assert pinned_cores(affinity, "expert-3") == [0, 1]
     assert pinned_cores(affinity, "learner") is None
+
+
+def test_a_child_gets_its_death_signal_when_its_parent_is_killed(tmp_path):
+    """``eapo experiment``'s workers ask for SIGTERM on their parent's death: a SIGKILLed parent, which
+    cannot stop them, still leaves none running. A middle process starts the child and is killed."""
+    stopped = tmp_path / "stopped"
+    child = (
+        "import signal, sys, time\n"
+        "from eapo.dev.supervise import signal_on_parent_death\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (open({str(stopped)!r}, 'w').close(), sys.exit(0)))\n"
+        "signal_on_parent_death(signal.SIGTERM)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    middle = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True)\n"
+        "print(child.stdout.readline().strip(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", middle], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"  # blocks until the child has asked
+        assert not stopped.exists()
+        parent.kill()
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while not stopped.exists():
+            assert time.monotonic() < deadline, "the child outlived its killed parent"
+            time.sleep(0.05)
+    finally:
+        parent.kill()

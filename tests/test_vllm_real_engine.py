@@ -50,6 +50,7 @@ async def engine(versions):
     engine = VLLMEngine(versions[0][0], 0, ENGINE_ARGS)
     yield engine
     await engine.close()
+    await engine.close()  # closing again does nothing
     mp.undo()
 
 

@@ -34,24 +34,24 @@ class RestartBudgetSpent(RuntimeError):
         self.name, self.restarts, self.returncode = name, restarts, returncode
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the process that started it dies (Linux PR_SET_PDEATHSIG),
-    so a SIGKILLed ``eapo up`` leaves no learner training unsupervised on a stale Redis."""
+def signal_on_parent_death(sig: signal.Signals = signal.SIGKILL) -> None:
+    """In the child: ``sig`` when the thread that started it dies (Linux PR_SET_PDEATHSIG), so a SIGKILLed
+    ``eapo up`` leaves no learner training unsupervised on a stale Redis, nor ``eapo experiment`` a run."""
     PR_SET_PDEATHSIG = 1
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the resume guard (a live parent) holds
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def popen_child(
     argv: list[str], *, die_with_parent: bool = False, cpus: list[int] | None = None, **kwargs: object
 ) -> subprocess.Popen[bytes]:
-    """``subprocess.Popen``, optionally tied to this process's life (see ``_die_with_parent``) and pinned to
+    """``subprocess.Popen``, optionally tied to this process's life (see ``signal_on_parent_death``) and pinned to
     ``cpus`` (set before exec, so every thread the child starts inherits it).
     The death signal follows the thread that forks: call it from a thread that outlives the child."""
 
     def setup() -> None:
         if die_with_parent:
-            _die_with_parent()
+            signal_on_parent_death()
         if cpus:
             os.sched_setaffinity(0, cpus)
 

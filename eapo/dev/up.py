@@ -286,8 +286,11 @@ class _Stack:
         return {c.name: c.process.returncode for c in self.supervisor.components.values() if c.process is not None}
 
 
-def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = False) -> int:
-    """Run (or with ``resume``, continue) the training run of ``cfg`` under supervision; the exit code."""
+def run_stack(
+    cfg: EAPOConfig, config_path: Path | None = None, resume: bool = False, resume_hint: str | None = None
+) -> int:
+    """Run (or with ``resume``, continue) the training run of ``cfg`` under supervision; the exit code.
+    ``resume_hint``: how to go on after a stop, said with it (default: ``eapo up --resume``)."""
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the stack as cleanly as Ctrl-C does
     # Ctrl-C too when started from a script's background job, which inherits SIGINT ignored
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -301,7 +304,7 @@ def run_stack(cfg: EAPOConfig, config_path: Path | None = None, resume: bool = F
             "or choose another run_dir (EAPO_RUN_DIR=...)"
         )
     (run_dir / "up.json").write_text(json.dumps({"pid": os.getpid(), "resumed": resume}))
-    resume_hint = f"resume with: eapo up --resume {run_dir}"
+    resume_hint = resume_hint or f"resume with: eapo up --resume {run_dir}"
     up_log = run_dir / "logs" / "up.log"
     up_log.parent.mkdir(parents=True, exist_ok=True)
 

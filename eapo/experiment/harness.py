@@ -30,6 +30,7 @@ from eapo.core.config import EAPOConfig, EvalMode, ExperimentConfig
 from eapo.core.data import read_jsonl
 from eapo.core.logs import setup_logging
 from eapo.core.tracking import Tracker
+from eapo.dev.supervise import signal_on_parent_death
 from eapo.dev.up import expert_pool, interrupt, run_stack
 from eapo.dev.world.bootstrap import bootstrap, is_built, world_digest
 from eapo.experiment.report import load_runs, record_path
@@ -38,6 +39,7 @@ from rollout_service.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 STOPPED = 130  # the exit code of a run stopped from outside (Ctrl-C, SIGTERM), as `eapo up`'s
+RERUN_HINT = "rerun the same `eapo experiment` command: finished runs are kept, an unfinished one starts over"
 
 
 def eval_steps(steps: int, every: int) -> list[int]:
@@ -89,7 +91,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
     t0 = time.monotonic()
     if spec.train:
         cfg.learner.keep_versions = cfg.learner.steps + 1  # the learning curve judges old versions
-        code = run_stack(cfg)
+        code = run_stack(cfg, resume_hint=RERUN_HINT)
         if code == STOPPED:  # stopped from outside (Ctrl-C, SIGTERM): the run did not fail
             raise KeyboardInterrupt(f"{arm} seed {seed}")
         if code != 0:
@@ -179,6 +181,7 @@ def _worker(level: str, exp: ExperimentConfig, arm: str, seed: int, i: int, n: i
     # Ctrl-C would reach it too, and the parent's SIGTERM then cut its services' orderly stop short.
     os.setpgrp()
     signal.signal(signal.SIGTERM, interrupt)
+    signal_on_parent_death(signal.SIGTERM)  # a SIGKILLed parent cannot stop it: the kernel then does
     try:
         import torch
 
@@ -198,27 +201,32 @@ def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: i
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     context = get_context("spawn")
     pending = list(enumerate(runs, 1))
-    running: dict[int, BaseProcess] = {}  # by sentinel
+    running: list[BaseProcess] = []
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 i, (arm, seed) = pending.pop(0)
-                process = context.Process(
-                    target=_worker, args=(level, exp, arm, seed, i, len(runs), t0), name=f"{arm}/seed-{seed}"
+                # Listed before it starts: an interrupt between the two still finds it to stop.
+                running.append(
+                    context.Process(
+                        target=_worker, args=(level, exp, arm, seed, i, len(runs), t0), name=f"{arm}/seed-{seed}"
+                    )
                 )
-                process.start()
-                running[process.sentinel] = process
-            for sentinel in connection.wait(list(running)):
-                process = running.pop(sentinel)
+                running[-1].start()
+            by_sentinel = {process.sentinel: process for process in running}
+            for sentinel in connection.wait(list(by_sentinel)):
+                process = by_sentinel[sentinel]
+                running.remove(process)
                 process.join()
                 if process.exitcode in (STOPPED, -signal.SIGTERM, -signal.SIGINT):  # stopped from outside
                     raise KeyboardInterrupt(process.name)
                 if process.exitcode != 0:
                     raise RuntimeError(f"{process.name} failed (exit code {process.exitcode}); see the error above")
     except BaseException:
-        for process in running.values():
+        started = [process for process in running if process.pid is not None]
+        for process in started:
             process.terminate()
-        for process in running.values():
+        for process in started:
             process.join(timeout=120)
             if process.is_alive():
                 process.kill()  # its services die with it (die_with_parent)
