@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -344,8 +345,19 @@ def test_jobs_stop_at_the_first_failure(tiny_world, tmp_path):
     assert not (exp.out / "base-3" / "seed-0").exists() and not (exp.out / "base-4" / "seed-0").exists()
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 @pytest.mark.e2e
-def test_a_stopped_experiment_says_interrupted_not_failed(tiny_world, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_experiment_says_interrupted_not_failed(sig, tiny_world, tmp_path):
+    """SIGTERM (as `kill`, or Ctrl-C): the parent stops the worker and its stack, and says so. SIGKILL: the
+    parent cannot; the kernel's parent-death signal stops the worker, and no process of the run is left."""
     config = tmp_path / "exp.yaml"
     out = tmp_path / "exp"
     config.write_text(
@@ -364,21 +376,26 @@ def test_a_stopped_experiment_says_interrupted_not_failed(tiny_world, tmp_path):
         )
     )
     command = [sys.executable, "-m", "eapo.cli", "experiment", "--config", str(config), "--jobs", "2"]
+    run_dir = out / "eapo" / "seed-0"
     with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
         experiment = subprocess.Popen(command, stdout=stdout, stderr=stderr)
     try:
-        metrics = out / "eapo" / "seed-0" / "metrics.jsonl"
+        metrics = run_dir / "metrics.jsonl"
         stepped = lambda: metrics.exists() and bool(metrics.read_text().strip())  # noqa: E731
         wait_for(lambda: stepped() or experiment.poll() is not None, 240, "a learner step")
         assert stepped(), (tmp_path / "stderr").read_text()
-        experiment.send_signal(signal.SIGTERM)  # as `kill`, or Ctrl-C: the worker and its stack stop
+        pids = [json.loads((run_dir / "up.json").read_text())["pid"]]  # the worker
+        pids += json.loads((run_dir / "processes.json").read_text()).values()  # its stack
+        experiment.send_signal(sig)
         experiment.wait(timeout=240)
+        wait_for(lambda: not any(map(running, pids)), 240, "every process of the run to end")
     finally:
         terminate([experiment], 60)  # a failed test leaves nothing training: the parent stops its worker
     err = (tmp_path / "stderr").read_text()
-    assert experiment.returncode == 130, err
-    assert "interrupted" in err and "training failed" not in err and "Traceback" not in err, err
+    assert "training failed" not in err and "Traceback" not in err, err
     said = (tmp_path / "stdout").read_text()  # the worker's stack says how to go on: not `eapo up --resume`
     assert "interrupted: stopping every process; rerun the same `eapo experiment` command" in said, said
     assert "eapo up --resume" not in said + err
-    assert not (out / "eapo" / "seed-0" / "result.json").exists()
+    assert experiment.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL), err
+    assert sig == signal.SIGKILL or "interrupted" in err, err
+    assert not (run_dir / "result.json").exists()

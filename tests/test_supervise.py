@@ -3,9 +3,11 @@ that keeps ``eapo up --resume`` from continuing a run under a config that would 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -137,13 +139,13 @@ def test_a_child_gets_its_death_signal_when_its_parent_is_killed(tmp_path):
     middle = (
         "import subprocess, sys, time\n"
         f"child = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True)\n"
-        "print(child.stdout.readline().strip(), flush=True)\n"
+        "print(child.stdout.readline().strip(), child.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", middle], stdout=subprocess.PIPE, text=True)
+    ready, pid = parent.stdout.readline().split()  # blocks until the child has asked
     try:
-        assert parent.stdout.readline().strip() == "ready"  # blocks until the child has asked
-        assert not stopped.exists()
+        assert ready == "ready" and not stopped.exists()
         parent.kill()
         parent.wait(timeout=60)
         deadline = time.monotonic() + 60
@@ -152,3 +154,5 @@ def test_a_child_gets_its_death_signal_when_its_parent_is_killed(tmp_path):
             time.sleep(0.05)
     finally:
         parent.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)  # a failed test leaves no child sleeping

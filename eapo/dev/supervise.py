@@ -34,12 +34,15 @@ class RestartBudgetSpent(RuntimeError):
         self.name, self.restarts, self.returncode = name, restarts, returncode
 
 
-def signal_on_parent_death(sig: signal.Signals = signal.SIGKILL) -> None:
+def signal_on_parent_death(sig: signal.Signals = signal.SIGKILL) -> bool:
     """In the child: ``sig`` when the thread that started it dies (Linux PR_SET_PDEATHSIG), so a SIGKILLed
-    ``eapo up`` leaves no learner training unsupervised on a stale Redis, nor ``eapo experiment`` a run."""
+    ``eapo up`` leaves no learner training unsupervised on a stale Redis, nor ``eapo experiment`` a run.
+    Whether the kernel took it (not on other systems). Logs nothing: it runs between fork and exec."""
     PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the resume guard (a live parent) holds
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
 
 
 def popen_child(

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from multiprocessing import connection, get_context
+from multiprocessing import connection, get_context, parent_process
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -177,12 +177,17 @@ def _run_announced(exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t
 
 
 def _worker(level: str, exp: ExperimentConfig, arm: str, seed: int, i: int, n: int, t0: float) -> None:
-    # Stopped only by the parent (SIGTERM, as `eapo up` stops on Ctrl-C): in the terminal's process group
-    # Ctrl-C would reach it too, and the parent's SIGTERM then cut its services' orderly stop short.
+    # Stopped by the parent (SIGTERM, as `eapo up` stops on Ctrl-C), or by the kernel when the parent dies
+    # unable to (SIGKILL): in the terminal's process group Ctrl-C would reach it too, and the parent's
+    # SIGTERM then cut its services' orderly stop short.
     os.setpgrp()
-    signal.signal(signal.SIGTERM, interrupt)
-    signal_on_parent_death(signal.SIGTERM)  # a SIGKILLed parent cannot stop it: the kernel then does
     try:
+        signal.signal(signal.SIGTERM, interrupt)
+        if not signal_on_parent_death(signal.SIGTERM):
+            log.warning("no parent-death signal here: if `eapo experiment` is SIGKILLed, this run goes on")
+        parent = parent_process()
+        if parent is None or os.getppid() != parent.pid:  # it died while this process was starting
+            raise KeyboardInterrupt
         import torch
 
         # The in-process judgement on one thread: beside another run's multi-threaded torch processes two
@@ -196,8 +201,8 @@ def _worker(level: str, exp: ExperimentConfig, arm: str, seed: int, i: int, n: i
 
 def _run_in_parallel(exp: ExperimentConfig, runs: list[tuple[str, int]], jobs: int, t0: float) -> None:
     """Up to ``jobs`` runs at once, a spawned process each, started in order. The first failure, Ctrl-C or
-    SIGTERM ends the experiment: runs not started stay so, running ones are stopped; finished runs keep
-    their results, so a rerun continues from there."""
+    SIGTERM ends the experiment: runs not started stay so, running ones are stopped (by the kernel if
+    this process is SIGKILLed); finished runs keep their results, so a rerun continues from there."""
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     context = get_context("spawn")
     pending = list(enumerate(runs, 1))
