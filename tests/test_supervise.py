@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from helpers import wait_for
 
 from eapo.core.config import SupervisionConfig
 from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child
@@ -148,10 +149,7 @@ def test_a_child_gets_its_death_signal_when_its_parent_is_killed(tmp_path):
         assert ready == "ready" and not stopped.exists()
         parent.kill()
         parent.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while not stopped.exists():
-            assert time.monotonic() < deadline, "the child outlived its killed parent"
-            time.sleep(0.05)
+        wait_for(stopped.exists, 60, "the child's death signal after its parent was killed")
     finally:
         parent.kill()
         with contextlib.suppress(ProcessLookupError):
