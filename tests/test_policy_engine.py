@@ -25,14 +25,21 @@ TASKS = [
 
 # The tiny policy seldom writes a well-formed consult block: tests that need one pin a rollout seed under
 # which it does, rather than follow the config's default seed.
-SEED = 7
+SEED = 1
 
 
-def test_batched_greedy_generation_equals_one_at_a_time(world_dir):
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_batched_generation_equals_one_at_a_time(world_dir, temperature):
     model, tok = load_model(world_dir / "policy")
     reqs = [
-        SampleRequest(tok.encode(fmt.training_prompt(t.problem)), 24, frozenset({tok.eos_token_id}), temperature=0.0)
-        for t in TASKS
+        SampleRequest(
+            tok.encode(fmt.training_prompt(t.problem)),
+            24,
+            frozenset({tok.eos_token_id}),
+            temperature=temperature,
+            seed=i,
+        )
+        for i, t in enumerate(TASKS)
     ]
     together = generate_batch(model, reqs, tok.pad_token_id)
     for req, batched in zip(reqs, together, strict=True):
