@@ -166,6 +166,14 @@ def audited(client, names) -> list[TrajectoryGroup]:
     return [decode(fields[FIELD], TrajectoryGroup) for _stream, entries in reply for _id, fields in entries]
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
     """Poll ``predicate`` until true; fail after a generous ``timeout_s`` naming ``what`` was awaited."""
     deadline = time.monotonic() + timeout_s

@@ -10,11 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from helpers import wait_for
+from helpers import running, wait_for
 
 from eapo.cli import main
 from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
@@ -343,14 +342,6 @@ def test_jobs_stop_at_the_first_failure(tiny_world, tmp_path):
         run_experiment(exp, jobs=2)
     assert not multiprocessing.active_children()  # the other worker was stopped, not left running
     assert not (exp.out / "base-3" / "seed-0").exists() and not (exp.out / "base-4" / "seed-0").exists()
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 @pytest.mark.e2e

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import wait_for
+from helpers import running, wait_for
 from stack import Stack, ping
 
 from eapo.dev.redis_server import RedisServer
@@ -27,14 +27,6 @@ pytestmark = pytest.mark.e2e
 def pids(run_dir: Path) -> dict[str, int]:
     path = run_dir / "processes.json"
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @contextmanager
@@ -80,7 +72,7 @@ def test_a_run_outlives_its_own_kill_a_spent_budget_and_killed_processes_and_fin
         os.killpg(proc.pid, signal.SIGKILL)  # the parent and its group: no clean stop of anything
         proc.wait()
     # Its children die with it (they are in sessions of their own, so not through the group).
-    wait_for(lambda: all(gone(pid) for pid in children.values()), 60, "every child of the killed eapo up gone")
+    wait_for(lambda: not any(map(running, children.values())), 60, "every child of the killed eapo up gone")
     stopped_at = stack.last_step()
     assert stopped_at < steps
 
@@ -111,7 +103,7 @@ def test_a_run_outlives_its_own_kill_a_spent_budget_and_killed_processes_and_fin
     assert "resuming with a changed setting: supervision.max_restarts: 5 -> 0" in out
     assert "learner exited with code -9 after 0 restarts: restart budget spent" in out
     assert out.count(f"resume with: eapo up --resume {run_dir}") == 1
-    assert all(gone(pid) for pid in pids(run_dir).values())  # stopped cleanly: nothing left running
+    assert not any(map(running, pids(run_dir).values()))  # stopped cleanly: nothing left running
 
     # Resumed again, with restarts: its learner, replica and Redis die in turn, and it finishes on its own.
     earlier, resumed_at = pids(run_dir), stack.last_step()
