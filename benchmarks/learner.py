@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import print_table, write_result
 from eapo.core.config import LearnerConfig, WorldConfig
 from eapo.dev.redis_server import RedisServer
-from eapo.dev.world.bootstrap import build_tokenizer, new_model
+from eapo.dev.world.sft import build_tokenizer, new_model
 from learner.loss import dapo_loss, token_logprobs
 from learner.trainer import Trainer, TrainSample
 from proto import encode

@@ -32,7 +32,8 @@ import uvloop
 from benchmarks.common import print_table, write_result
 from eapo.core.config import RolloutConfig, WorldConfig
 from eapo.core.gc_tuning import tune_gc
-from eapo.dev.world.bootstrap import bootstrap, build_tokenizer
+from eapo.dev.world.bootstrap import bootstrap
+from eapo.dev.world.sft import build_tokenizer
 from eapo.inference.sampling import SampleRequest, SampleResult
 from proto import AnnealState, ConsultResult, PromptTask, TrajectoryGroup, encode
 from proto import episode_format as fmt

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from eapo.dev.world.bootstrap import sft
+from eapo.dev.world.sft import sft
 from eapo.dev.world.tasks import evaluate, make_problem
 from proto import episode_format as fmt
 

@@ -3,7 +3,7 @@ update as the whole batch padded at once: the loss a mean over every completion 
 
 import torch
 
-from eapo.dev.world.bootstrap import CURRICULA, _slices, build_tokenizer, new_model, sft
+from eapo.dev.world.sft import CURRICULA, _slices, build_tokenizer, new_model, sft
 
 
 def test_slices_keep_order_and_stay_within_their_token_budget():
