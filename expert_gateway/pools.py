@@ -90,7 +90,9 @@ class Backend:
     async def check(self, unhealthy_after: int = 1, timeout_s: float = 2.0) -> bool:
         """Active health: vLLM's ``GET /health``. ``unhealthy_after`` failed checks in a row take the
         backend out (one slow answer under load does not); a success re-admits a backend whose ejection
-        ran out."""
+        ran out, and leaves a backend in service its count of failed requests in a row: ``/health`` passing
+        says nothing of requests, and a reset there kept a backend failing every request in whenever
+        health checks came between its requests (a low request rate, or a busy machine)."""
         assert self.http is not None
         try:
             resp = await self.http.request("GET", "health", timeout_s=timeout_s)
@@ -103,7 +105,9 @@ class Backend:
             ok = False
         self.failed_checks = 0 if ok else self.failed_checks + 1
         if ok and time.monotonic() >= self.ejected_until:
-            self.healthy, self.consecutive_failures = True, 0
+            if not self.healthy:  # re-admitted: its failed requests start over
+                self.consecutive_failures = 0
+            self.healthy = True
         elif self.failed_checks >= unhealthy_after:
             self.healthy = False
         return ok

@@ -4,7 +4,7 @@ It speaks the subset of vLLM's OpenAI server the gateway uses (``GET /health``, 
 ``POST /v1/chat/completions`` and ``/v1/completions``, both also as SSE streams) with a latency and
 failure behaviour the caller controls — at start (``--latency-ms``), or live through
 ``POST /control`` (``{"latency_ms": …, "fail": true, "fail_next": 2, "healthy": false}``); ``GET /control`` returns
-the counters (served, failed, cancelled: requests whose client went away before the answer).
+the counters (served, failed, cancelled: requests whose client went away before the answer; checks: health checks).
 aiohttp, not FastAPI: in benchmarks it must never be the bottleneck.
 
     python -m tests.fake_backend --port 9001 --name a --model expert --latency-ms 50
@@ -22,9 +22,10 @@ from aiohttp import web
 
 def make_app(name: str, model: str, latency_ms: float = 0.0) -> web.Application:
     state = {"latency_ms": latency_ms, "fail": False, "fail_next": 0, "healthy": True, "served": 0, "failed": 0,
-             "cancelled": 0}  # fmt: skip
+             "cancelled": 0, "checks": 0}  # fmt: skip
 
     async def health(request: web.Request) -> web.Response:
+        state["checks"] += 1
         return web.Response(status=200 if state["healthy"] else 503)
 
     async def models(request: web.Request) -> web.Response:

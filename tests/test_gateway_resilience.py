@@ -67,6 +67,27 @@ def test_failing_backend_is_ejected_without_client_errors_and_readmitted_after_r
         wait_until(lambda: (ask(gw.url), bad.counters()["served"] > 0)[1])
 
 
+def test_health_checks_between_failed_requests_do_not_keep_a_failing_backend_in():
+    """A backend that answers ``/health`` but fails every request is ejected however slowly its requests
+    come: a passing health check between two failures does not restart the count of failures in a row
+    (only a served request does). The test waits for health checks between the requests, as a busy
+    machine or a low request rate would space them."""
+    with (
+        FakeBackend("good") as good,
+        FakeBackend("bad") as bad,
+        gateway_for([good.url, bad.url], eject_s=3600, health_interval_s=0.05) as gw,
+    ):
+        bad.control(fail=True)
+        for _ in range(40):  # round robin over two: bad gets every other request
+            if bad.counters()["failed"] >= 2:
+                break
+            checks = bad.counters()["checks"]
+            assert ask(gw.url).status_code == 200  # retried on the good one
+            wait_until(lambda c=checks: bad.counters()["checks"] >= c + 2)
+        assert bad.counters()["failed"] == 2 and good.counters()["served"] >= 2
+        assert backends(gw.url)[bad.url]["state"] == "ejected"
+
+
 def test_a_lone_backend_gets_another_try_and_is_never_ejected_by_failed_requests():
     with FakeBackend("only") as only, gateway_for([only.url], max_attempts=3) as gw:
         only.control(fail_next=1)  # one transient failure: retried on the same backend
