@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 # The rollout's default: max_groups_in_flight x group_size episodes, each with up to K queries at once.
 DEFAULT = RolloutConfig()
 DEFAULT_QUERIES = DEFAULT.max_groups_in_flight * DEFAULT.group_size * DEFAULT.max_queries
+ANSWERED, STALLED_S = 1200, 300  # the gateway load test runs until ANSWERED queries are answered
 
 
 def rss_mib(pid: int) -> float:
@@ -38,7 +39,10 @@ def grows(samples: list[float]) -> float:
 
 
 async def test_gateway_at_ten_times_default_concurrency_answers_and_stays_flat(tmp_path):
-    concurrency, seconds = 10 * DEFAULT_QUERIES, 16
+    """Clients keep 10x the rollout's default of queries in flight until ANSWERED queries are answered
+    (about 16 s on an idle 2-core machine): a count, not a window, so a busy machine only takes longer;
+    the bound fails a gateway that stalls."""
+    concurrency = 10 * DEFAULT_QUERIES
     with FakeBackend("a", latency_ms=20) as a, FakeBackend("b", latency_ms=20) as b:
         port = free_port()
         cfg = {"gateway": {"port": port, "max_in_flight_per_backend": 64, "queue_size": 256, "queue_timeout_s": 2,
@@ -49,10 +53,14 @@ async def test_gateway_at_ten_times_default_concurrency_answers_and_stays_flat(t
             url = f"http://127.0.0.1:{port}/v1/consult"
             codes: dict[int | str, int] = {}
             rss: list[float] = []
-            stop = time.monotonic() + seconds
+            deadline = time.monotonic() + STALLED_S
+
+            def done() -> bool:  # enough answers, and RSS samples for its trend
+                assert time.monotonic() < deadline, f"{STALLED_S} s without {ANSWERED} answers: {codes}"
+                return codes.get("answered", 0) >= ANSWERED and len(rss) >= 12
 
             async def client(http: httpx.AsyncClient) -> None:
-                while time.monotonic() < stop:
+                while not done():
                     r = await http.post(url, json={"model": "expert", "queries": ["2+3", "7*8", "9-1"]})
                     codes[r.status_code] = codes.get(r.status_code, 0) + 1
                     if r.status_code in (429, 503):
@@ -65,7 +73,7 @@ async def test_gateway_at_ten_times_default_concurrency_answers_and_stays_flat(t
                             codes[kind] = codes.get(kind, 0) + 1
 
             async def sample() -> None:
-                while time.monotonic() < stop:
+                while not done():
                     rss.append(rss_mib(gateway.pid))
                     await asyncio.sleep(0.5)
 
@@ -74,7 +82,7 @@ async def test_gateway_at_ten_times_default_concurrency_answers_and_stays_flat(t
                 await asyncio.gather(sample(), *(client(http) for _ in range(concurrency // 3)))
     print(f"\ngateway at {concurrency} concurrent queries: answers {codes}, RSS MiB {rss[0]:.0f} -> {rss[-1]:.0f}, "
           f"growth last/middle third {grows(rss):+.2%}")  # fmt: skip
-    assert set(codes) <= {200, 429, 503, "answered", "queue_full"} and codes["answered"] > 1000, codes
+    assert set(codes) <= {200, 429, 503, "answered", "queue_full"} and codes["answered"] >= ANSWERED, codes
     assert codes.get("queue_full", 0) > 0  # 480 queries against 2 x 64 slots + 256 queued: backpressure shown
     assert grows(rss) < 0.05, rss  # no growth trend once warm
 
