@@ -1,4 +1,4 @@
-"""Batched sampling with a KV cache for transformers causal LMs on CPU.
+"""Batched sampling with a KV cache for transformers causal LMs on CPU (forward passes: ``decoder``).
 
 Shared by the CPU policy engine and the CPU expert server: the pending requests of all concurrent
 callers are stacked (left-padded) into one forward pass per token instead of one episode at a time.
@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerFast
+
+from eapo.inference.decoder import open_decoder
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +122,19 @@ def generate_batch(
     if tokenizer is None and any(r.stop_strings for r in requests):
         raise ValueError("stop strings need the tokenizer: pass generate_batch(..., tokenizer=)")
     decode = text_decoder(tokenizer) if tokenizer is not None else None
-    device = next(model.parameters()).device
     width = max(len(r.prompt_ids) for r in requests)
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(requests), width), dtype=torch.long)
     for row, r in enumerate(requests):
         ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
         mask[row, width - len(r.prompt_ids) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    longest = max(r.max_new_tokens for r in requests)
+    decoder = open_decoder(model, mask, longest)
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
     results = [SampleResult() for _ in requests]
     active = list(range(len(requests)))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1, :].float()
-    step_positions = positions[:, -1:]
-    for _ in range(max(r.max_new_tokens for r in requests)):
+    logits = decoder.prefill(ids)
+    for _ in range(longest):
         next_ids = torch.full((len(requests), 1), pad_id, dtype=torch.long)
         tokens, logprobs = draw(logits[active], [requests[row] for row in active], [generators[row] for row in active])
         for row, token, logprob in zip(active, tokens, logprobs, strict=True):
@@ -154,16 +153,7 @@ def generate_batch(
         ]
         if not active:
             break
-        mask = torch.cat([mask, torch.ones((len(requests), 1), dtype=torch.long, device=device)], dim=1)
-        step_positions = step_positions + 1
-        out = model(
-            input_ids=next_ids.to(device),
-            attention_mask=mask,
-            position_ids=step_positions,
-            past_key_values=past,
-            use_cache=True,
-        )
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        logits = decoder.step(next_ids)
     return results
 
 
