@@ -129,7 +129,7 @@ def generate_batch(
         ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
         mask[row, width - len(r.prompt_ids) :] = 1
     longest = max(r.max_new_tokens for r in requests)
-    decoder = open_decoder(model, mask, longest)
+    decoder = open_decoder(model, mask, longest - 1)  # the last token is drawn, never fed back
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
     results = [SampleResult() for _ in requests]
     active = list(range(len(requests)))
