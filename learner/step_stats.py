@@ -16,7 +16,7 @@ from statistics import fmean
 from eapo.core.config import EAPOConfig, LearnerConfig
 from eapo.core.metrics import StepGauges
 from eapo.core.tracking import Tracker
-from learner.loss import outcome_rewards
+from learner.loss import outcome_rewards, sample_advantages
 from proto import AnnealState, TrajectoryGroup
 from proto import episode_format as fmt
 
@@ -54,12 +54,16 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     kinds = Counter(fmt.paradigm([c.query for c in s.consults], g.prompt.problem) for g in groups for s in g.samples)
     lags = [learner_version - g.min_policy_version for g in groups] or [0]
     f1s = [s.f1 for s in samples if s.f1 is not None]  # short-answer tasks only
+    alone = [s.score for s in samples if not s.consults]
+    consulting = [s.score for s in samples if s.consults]
     return {
         "groups_read": len(groups),
         "accuracy": sum(s.score for s in samples) / n,
         **({"f1": sum(f1s) / len(f1s)} if f1s else {}),
         "calls_per_episode": calls_per_episode(groups),
         "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
+        "accuracy_alone": fmean(alone) if alone else None,
+        "accuracy_consulting": fmean(consulting) if consulting else None,
         "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
         "answered_rate": sum(c.outcome == "answer" for c in consults) / max(len(consults), 1),
         "response_tokens": sum(s.policy_tokens for s in samples) / n,
@@ -68,6 +72,20 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         **{f"paradigm_{k}": kinds[k] / n for k in ("self_resolution", "direct_consultation", "decomposition")},
         "policy_version_min": min(versions),
         "policy_version_max": max(versions),
+    }
+
+
+def advantage_by_mode(groups: list[TrajectoryGroup], lc: LearnerConfig) -> dict[str, float | None]:
+    """The mean advantage of the trained samples that answered alone and of those that consulted. Each
+    group's advantages sum to zero, so when the two modes share groups a negative mean for answering alone
+    says the outcome signal pushes answering alone down and consulting up (the positives of its groups came
+    from consulting), whatever the consult decision itself is worth."""
+    pairs = [(bool(s.consults), a) for g in groups for s, a in zip(g.samples, sample_advantages(g, lc), strict=True)]
+    alone = [a for consulted, a in pairs if not consulted]
+    consulting = [a for consulted, a in pairs if consulted]
+    return {
+        "advantage_alone": fmean(alone) if alone else None,
+        "advantage_consulting": fmean(consulting) if consulting else None,
     }
 
 
@@ -97,6 +115,7 @@ def step_record(
         "idle_ratio": round(times.wait_s / max(times.step_s, 1e-9), 4),
         "tokens_per_s": train_stats["policy_tokens"] / max(compute_s, 1e-9),
         "kept_calls_per_episode": calls_per_episode(trained),
+        **advantage_by_mode(trained, lc),
         **token_lags(trained, step),
         "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
         "group_ids": [g.group_id for g in trained],

@@ -13,7 +13,40 @@ import numpy as np
 
 from eapo.core.net import free_port
 from eapo.dev.supervise import terminate
-from proto import AnnealState, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
+from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
+
+
+def consult_group(samples: list[tuple[float, int]], penalty: float) -> TrajectoryGroup:
+    """A group of (score, consult count) samples, each with two policy tokens, rolled out under λ = ``penalty``."""
+
+    def sample(i, score, n_consults):
+        consults = [
+            ConsultRecord(
+                turn=0, query="q", outcome="answer", draw=0.1, accepted=True, injected_start=3, injected_end=4
+            )
+            for _ in range(n_consults)
+        ]
+        return Trajectory(
+            sample_index=i,
+            token_ids=np.arange(4),
+            loss_mask=np.array([0, 0, 1, 1], bool),
+            behaviour_logprobs=np.zeros(4),
+            prompt_len=2,
+            turns=[],
+            consults=consults,
+            score=score,
+            finish="answer",
+            seed=0,
+        )
+
+    return TrajectoryGroup(
+        group_id="g",
+        prompt=PromptTask(prompt_id="p", problem="x", answer="1"),
+        anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=penalty),
+        samples=[sample(i, score, calls) for i, (score, calls) in enumerate(samples)],
+        rollout_replica="r",
+        created_at=0,
+    )
 
 
 def group(rng: np.random.Generator, scores: list[float]) -> TrajectoryGroup:

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import consult_group
 
 from eapo.core.config import LearnerConfig
 from learner.loss import (
@@ -17,7 +18,7 @@ from learner.loss import (
     sample_advantages,
     token_logprobs,
 )
-from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup
+from proto import AnnealState
 
 
 def test_group_advantages_by_hand():
@@ -40,14 +41,14 @@ def test_consult_penalty_enters_after_normalising_at_its_own_scale():
 def test_equal_scores_carry_no_outcome_signal_and_at_most_the_penalty():
     # all correct, one sample consulted once, λ = 0.01. The old objective normalised 0.99, 1, 1, 1 by its
     # std (0.0043) into −1.73, +0.58, +0.58, +0.58: a penalty as loud as a right-versus-wrong signal.
-    group = make_group([(1.0, 1), (1.0, 0), (1.0, 0), (1.0, 0)], penalty=0.01)
+    group = consult_group([(1.0, 1), (1.0, 0), (1.0, 0), (1.0, 0)], penalty=0.01)
     assert not has_signal(group)
     adv = sample_advantages(group, LearnerConfig(dynamic_sampling=False))
     assert adv == pytest.approx([-0.0075, 0.0025, 0.0025, 0.0025], abs=1e-9)
     assert max(abs(a) for a in adv) <= 0.01 * 1  # λ·Δcalls
     # overlong shaping alone does not make a group informative either (DAPO filters on accuracy)
-    assert not has_signal(make_group([(0.0, 0), (0.0, 2)], penalty=0.1))
-    assert has_signal(make_group([(0.0, 0), (1.0, 2)], penalty=0.1))
+    assert not has_signal(consult_group([(0.0, 0), (0.0, 2)], penalty=0.1))
+    assert has_signal(consult_group([(0.0, 0), (1.0, 2)], penalty=0.1))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -71,47 +72,14 @@ def test_with_a_penalty_up_to_0_1_a_correct_consulting_sample_outranks_a_wrong_s
 
 def test_the_penalty_is_the_one_recorded_with_the_group():
     # recorded λ 0.05 (the learner's current λ is irrelevant): scores 1, 0; calls 2, 0 → ±1 ∓ 0.05·(±1)
-    group = make_group([(1.0, 2), (0.0, 0)], penalty=0.05)
+    group = consult_group([(1.0, 2), (0.0, 0)], penalty=0.05)
     assert sample_advantages(group, LearnerConfig()) == pytest.approx([0.95, -0.95], abs=1e-5)
     group.anneal = AnnealState(step=0, acceptance=1, budget=2, penalty=0.0)
     assert sample_advantages(group, LearnerConfig()) == pytest.approx([1.0, -1.0], abs=1e-5)
 
 
-def make_group(samples: list[tuple[float, int]], penalty: float) -> TrajectoryGroup:
-    """A group of (score, consult count) samples, each with two policy tokens, rolled out under λ = ``penalty``."""
-
-    def sample(i, score, n_consults):
-        consults = [
-            ConsultRecord(
-                turn=0, query="q", outcome="answer", draw=0.1, accepted=True, injected_start=3, injected_end=4
-            )
-            for _ in range(n_consults)
-        ]
-        return Trajectory(
-            sample_index=i,
-            token_ids=np.arange(4),
-            loss_mask=np.array([0, 0, 1, 1], bool),
-            behaviour_logprobs=np.zeros(4),
-            prompt_len=2,
-            turns=[],
-            consults=consults,
-            score=score,
-            finish="answer",
-            seed=0,
-        )
-
-    return TrajectoryGroup(
-        group_id="g",
-        prompt=PromptTask(prompt_id="p", problem="x", answer="1"),
-        anneal=AnnealState(step=0, acceptance=1, budget=2, penalty=penalty),
-        samples=[sample(i, score, calls) for i, (score, calls) in enumerate(samples)],
-        rollout_replica="r",
-        created_at=0,
-    )
-
-
 def test_outcome_rewards_add_overlong_shaping_on_policy_tokens_only():
-    group = make_group([(1.0, 0), (1.0, 3), (0.0, 1)], penalty=0.1)
+    group = consult_group([(1.0, 0), (1.0, 3), (0.0, 1)], penalty=0.1)
     assert outcome_rewards(group, LearnerConfig()) == pytest.approx([1.0, 1.0, 0.0])  # no penalty in here
     # overlong shaping counts policy tokens only (2 per sample here): limit 3, buffer 2 → (1-2)/2
     cfg = LearnerConfig(overlong_max_tokens=3, overlong_buffer=2)

@@ -1,13 +1,14 @@
 """A learner step's metrics record: rollout statistics over every group read, the rest over those trained."""
 
+import math
 from collections import Counter
 
 import numpy as np
 import pytest
-from helpers import group
+from helpers import consult_group, group
 
 from eapo.core.config import LearnerConfig
-from learner.step_stats import StepTimes, step_record, token_lags
+from learner.step_stats import StepTimes, advantage_by_mode, step_record, token_lags
 from proto import AnnealState, TurnRecord
 
 
@@ -33,6 +34,8 @@ def test_a_step_record_tells_what_was_read_from_what_was_trained():
     assert record["stale_calls_per_episode"] == 0.0 and record["dropped"] == {"zero_signal": 1, "stale": 1}
     assert (record["time_s"], record["wait_s"], record["step_s"]) == (12.35, 1.0, 4.0)
     assert record["idle_ratio"] == 0.2 and record["tokens_per_s"] == 10.0 and record["loss"] == 0.5
+    assert record["accuracy_alone"] == pytest.approx(0.5) and record["accuracy_consulting"] is None
+    assert record["advantage_alone"] == pytest.approx(0.0) and record["advantage_consulting"] is None
 
 
 def test_token_lag_weights_each_turn_by_its_tokens():
@@ -48,3 +51,22 @@ def test_token_lag_weights_each_turn_by_its_tokens():
     ]
     lags = token_lags([g], learner_version=5)
     assert lags == {"token_lag_mean": pytest.approx((10 * 3 + 20 * 1) / 60), "token_lag_max": 3.0}
+
+
+def test_advantage_by_mode_against_hand_computed_values():
+    # Group 1: three consulted and were right, the one that answered alone was wrong. Scores' mean 0.75,
+    # std sqrt(3)/4: consulting +1/sqrt(3) each, alone -sqrt(3); λ = 0.1 moves them by -0.1·(1 - 0.75)
+    # and +0.1·0.75. Group 2, λ = 0: the one alone was right (+1), the one that consulted wrong (-1).
+    lost = consult_group([(1.0, 1), (1.0, 1), (1.0, 1), (0.0, 0)], penalty=0.1)
+    won = consult_group([(0.0, 1), (1.0, 0)], penalty=0.0)
+    by_mode = advantage_by_mode([lost, won], LearnerConfig())
+    alone = (-math.sqrt(3) + 0.075 + 1.0) / 2
+    consulting = (3 * (1 / math.sqrt(3) - 0.025) - 1.0) / 4
+    expected = {"advantage_alone": alone, "advantage_consulting": consulting}  # up to the std's eps of 1e-6
+    assert by_mode == pytest.approx(expected, abs=1e-5)
+    lone = advantage_by_mode([lost], LearnerConfig())["advantage_alone"]
+    assert lone == pytest.approx(-math.sqrt(3) + 0.075, abs=1e-5)
+    by_mode = advantage_by_mode([won, won], LearnerConfig())
+    assert by_mode == pytest.approx({"advantage_alone": 1.0, "advantage_consulting": -1.0}, abs=1e-5)
+    no_consult = group(np.random.default_rng(0), [1, 0])
+    assert advantage_by_mode([no_consult], LearnerConfig()) == {"advantage_alone": 0.0, "advantage_consulting": None}
