@@ -38,6 +38,8 @@ RECORD_METRICS = (
     "accepted_rate",
     "response_tokens",
     "accuracy",
+    "accuracy_alone",
+    "advantage_alone",
     *(f"paradigm_{kind}" for kind in PARADIGMS),
 )
 
@@ -106,10 +108,12 @@ def nanmean(values: list[float]) -> float:
 
 
 def step_value(metrics: dict, key: str) -> float:
-    """A rollout statistic of one step; the accepted rate is undefined (NaN) in a step without consults."""
+    """A rollout statistic of one step, NaN where undefined: the accepted rate in a step without consults,
+    a statistic of episodes answered alone in a step without any, or one that records before it lack."""
     if key == "accepted_rate" and not metrics["calls_per_episode"]:
         return math.nan
-    return metrics[key]
+    value = metrics.get(key)
+    return math.nan if value is None else value
 
 
 def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
@@ -253,8 +257,10 @@ def plot_training(runs: dict[str, list[dict]], out: Path) -> list[str]:
         ("accepted_rate", "accepted rate of consults (steps with consults)"),
         ("response_tokens", "policy tokens per episode"),
         ("accuracy", "training reward: accuracy"),
+        ("accuracy_alone", "training accuracy of episodes answered alone"),
+        ("advantage_alone", "mean advantage of trained samples answered alone"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5))
     for ax, (key, label) in zip(axes.flat, panels, strict=True):
         for arm, results in trained.items():
             n = min(len(r["metrics"]) for r in results)
