@@ -1,0 +1,31 @@
+"""The probe worlds' builder: the shipped world's splits and experts, and a policy of another size SFT'd as
+the shipped one was (the same curriculum, steps, batch and seed). Not a product path: the probes of
+2026-12-04 ran on what it built.
+
+    .venv/bin/python docs/experiment-report/probes/build_policy_world.py runs/probes/world-2x128 128 2
+"""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from eapo.core.config import ModelSpec, WorldConfig
+from eapo.dev.world.bootstrap import _fingerprint
+from eapo.dev.world.sft import train_model
+
+SHIPPED = Path("docs/experiment-report/world")
+
+root, hidden, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cfg = WorldConfig(dir=root, policy=ModelSpec(curriculum="policy", hidden=hidden, layers=layers, sft_steps=800))
+root.mkdir(parents=True, exist_ok=True)
+for name in ("train.jsonl", "eval.jsonl"):
+    shutil.copy(SHIPPED / name, root / name)
+for name in ("expert", "calculator"):
+    shutil.copytree(SHIPPED / name, root / name, dirs_exist_ok=True)
+t0 = time.monotonic()
+loss = train_model(root, "policy", cfg.policy, cfg)
+manifest = {"fingerprint": _fingerprint(cfg), "config": cfg.model_dump(mode="json"), "final_sft_loss": {"policy": loss}}
+(root / "world.json").write_text(json.dumps(manifest | {"seconds": round(time.monotonic() - t0, 1)}, indent=2))
+print(f"policy {layers} x {hidden}: SFT loss {loss:.4f} in {time.monotonic() - t0:.0f}s")
