@@ -2,9 +2,9 @@
 item 6): the exact log-likelihood of each held-out problem's worked solution (teacher-forced, ``<eos>``
 included), per tier, under the evaluation prompt, and under the training prompt given that the first token
 is not ``<consult>`` (the policy answering alone where it could consult). Two seeds of a held-out curve
-differ by ±0.02 in mean@4; this separates a policy that lost its single-operation lookups from one that
-draws differently, and tells whether a loss shows under one prompt or both (a prompt-transfer effect
-shows only under the evaluation prompt).
+differ by ±0.02 in mean@4; this separates a policy that lost what it knew from one that draws differently,
+and tells whether a loss shows under one prompt or both (a prompt-transfer effect shows only under the
+evaluation prompt). The prompts are the tiny world's (``eval_prompt``, ``training_prompt``).
 
     .venv/bin/python -m benchmarks.solution_likelihood sft=.cache/world/policy eapo-100=runs/…/weights/v000100
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from statistics import fmean
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from benchmarks.common import print_table, write_result
 from eapo.dev.world.tasks import worked_solution
@@ -32,22 +33,32 @@ def solution_logprob(model: torch.nn.Module, prompt: list[int], solution: list[i
     logits = model(torch.tensor([prompt + solution])).logits[0].float()
     logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
     total = logp[torch.arange(len(solution)), torch.tensor(solution)].sum().item()
-    if exclude is not None:
-        total -= torch.log1p(-logp[0, exclude].exp()).item()
+    if exclude is not None:  # minus log p(first token is not ``exclude``), finite however sure the model is
+        total -= torch.logsumexp(torch.cat([logp[0, :exclude], logp[0, exclude + 1 :]]), dim=0).item()
     return total
+
+
+def encode_pair(tok: PreTrainedTokenizerBase, prompt: str, solution: str) -> tuple[list[int], list[int]]:
+    """Prompt and solution ids, refused where the two encoded apart are not the text encoded whole (a BPE
+    merge across the boundary): the likelihood would be of a tokenization the model never reads."""
+    ids = (tok.encode(prompt), tok.encode(solution))
+    if ids[0] + ids[1] != tok.encode(prompt + solution):
+        raise SystemExit(f"{prompt + solution!r}: the tokenizer merges across the prompt/solution boundary")
+    return ids
 
 
 def measure(path: Path, problems: list[dict]) -> dict[str, dict[str, float]]:
     model, tok = load_model(path)
-    model.eval()
     consult = tok.convert_tokens_to_ids(fmt.CONSULT_OPEN)
     by_tier: dict[str, dict[str, list[float]]] = {}
     for p in problems:
-        solution = tok.encode(worked_solution(p["problem"]) + fmt.EOS)
+        solution = worked_solution(p["problem"]) + fmt.EOS
         row = by_tier.setdefault(str(p["tier"]), {prompt: [] for prompt in PROMPTS})
-        row["eval prompt"].append(solution_logprob(model, tok.encode(fmt.eval_prompt(p["problem"])), solution, None))
-        training = tok.encode(fmt.training_prompt(p["problem"]))
-        row["training prompt, alone"].append(solution_logprob(model, training, solution, consult))
+        row["eval prompt"].append(
+            solution_logprob(model, *encode_pair(tok, fmt.eval_prompt(p["problem"]), solution), None)
+        )
+        training = encode_pair(tok, fmt.training_prompt(p["problem"]), solution)
+        row["training prompt, alone"].append(solution_logprob(model, *training, consult))
     return {tier: {k: fmean(v) for k, v in row.items()} for tier, row in sorted(by_tier.items())}
 
 

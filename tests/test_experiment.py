@@ -4,6 +4,7 @@ run (services as processes), resumable, and a report rebuilt from the run direct
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import re
 import shutil
@@ -20,7 +21,7 @@ from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
 from eapo.dev.supervise import terminate
 from eapo.dev.world.bootstrap import bootstrap, world_digest, world_manifest
 from eapo.experiment.harness import check_world, eval_steps, run_experiment
-from eapo.experiment.report import RECORD_METRICS, spread, summarize, write_report
+from eapo.experiment.report import RECORD_METRICS, spread, step_value, summarize, write_report
 from learner.anneal import anneal_state
 
 
@@ -390,3 +391,13 @@ def test_a_stopped_experiment_says_interrupted_not_failed(sig, tiny_world, tmp_p
     assert experiment.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL), err
     assert sig == signal.SIGKILL or "interrupted" in err, err
     assert not (run_dir / "result.json").exists()
+
+
+def test_a_step_statistic_is_nan_where_undefined_and_a_misspelled_one_is_an_error():
+    step = {"calls_per_episode": 0.0, "accepted_rate": 0.0, "accuracy": 0.25, "accuracy_alone": None}
+    assert step_value(step, "accuracy") == 0.25
+    assert math.isnan(step_value(step, "accepted_rate"))  # no consults this step
+    assert math.isnan(step_value(step, "accuracy_alone"))  # nobody answered alone
+    assert math.isnan(step_value(step, "advantage_consulting"))  # a record made before it was kept
+    with pytest.raises(KeyError):
+        step_value(step, "acuracy")

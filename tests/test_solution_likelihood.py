@@ -40,3 +40,13 @@ def test_log_likelihoods_sum_to_one_over_every_continuation_with_or_without_the_
     assert solution_logprob(m, prompt, [7, 2], None) == pytest.approx(expected.item(), abs=1e-5)
     given_not_5 = expected.item() - math.log1p(-first[5].exp().item())
     assert solution_logprob(m, prompt, [7, 2], 5) == pytest.approx(given_not_5, abs=1e-5)
+
+
+def test_the_alone_form_stays_finite_when_the_model_is_all_but_sure_to_open_with_the_excluded_token():
+    m, prompt = model(), [3, 1, 4]
+    with torch.no_grad():
+        m.lm_head.weight[5] *= 1e4  # token 5 takes (nearly) all the mass: p(not 5) underflows as 1 − p
+    value = solution_logprob(m, prompt, [7, 2], 5)
+    assert math.isfinite(value)
+    alone = [[a, b] for a in range(VOCAB) for b in range(VOCAB) if a != 5]
+    assert math.fsum(math.exp(solution_logprob(m, prompt, s, 5)) for s in alone) == pytest.approx(1.0, abs=1e-5)

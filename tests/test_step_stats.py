@@ -53,6 +53,25 @@ def test_token_lag_weights_each_turn_by_its_tokens():
     assert lags == {"token_lag_mean": pytest.approx((10 * 3 + 20 * 1) / 60), "token_lag_max": 3.0}
 
 
+def test_mode_accuracies_cover_every_group_read_and_mode_advantages_only_those_trained():
+    trained = consult_group([(1.0, 1), (0.0, 0)], penalty=0.0)  # consulted and right; alone and wrong
+    stale = consult_group([(1.0, 0), (0.0, 2)], penalty=0.0)  # the reverse, read but not trained
+    record = step_record(
+        0,
+        AnnealState(step=0, acceptance=1, budget=2, penalty=0),
+        trained=[trained],
+        seen=[trained, stale],
+        stale=[stale],
+        dropped=Counter(stale=1),
+        train_stats={"loss": 0.0, "policy_tokens": 4.0},
+        times=StepTimes(run_s=1.0, wait_s=0.0, step_s=1.0),
+        lc=LearnerConfig(),
+    )
+    assert record["accuracy_alone"] == 0.5 and record["accuracy_consulting"] == 0.5  # both groups
+    assert record["advantage_alone"] == pytest.approx(-1.0, abs=1e-5)  # the trained group only
+    assert record["advantage_consulting"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_advantage_by_mode_against_hand_computed_values():
     # Group 1: three consulted and were right, the one that answered alone was wrong. Scores' mean 0.75,
     # std sqrt(3)/4: consulting +1/sqrt(3) each, alone -sqrt(3); λ = 0.1 moves them by -0.1·(1 - 0.75)

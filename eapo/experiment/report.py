@@ -29,7 +29,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 PARADIGMS = ("self_resolution", "direct_consultation", "decomposition")
-# The learner metrics the report reads: what a record keeps of ``metrics.jsonl``.
+# Statistics of one mode (answering alone, consulting): absent from records made before they were kept.
+OPTIONAL_METRICS = ("accuracy_alone", "accuracy_consulting", "advantage_alone", "advantage_consulting")
+# What a record keeps of ``metrics.jsonl``: the learner metrics the report reads, and the per-mode ones.
 RECORD_METRICS = (
     "step",
     "time_s",
@@ -38,9 +40,8 @@ RECORD_METRICS = (
     "accepted_rate",
     "response_tokens",
     "accuracy",
-    "accuracy_alone",
-    "advantage_alone",
     *(f"paradigm_{kind}" for kind in PARADIGMS),
+    *OPTIONAL_METRICS,
 )
 
 
@@ -108,12 +109,13 @@ def nanmean(values: list[float]) -> float:
 
 
 def step_value(metrics: dict, key: str) -> float:
-    """A rollout statistic of one step, NaN where undefined: the accepted rate in a step without consults,
-    a statistic of episodes answered alone in a step without any, or one that records before it lack."""
+    """A rollout statistic of one step, NaN where undefined: the accepted rate in a step without consults, a
+    statistic of one mode (alone, consulting) in a step without it or in a record made before it was kept."""
     if key == "accepted_rate" and not metrics["calls_per_episode"]:
         return math.nan
-    value = metrics.get(key)
-    return math.nan if value is None else value
+    if key in OPTIONAL_METRICS and metrics.get(key) is None:
+        return math.nan
+    return metrics[key]
 
 
 def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
