@@ -201,7 +201,8 @@ class Learner:
                 await trim_acknowledged(self.client, stream)
             now = time.monotonic()
             times = StepTimes(run_s=now - t_start, wait_s=t_data, step_s=now - t0)
-            record = step_record(step, anneal, trained, seen_groups, stale, self.dropped, stats, times, lc)
+            advantages = [adv for _, adv in batch]
+            record = step_record(step, anneal, trained, advantages, seen_groups, stale, self.dropped, stats, times, lc)
             self.step_log.write(step + 1, record)
             log.info(
                 "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",

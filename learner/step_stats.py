@@ -16,7 +16,7 @@ from statistics import fmean
 from eapo.core.config import EAPOConfig, LearnerConfig
 from eapo.core.metrics import StepGauges
 from eapo.core.tracking import Tracker
-from learner.loss import outcome_rewards, sample_advantages
+from learner.loss import outcome_rewards
 from proto import AnnealState, TrajectoryGroup
 from proto import episode_format as fmt
 
@@ -75,12 +75,17 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     }
 
 
-def advantage_by_mode(groups: list[TrajectoryGroup], lc: LearnerConfig) -> dict[str, float | None]:
-    """The mean advantage of the trained samples that answered alone and of those that consulted. Each
+def advantage_by_mode(groups: list[TrajectoryGroup], advantages: list[list[float]]) -> dict[str, float | None]:
+    """The mean advantage (``advantages[i]``: the samples' of ``groups[i]``, as trained) of the samples that
+    answered alone and of those that consulted. Each
     group's advantages sum to zero, so when the two modes share groups a negative mean for answering alone
     says the outcome signal pushes answering alone down and consulting up (the positives of its groups came
     from consulting), whatever the consult decision itself is worth."""
-    pairs = [(bool(s.consults), a) for g in groups for s, a in zip(g.samples, sample_advantages(g, lc), strict=True)]
+    pairs = [
+        (bool(s.consults), a)
+        for g, adv in zip(groups, advantages, strict=True)
+        for s, a in zip(g.samples, adv, strict=True)
+    ]
     alone = [a for consulted, a in pairs if not consulted]
     consulting = [a for consulted, a in pairs if consulted]
     return {
@@ -93,6 +98,7 @@ def step_record(
     step: int,
     anneal: AnnealState,
     trained: list[TrajectoryGroup],
+    advantages: list[list[float]],
     seen: list[TrajectoryGroup],
     stale: list[TrajectoryGroup],
     dropped: Mapping[str, int],
@@ -101,8 +107,9 @@ def step_record(
     lc: LearnerConfig,
 ) -> dict[str, object]:
     """The record of step ``step`` (0-based; it produced version ``step + 1``): ``trained`` are the groups
-    it trained on, ``seen`` every group it read, ``stale`` those past ``max_version_lag``, ``dropped`` the
-    run's drop counts by reason, ``train_stats`` what the trainer returned."""
+    it trained on and ``advantages`` their samples' advantages as trained, ``seen`` every group it read,
+    ``stale`` those past ``max_version_lag``, ``dropped`` the run's drop counts by reason, ``train_stats``
+    what the trainer returned."""
     compute_s = times.step_s - times.wait_s
     return {
         "step": step + 1,
@@ -115,7 +122,7 @@ def step_record(
         "idle_ratio": round(times.wait_s / max(times.step_s, 1e-9), 4),
         "tokens_per_s": train_stats["policy_tokens"] / max(compute_s, 1e-9),
         "kept_calls_per_episode": calls_per_episode(trained),
-        **advantage_by_mode(trained, lc),
+        **advantage_by_mode(trained, advantages),
         **token_lags(trained, step),
         "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
         "group_ids": [g.group_id for g in trained],

@@ -8,8 +8,9 @@ import pytest
 from helpers import consult_group, group
 
 from eapo.core.config import LearnerConfig
+from learner.loss import sample_advantages
 from learner.step_stats import StepTimes, advantage_by_mode, step_record, token_lags
-from proto import AnnealState, TurnRecord
+from proto import AnnealState, TrajectoryGroup, TurnRecord
 
 
 def test_a_step_record_tells_what_was_read_from_what_was_trained():
@@ -19,6 +20,7 @@ def test_a_step_record_tells_what_was_read_from_what_was_trained():
         3,
         AnnealState(step=3, acceptance=0.5, budget=2, penalty=0.25),
         trained=[mixed],
+        advantages=[sample_advantages(mixed, LearnerConfig())],
         seen=[mixed, flat, stale],
         stale=[stale],
         dropped=Counter(zero_signal=1, stale=1),
@@ -60,6 +62,7 @@ def test_mode_accuracies_cover_every_group_read_and_mode_advantages_only_those_t
         0,
         AnnealState(step=0, acceptance=1, budget=2, penalty=0),
         trained=[trained],
+        advantages=[sample_advantages(trained, LearnerConfig())],
         seen=[trained, stale],
         stale=[stale],
         dropped=Counter(stale=1),
@@ -72,20 +75,25 @@ def test_mode_accuracies_cover_every_group_read_and_mode_advantages_only_those_t
     assert record["advantage_consulting"] == pytest.approx(1.0, abs=1e-5)
 
 
+def as_trained(groups: list[TrajectoryGroup]) -> list[list[float]]:
+    return [sample_advantages(g, LearnerConfig()) for g in groups]
+
+
 def test_advantage_by_mode_against_hand_computed_values():
     # Group 1: three consulted and were right, the one that answered alone was wrong. Scores' mean 0.75,
     # std sqrt(3)/4: consulting +1/sqrt(3) each, alone -sqrt(3); λ = 0.1 moves them by -0.1·(1 - 0.75)
     # and +0.1·0.75. Group 2, λ = 0: the one alone was right (+1), the one that consulted wrong (-1).
     lost = consult_group([(1.0, 1), (1.0, 1), (1.0, 1), (0.0, 0)], penalty=0.1)
     won = consult_group([(0.0, 1), (1.0, 0)], penalty=0.0)
-    by_mode = advantage_by_mode([lost, won], LearnerConfig())
+    by_mode = advantage_by_mode([lost, won], as_trained([lost, won]))
     alone = (-math.sqrt(3) + 0.075 + 1.0) / 2
     consulting = (3 * (1 / math.sqrt(3) - 0.025) - 1.0) / 4
     expected = {"advantage_alone": alone, "advantage_consulting": consulting}  # up to the std's eps of 1e-6
     assert by_mode == pytest.approx(expected, abs=1e-5)
-    lone = advantage_by_mode([lost], LearnerConfig())["advantage_alone"]
+    lone = advantage_by_mode([lost], as_trained([lost]))["advantage_alone"]
     assert lone == pytest.approx(-math.sqrt(3) + 0.075, abs=1e-5)
-    by_mode = advantage_by_mode([won, won], LearnerConfig())
+    by_mode = advantage_by_mode([won, won], as_trained([won, won]))
     assert by_mode == pytest.approx({"advantage_alone": 1.0, "advantage_consulting": -1.0}, abs=1e-5)
     no_consult = group(np.random.default_rng(0), [1, 0])
-    assert advantage_by_mode([no_consult], LearnerConfig()) == {"advantage_alone": 0.0, "advantage_consulting": None}
+    by_mode = advantage_by_mode([no_consult], as_trained([no_consult]))
+    assert by_mode == {"advantage_alone": 0.0, "advantage_consulting": None}
