@@ -221,7 +221,9 @@ class RolloutConfig(Section):
     gateway_url: str = "http://127.0.0.1:8000"
     max_new_tokens: int = Field(48, description="tokens the policy may sample per turn")
     max_context: int = 320
-    expert_max_tokens: int = 40
+    expert_max_tokens: int = Field(
+        64, description="tokens an expert may answer with (the tiny world's solver writes up to 54, EOS included)"
+    )
     expert_timeout_s: float = 30.0
     temperature: float = 1.0
     top_p: float = 1.0
