@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -60,3 +61,11 @@ def write_result(name: str, config: dict, raw: dict, summary: dict, targets: dic
     )
     print(f"\nwrote {path}")
     return path
+
+
+def named_path(spec: str) -> tuple[str, Path]:
+    """``NAME=PATH`` on a command line, PATH a checkpoint directory."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=PATH with PATH a checkpoint directory")
+    return name, Path(path)

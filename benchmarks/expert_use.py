@@ -5,7 +5,10 @@ alone. Per case: accuracy, the share that ends on the expert's wrong answer, the
 steps in its own tokens. If a correct expert barely raises accuracy, RL under the consult prompt has
 little expert help to reward, whatever the schedule.
 
-    .venv/bin/python -m benchmarks.expert_use [--model .cache/world/policy] [--problems 40] [--samples 4]
+    .venv/bin/python -m benchmarks.expert_use [NAME=CHECKPOINT …] [--problems 40] [--samples 4]
+
+Several checkpoints (the untrained policy and RL-trained ones) tell whether training changes what the
+policy does with an answer: a policy that learns to copy the expert scores near 1 with a correct one.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, write_result
+from benchmarks.common import named_path, print_table, write_result
 from eapo.dev.world.tasks import solution_steps, worked_solution
 from eapo.inference.model import load_model
 from proto import episode_format as fmt
@@ -42,12 +45,13 @@ def cases(expr: str, answer: str) -> dict[str, tuple[str, str | None]]:
     }
 
 
-def main(args: argparse.Namespace) -> None:
+Counts = dict[str, dict[str, int]]  # case → tally; a tier's correct answers under "correct tier N"
+
+
+def measure(path: Path, problems: list[dict], args: argparse.Namespace) -> Counts:
     torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    model, tok = load_model(args.model)
-    problems = [json.loads(line) for line in args.dataset.read_text().splitlines()][: args.problems]
-    counts: dict[str, dict[str, int]] = {}
+    model, tok = load_model(path)
+    counts: Counts = {}
     for p in problems:
         for case, (prompt, bad) in cases(p["problem"], p["answer"]).items():
             ids = torch.tensor([tok.encode(prompt)])
@@ -63,25 +67,52 @@ def main(args: argparse.Namespace) -> None:
                 pad_token_id=tok.pad_token_id,
             )
             c = counts.setdefault(case, {"n": 0, "correct": 0, "follows_wrong": 0, "restates": 0})
+            tier = f"tier {p['tier']}"
             for seq in out[:, ids.shape[1] :]:
                 text = tok.decode(seq, skip_special_tokens=False)
                 box = extract_boxed(text)  # judged as episodes are
+                right = score(box, p["answer"]) == 1.0
                 c["n"] += 1
-                c["correct"] += score(box, p["answer"]) == 1.0
+                c["correct"] += right
+                c[f"n {tier}"] = c.get(f"n {tier}", 0) + 1
+                c[f"correct {tier}"] = c.get(f"correct {tier}", 0) + right
                 c["follows_wrong"] += bad is not None and score(box, bad) == 1.0
                 c["restates"] += "=" in text.split("\\boxed")[0]
+    return counts
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    problems = [json.loads(line) for line in args.dataset.read_text().splitlines()][: args.problems]
+    tiers = sorted({f"tier {p['tier']}" for p in problems})
+    raw = {name: measure(path, problems, args) for name, path in args.models}
     rows = [
-        {"case": case, **{k: c[k] / c["n"] for k in ("correct", "follows_wrong", "restates")}, "samples": c["n"]}
+        {
+            "model": name,
+            "case": case,
+            **{k: c[k] / c["n"] for k in ("correct", "follows_wrong", "restates")},
+            **{tier: c[f"correct {tier}"] / c[f"n {tier}"] for tier in tiers},
+            "samples": c["n"],
+        }
+        for name, counts in raw.items()
         for case, c in counts.items()
     ]
-    print_table(rows, ["case", "correct", "follows_wrong", "restates", "samples"])
-    config = {k: str(v) for k, v in vars(args).items()}
-    write_result("expert_use", config, counts, {r["case"]: r["correct"] for r in rows}, {})
+    print_table(rows, ["model", "case", "correct", *tiers, "follows_wrong", "restates", "samples"])
+    config = {k: str(v) for k, v in vars(args).items() if k != "models"}
+    config["models"] = {name: str(path) for name, path in args.models}
+    summary = {name: {r["case"]: r["correct"] for r in rows if r["model"] == name} for name in raw}
+    write_result("expert_use", config, raw, summary, {})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path(".cache/world/policy"))
+    parser.add_argument(
+        "models",
+        nargs="*",
+        type=named_path,
+        default=[("policy", Path(".cache/world/policy"))],
+        help="NAME=PATH: policy checkpoint directories (default: the tiny world's policy)",
+    )
     parser.add_argument("--dataset", type=Path, default=Path(".cache/world/eval.jsonl"))
     parser.add_argument("--problems", type=int, default=40, help="the first N held-out problems (10 per tier at 40)")
     parser.add_argument("--samples", type=int, default=4, help="samples per problem and case, at temperature 1")

@@ -19,7 +19,7 @@ from statistics import fmean
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from benchmarks.common import print_table, write_result
+from benchmarks.common import named_path, print_table, write_result
 from eapo.dev.world.tasks import worked_solution
 from eapo.inference.model import load_model
 from proto import episode_format as fmt
@@ -80,13 +80,6 @@ def main(args: argparse.Namespace) -> None:
         for name, by_tier in raw.items()
     }
     write_result(args.name, config, raw, summary, {})
-
-
-def named_path(spec: str) -> tuple[str, Path]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not Path(path).is_dir():
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=PATH with PATH a checkpoint directory")
-    return name, Path(path)
 
 
 if __name__ == "__main__":
