@@ -45,7 +45,7 @@ def cases(expr: str, answer: str) -> dict[str, tuple[str, str | None]]:
     }
 
 
-Counts = dict[str, dict[str, int]]  # case → tally; a tier's correct answers under "correct tier N"
+Counts = dict[str, dict[str, int]]  # case → tally: n, correct, follows_wrong, restates, "n tier N", "correct tier N"
 
 
 def measure(path: Path, problems: list[dict], args: argparse.Namespace) -> Counts:
@@ -85,6 +85,9 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     problems = [json.loads(line) for line in args.dataset.read_text().splitlines()][: args.problems]
     tiers = sorted({f"tier {p['tier']}" for p in problems})
+    names = [name for name, _ in args.models]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"checkpoint names must differ: {names}")
     raw = {name: measure(path, problems, args) for name, path in args.models}
     rows = [
         {
@@ -116,6 +119,6 @@ if __name__ == "__main__":
     parser.add_argument("--dataset", type=Path, default=Path(".cache/world/eval.jsonl"))
     parser.add_argument("--problems", type=int, default=40, help="the first N held-out problems (10 per tier at 40)")
     parser.add_argument("--samples", type=int, default=4, help="samples per problem and case, at temperature 1")
-    parser.add_argument("--max-new-tokens", type=int, default=120)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="the rollout's own max_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
     main(parser.parse_args())

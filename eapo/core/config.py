@@ -222,7 +222,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(48, description="tokens the policy may sample per turn")
     max_context: int = 320
     expert_max_tokens: int = Field(
-        64, description="tokens an expert may answer with (the tiny world's solver writes up to 54, EOS included)"
+        64, description="tokens an expert may answer with (the tiny world's worked solutions run to 54, EOS included)"
     )
     expert_timeout_s: float = 30.0
     temperature: float = 1.0
