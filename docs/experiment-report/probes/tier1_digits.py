@@ -3,8 +3,9 @@
 Teacher-forced on the held-out tier-1 problems under the evaluation prompt (``Q: a∘b\\nA: ``), for each
 checkpoint: the probability of ``=`` after the restated operation (a consult query ``<consult>a∘b`` ends
 there with ``</consult>``, so a leak of the query shows as mass taken from ``=``), of ``<consult>`` as the
-first token, of the right first digit of the result, and of an operand digit that is not the right one (a
-copy from the prompt). Also the L2 distance of the weights from a reference checkpoint.
+first token, of the right first digit of the result (after its sign, teacher-forced), and of an operand
+digit that is not the right one (a copy from the prompt). Also the L2 distance of the weights from a
+reference checkpoint. Output of 2026-12-04 in `tier1_digits.txt`.
 
     .venv/bin/python docs/experiment-report/probes/tier1_digits.py docs/experiment-report/world/eval.jsonl \\
         docs/experiment-report/world/policy base=docs/experiment-report/world/policy eapo-0=runs/…/v000100
@@ -39,8 +40,9 @@ def measure(path: Path, problems: list[dict]) -> dict[str, float]:
         prompt = tok.encode(fmt.eval_prompt(p["problem"]))
         rows["p(<consult>)"].append(next_token_probs(model, prompt)[tok.convert_tokens_to_ids(fmt.CONSULT_OPEN)].item())
         rows["p(=)"].append(next_token_probs(model, prompt + tok.encode(op))[tid("=")].item())
-        probs = next_token_probs(model, prompt + tok.encode(op + "="))
-        right = str(value)[0]
+        sign = "-" if value < 0 else ""  # teacher-forced: the digit after it is the one looked up
+        probs = next_token_probs(model, prompt + tok.encode(op + "=" + sign))
+        right = str(abs(value))[0]
         rows["p(right digit)"].append(probs[tid(right)].item())
         rows["p(operand digit)"].append(sum(probs[tid(c)].item() for c in set(op) - {right} if c.isdigit()))
     return {k: fmean(v) for k, v in rows.items()}
