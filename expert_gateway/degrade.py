@@ -1,6 +1,8 @@
 """The paper's robustness settings (Appendix E) as a way of serving a pool: high-error experts, whose
 answers are made wrong at a stated rate, and content-free experts, whose answers are fluent and carry
-no information.
+no information. One more, ours: result-withheld experts, whose answers stop just before they state their
+result, so a consult gives the steps and the policy must still work out where they lead in its own
+tokens (what it then has to do alone).
 
 The gateway applies them to a pool's ``/v1/consult`` answers (``gateway.degrade``), so the same setting
 runs in front of real vLLM pods as in front of the tiny world's CPU servers. Each decision is a seeded
@@ -20,7 +22,7 @@ from eapo.core.metrics import labelled
 
 DEGRADED = Counter(
     "eapo_gateway_degraded_total",
-    "Consult answers degraded on purpose (Appendix E settings); outcome 'unchanged': no integer to corrupt",
+    "Consult answers degraded on purpose (Appendix E settings); outcome 'unchanged': nothing to corrupt or withhold",
     ["model", "mode", "outcome"],
 )
 
@@ -46,6 +48,18 @@ def corrupt(answer: str, rng: random.Random) -> str | None:
     return f"{answer[: last.start()]}{wrong}{answer[last.end() :]}"
 
 
+def withhold_result(answer: str) -> str | None:
+    """``answer`` cut just before it first states its result, the value of its last ``\\boxed{}``: at
+    ``=<result>`` (keeping the ``=``), else at the box. ``45*3=135 23+135=158 \\boxed{158}`` becomes
+    ``45*3=135 23+135=``. None if it has no boxed result."""
+    boxes = list(_BOXED.finditer(answer))
+    if not boxes:
+        return None
+    box = boxes[-1]
+    stated = re.search(rf"=\s*{re.escape(box.group(1).strip())}(?![\d.])", answer[: box.start()])
+    return answer[: stated.start() + 1 if stated else box.start()].rstrip()
+
+
 def degrade(cfg: DegradeConfig, model: str, answer: str, seed: int, key: str) -> str:
     """The answer the policy is given for the query identified by ``key`` under the pool's setting."""
     rng = random.Random(hashlib.sha256(f"{seed}:{key}".encode()).digest())
@@ -54,6 +68,6 @@ def degrade(cfg: DegradeConfig, model: str, answer: str, seed: int, key: str) ->
     if cfg.mode == "content_free":
         labelled(DEGRADED, model, cfg.mode, "degraded").inc()
         return rng.choice(CONTENT_FREE)
-    wrong = corrupt(answer, rng)
-    labelled(DEGRADED, model, cfg.mode, "unchanged" if wrong is None else "degraded").inc()
-    return answer if wrong is None else wrong
+    changed = corrupt(answer, rng) if cfg.mode == "high_error" else withhold_result(answer)
+    labelled(DEGRADED, model, cfg.mode, "unchanged" if changed is None else "degraded").inc()
+    return answer if changed is None else changed

@@ -11,7 +11,7 @@ from helpers import ServerThread
 from eapo.core.config import DegradeConfig, ExpertBackend, GatewayConfig
 from eapo.core.net import free_port
 from expert_gateway.app import create_app
-from expert_gateway.degrade import CONTENT_FREE, corrupt, degrade
+from expert_gateway.degrade import CONTENT_FREE, corrupt, degrade, withhold_result
 
 SOLUTION = "45*3=135 23+135=158 \\boxed{158}"
 
@@ -25,6 +25,18 @@ def test_corrupt_shifts_only_the_boxed_result():
     assert corrupt("it is 7 or -12", random.Random(1)).startswith("it is 7 or ")
     assert corrupt("it is 7 or -12", random.Random(1)) != "it is 7 or -12"
     assert corrupt("no numbers here", random.Random(0)) is None
+
+
+def test_withhold_result_keeps_the_steps_up_to_where_the_result_is_stated():
+    assert withhold_result(SOLUTION) == "45*3=135 23+135="
+    assert withhold_result("7*8=56 \\boxed{56}") == "7*8="  # one step: nothing but the question
+    assert withhold_result("2-9=-7 -7*3=-21 \\boxed{-21}") == "2-9=-7 -7*3="  # signs are part of the value
+    assert withhold_result("5*3=15 15-10=5 \\boxed{5}") == "5*3=15 15-10="  # =15 does not state 5
+    assert withhold_result("so the answer is \\boxed{12}") == "so the answer is"  # not stated: cut at the box
+    assert withhold_result("no box, 12") is None
+    withheld = DegradeConfig(mode="result_withheld")
+    assert degrade(withheld, "m", SOLUTION, 0, "k") == "45*3=135 23+135="
+    assert degrade(withheld, "m", "no box, 12", 0, "k") == "no box, 12"  # counted 'unchanged', passed on
 
 
 def test_degrade_holds_its_rate_per_query_and_replays():

@@ -164,8 +164,9 @@ class DnsPool(Section):
 class DegradeConfig(Section):
     """A robustness setting of the paper's Appendix E, applied by the gateway to one pool's consult answers."""
 
-    mode: Literal["high_error", "content_free"] = Field(
-        description="high_error: the answer's result is made wrong; content_free: a fluent answer with no information"
+    mode: Literal["high_error", "content_free", "result_withheld"] = Field(
+        description="high_error: the answer's result is made wrong; content_free: a fluent answer with no "
+        "information; result_withheld: the answer stops just before it states its result"
     )
     rate: float = Field(1.0, ge=0.0, le=1.0, description="share of answers degraded (a seeded draw per query)")
 
