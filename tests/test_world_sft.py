@@ -1,9 +1,14 @@
-"""The tiny world's SFT trains a batch in length-sorted slices (for speed); it must be the same
+"""The tiny world's policy mixtures; its SFT trains a batch in length-sorted slices (for speed); it must be the same
 update as the whole batch padded at once: the loss a mean over every completion token of the batch."""
+
+import random
 
 import torch
 
 from eapo.dev.world.sft import CURRICULA, _slices, build_tokenizer, new_model, sft
+from eapo.dev.world.tasks import worked_solution
+from expert_gateway.degrade import withhold_result
+from proto import episode_format as fmt
 
 
 def test_slices_keep_order_and_stay_within_their_token_budget():
@@ -28,3 +33,21 @@ def test_sliced_sft_is_the_same_update_as_one_padded_batch():
     torch.manual_seed(0)
     untrained = torch.cat([p.detach().flatten() for p in new_model(len(tok), 32, 1, 384, tok).parameters()])
     assert (whole - untrained).abs().max() > 1e-3
+
+
+def test_the_partial_policy_mixture_withholds_half_its_direct_consultations_results_and_nothing_else():
+    plain, partial = random.Random(7), random.Random(7)
+    withheld = direct = 0
+    for _ in range(4000):
+        (prompt, body), (prompt2, body2) = CURRICULA["policy"](plain), CURRICULA["policy_partial"](partial)
+        assert prompt == prompt2  # the same draws: only the shown answers differ
+        expr = prompt.split("Q: ")[1].split("\n")[0]
+        full = fmt.expert_block(worked_solution(expr))
+        direct += full in body
+        if body2 != body:
+            withheld += 1
+            hint = fmt.expert_block(withhold_result(worked_solution(expr)))
+            assert full in body and body2 == body.replace(full, hint)
+            assert body2.endswith(worked_solution(expr) + fmt.EOS)  # the policy still writes the whole solution
+    assert "=</expert>" not in "".join(CURRICULA["policy"](random.Random(i))[1] for i in range(200))
+    assert 0.4 < withheld / direct < 0.6, (withheld, direct)

@@ -47,8 +47,9 @@ class RedisConfig(Section):
 class ModelSpec(Section):
     """One tiny-world model: its size, and how long it is trained on which curriculum."""
 
-    curriculum: Literal["policy", "solver", "calculator"] = Field(
-        description="policy: the EAPO trace mixture; solver: whole problems; calculator: single operations"
+    curriculum: Literal["policy", "policy_partial", "solver", "calculator"] = Field(
+        description="policy: the EAPO trace mixture; policy_partial: the same with half its direct "
+        "consultations shown result-withheld answers; solver: whole problems; calculator: single operations"
     )
     hidden: int
     layers: int

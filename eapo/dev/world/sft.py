@@ -12,9 +12,11 @@ nearly exact there and of no use on a whole problem.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from eapo.core.config import ModelSpec, WorldConfig
 from eapo.dev.world.bootstrap import CHAT_TEMPLATE
 from eapo.dev.world.tasks import TIERS, make_problem, solution_steps, worked_solution
+from expert_gateway.degrade import withhold_result
 from proto import episode_format as fmt
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,12 @@ def calculator_sample(rng: random.Random) -> Sample:
     return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
 
 
-def policy_sample(rng: random.Random, max_queries: int = 3) -> Sample:
-    """One trace of the policy's training mixture (see module docstring)."""
+def policy_sample(rng: random.Random, max_queries: int = 3, withheld_share: float = 0.0) -> Sample:
+    """One trace of the policy's training mixture (see module docstring). ``withheld_share`` of the direct
+    consultations show the expert's answer cut just before its result (``withhold_result``), the policy
+    then writing the whole solution: a policy that saw only boxed expert answers continues a boxless one
+    as if it were still the expert's. That draw is seeded by the trace itself, so ``rng`` draws as in the
+    plain mixture and every other trace is the same."""
     p = make_problem(rng, rng.choice(TIERS), 0, "sft")
     expr, answer = p.problem, p.answer
     if rng.random() < 0.25:  # evaluation mode: answer alone
@@ -78,7 +85,10 @@ def policy_sample(rng: random.Random, max_queries: int = 3) -> Sample:
         body = worked_solution(expr)
     elif r < 0.6:  # direct consultation, the same question to 1..K experts, then re-derived in its own tokens
         k = rng.randint(1, max_queries)
-        body = fmt.consult_block([expr] * k) + fmt.expert_block(worked_solution(expr)) * k + worked_solution(expr)
+        shown = fmt.expert_block(worked_solution(expr))
+        body = fmt.consult_block([expr] * k) + shown * k + worked_solution(expr)
+        if withheld_share and random.Random(zlib.crc32((body + fmt.EOS).encode())).random() < withheld_share:
+            body = body.replace(shown, fmt.expert_block(withhold_result(worked_solution(expr))))
     elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
         (first, _value), *rest = solution_steps(expr)
         body = fmt.consult_block([first]) + fmt.expert_block(worked_solution(first))
@@ -175,6 +185,7 @@ def sft(
 
 CURRICULA: dict[str, Callable[[random.Random], Sample]] = {
     "policy": policy_sample,
+    "policy_partial": functools.partial(policy_sample, withheld_share=0.5),
     "solver": solver_sample,
     "calculator": calculator_sample,
 }
