@@ -30,7 +30,10 @@ def test_eval_steps_always_include_the_start_and_the_last_step():
     assert eval_steps(7, 5) == [0, 5, 7]
 
 
-@pytest.mark.parametrize("path", ["configs/experiment.yaml", "configs/ablations.yaml", "configs/experiment-partial.yaml"])
+SHIPPED_EXPERIMENTS = ["configs/experiment.yaml", "configs/ablations.yaml", "configs/experiment-partial.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED_EXPERIMENTS)
 def test_shipped_experiments_resolve_every_arm(path, tmp_path):
     exp = load_experiment(path)
     # their world is the shipped one, as the current code would build it from their config (else a change
