@@ -49,15 +49,16 @@ def corrupt(answer: str, rng: random.Random) -> str | None:
 
 
 def withhold_result(answer: str) -> str | None:
-    """``answer`` cut just before it first states its result, the value of its last ``\\boxed{}``: at
-    ``=<result>`` (keeping the ``=``), else at the box. ``45*3=135 23+135=158 \\boxed{158}`` becomes
-    ``45*3=135 23+135=``. None if it has no boxed result."""
+    """``answer`` cut just before it first states its result, the value of its last ``\\boxed{}``: at the
+    first ``=<result>`` (keeping the ``=``), else at its first box. ``45*3=135 23+135=158 \\boxed{158}``
+    becomes ``45*3=135 23+135=``. The first statement, not the last step: where an intermediate equals the
+    result, a hint showing it would show the result. None if there is no result to withhold."""
     boxes = list(_BOXED.finditer(answer))
-    if not boxes:
+    result = boxes[-1].group(1).strip() if boxes else ""
+    if not result:
         return None
-    box = boxes[-1]
-    stated = re.search(rf"=\s*{re.escape(box.group(1).strip())}(?![\d.])", answer[: box.start()])
-    return answer[: stated.start() + 1 if stated else box.start()].rstrip()
+    stated = re.search(rf"=\s*{re.escape(result)}(?!\.?\d)", answer[: boxes[0].start()])
+    return answer[: stated.start() + 1 if stated else boxes[0].start()].rstrip()
 
 
 def degrade(cfg: DegradeConfig, model: str, answer: str, seed: int, key: str) -> str:

@@ -31,9 +31,11 @@ def test_withhold_result_keeps_the_steps_up_to_where_the_result_is_stated():
     assert withhold_result(SOLUTION) == "45*3=135 23+135="
     assert withhold_result("7*8=56 \\boxed{56}") == "7*8="  # one step: nothing but the question
     assert withhold_result("2-9=-7 -7*3=-21 \\boxed{-21}") == "2-9=-7 -7*3="  # signs are part of the value
-    assert withhold_result("5*3=15 15-10=5 \\boxed{5}") == "5*3=15 15-10="  # =15 does not state 5
-    assert withhold_result("so the answer is \\boxed{12}") == "so the answer is"  # not stated: cut at the box
-    assert withhold_result("no box, 12") is None
+    assert withhold_result("2*28=56 56-51=5 \\boxed{5}") == "2*28=56 56-51="  # =56 does not state 5
+    assert withhold_result("x = 12.5, y = 12. \\boxed{ 12 }") == "x = 12.5, y ="  # 12.5 is not 12; 12. is
+    assert withhold_result("8*2=16 16-3=13 13+3=16 \\boxed{16}") == "8*2="  # an intermediate showing it
+    assert withhold_result("so \\boxed{12}, that is \\boxed{12}") == "so"  # not stated: cut at the first box
+    assert withhold_result("no box, 12") is None and withhold_result("2-9=-7 \\boxed{}") is None
     withheld = DegradeConfig(mode="result_withheld")
     assert degrade(withheld, "m", SOLUTION, 0, "k") == "45*3=135 23+135="
     assert degrade(withheld, "m", "no box, 12", 0, "k") == "no box, 12"  # counted 'unchanged', passed on

@@ -1,8 +1,11 @@
-"""The tiny world's policy mixtures; its SFT trains a batch in length-sorted slices (for speed); it must be the same
-update as the whole batch padded at once: the loss a mean over every completion token of the batch."""
+"""The tiny world's SFT: the policy's trace mixtures, and a batch trained in length-sorted slices (for
+speed) that must be the same update as the whole batch padded at once."""
 
+import hashlib
+import json
 import random
 
+import pytest
 import torch
 
 from eapo.dev.world.sft import CURRICULA, _slices, build_tokenizer, new_model, sft
@@ -51,3 +54,14 @@ def test_the_partial_policy_mixture_withholds_half_its_direct_consultations_resu
             assert body2.endswith(worked_solution(expr) + fmt.EOS)  # the policy still writes the whole solution
     assert "=</expert>" not in "".join(CURRICULA["policy"](random.Random(i))[1] for i in range(200))
     assert 0.4 < withheld / direct < 0.6, (withheld, direct)
+
+
+# The shipped worlds' policies were trained on these traces: a change to either mixture's draws orphans them.
+SHIPPED_MIXTURES = [("policy", "146bab4d540d4c95"), ("policy_partial", "5cc3cc8da6000199")]
+
+
+@pytest.mark.parametrize(("curriculum", "digest"), SHIPPED_MIXTURES)
+def test_the_shipped_worlds_mixtures_draw_as_they_were_built(curriculum, digest):
+    rng = random.Random(0)
+    traces = json.dumps([CURRICULA[curriculum](rng) for _ in range(1000)])
+    assert hashlib.sha256(traces.encode()).hexdigest()[:16] == digest

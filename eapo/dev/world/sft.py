@@ -87,6 +87,7 @@ def policy_sample(rng: random.Random, max_queries: int = 3, withheld_share: floa
         k = rng.randint(1, max_queries)
         shown = fmt.expert_block(worked_solution(expr))
         body = fmt.consult_block([expr] * k) + shown * k + worked_solution(expr)
+        # seeded by the whole trace, EOS included, as world-partial was built
         if withheld_share and random.Random(zlib.crc32((body + fmt.EOS).encode())).random() < withheld_share:
             body = body.replace(shown, fmt.expert_block(withhold_result(worked_solution(expr))))
     elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
