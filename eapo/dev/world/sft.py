@@ -84,12 +84,12 @@ def policy_sample(rng: random.Random, max_queries: int = 3, withheld_share: floa
     if r < 0.35:  # self-resolution
         body = worked_solution(expr)
     elif r < 0.6:  # direct consultation, the same question to 1..K experts, then re-derived in its own tokens
-        k = rng.randint(1, max_queries)
-        shown = fmt.expert_block(worked_solution(expr))
-        body = fmt.consult_block([expr] * k) + shown * k + worked_solution(expr)
+        k, solution = rng.randint(1, max_queries), worked_solution(expr)
+        shown = fmt.expert_block(solution)
+        body = fmt.consult_block([expr] * k) + shown * k + solution
         # seeded by the whole trace, EOS included, as world-partial was built
         if withheld_share and random.Random(zlib.crc32((body + fmt.EOS).encode())).random() < withheld_share:
-            body = body.replace(shown, fmt.expert_block(withhold_result(worked_solution(expr))))
+            body = body.replace(shown, fmt.expert_block(withhold_result(solution)))
     elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
         (first, _value), *rest = solution_steps(expr)
         body = fmt.consult_block([first]) + fmt.expert_block(worked_solution(first))
