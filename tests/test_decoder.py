@@ -1,5 +1,9 @@
-"""The lean Qwen2 decoder computes what transformers' forward computes, bit for bit, so sampling through
-it replays the same tokens; models it does not reproduce go through transformers."""
+"""The lean Qwen2 decoder computes what transformers' forward computes (to the last bits), so sampling
+through it replays the same tokens; models it does not reproduce go through transformers. Requests join
+a running batch and leave it (continuous batching) and still sample as if alone, each on the weights of
+the version it reports."""
+
+import asyncio
 
 import pytest
 import torch
@@ -7,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import eapo.inference.sampling as sampling
 from eapo.inference.decoder import Qwen2Decoder, TransformersDecoder, open_decoder
-from eapo.inference.sampling import SampleRequest, generate_batch
+from eapo.inference.sampling import Batcher, RunningBatch, SampleRequest, generate_batch
 
 VOCAB = 50
 
@@ -30,17 +34,14 @@ def qwen2(heads: int = 2, kv_heads: int = 2, head_dim: int = 32, **config) -> Qw
     return Qwen2ForCausalLM(config).eval()
 
 
-def left_padded(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def prompts(lengths: list[int]) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
-    width = max(lengths)
-    ids, mask = (
-        torch.zeros((len(lengths), width), dtype=torch.long),
-        torch.zeros((len(lengths), width), dtype=torch.long),
-    )
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(1, VOCAB, (n,), generator=gen)
-        mask[row, width - n :] = 1
-    return ids, mask
+    return [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+# The lean decoder's rows start at column 0 and attend over the batch's longest row, masked; transformers'
+# rows are left-padded. The same sums over other masked widths round differently in the last bits.
+ROUNDING = {"rtol": 0, "atol": 1e-5}
 
 
 @pytest.mark.parametrize(
@@ -57,14 +58,44 @@ def left_padded(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.inference_mode()
 def test_lean_decoder_logits_equal_transformers_forward(shape, lengths):
     model = qwen2(**shape)
-    ids, mask = left_padded(lengths)
-    lean, reference = open_decoder(model, mask, 10), TransformersDecoder(model, mask)
+    lean, reference = open_decoder(model, len(lengths), pad_id=0), TransformersDecoder(model, pad_id=0)
     assert isinstance(lean, Qwen2Decoder)
-    torch.testing.assert_close(lean.prefill(ids), reference.prefill(ids), rtol=0, atol=0)
+    budgets = [10] * len(lengths)
+    torch.testing.assert_close(
+        lean.add(prompts(lengths), budgets), reference.add(prompts(lengths), budgets), **ROUNDING
+    )
     gen = torch.Generator().manual_seed(2)
     for _ in range(10):
-        step = torch.randint(1, VOCAB, (len(lengths), 1), generator=gen)
-        torch.testing.assert_close(lean.step(step), reference.step(step), rtol=0, atol=0)
+        ids = torch.randint(1, VOCAB, (len(lengths),), generator=gen).tolist()
+        torch.testing.assert_close(lean.step(ids), reference.step(ids), **ROUNDING)
+
+
+@torch.inference_mode()
+def test_rows_that_join_and_leave_a_running_batch_compute_as_if_alone():
+    model = qwen2()
+    a, b, c = prompts([7, 12, 3])
+    batch = Qwen2Decoder(model, 3, columns=16)  # too few columns for c's budget: the cache grows
+    alone = {name: Qwen2Decoder(model, 1) for name in "abc"}
+    gen = torch.Generator().manual_seed(3)
+
+    def check(logits: torch.Tensor, names: str) -> None:
+        for row, name in enumerate(names):
+            torch.testing.assert_close(logits[row], last[name], **ROUNDING)
+
+    last = {"a": alone["a"].add([a], [20])[0], "b": alone["b"].add([b], [20])[0]}
+    check(batch.add([a, b], [20, 20]), "ab")
+    for _ in range(3):
+        ids = torch.randint(1, VOCAB, (2,), generator=gen).tolist()
+        last |= {name: alone[name].step([i])[0] for name, i in zip("ab", ids, strict=True)}
+        check(batch.step(ids), "ab")
+    last["c"] = alone["c"].add([c], [40])[0]
+    check(batch.add([c], [40]), "c")  # joins while a and b run
+    batch.keep([2, 0])  # b leaves; c and a swap rows
+    for _ in range(20):
+        ids = torch.randint(1, VOCAB, (2,), generator=gen).tolist()
+        last |= {name: alone[name].step([i])[0] for name, i in zip("ca", ids, strict=True)}
+        check(batch.step(ids), "ca")
+    assert batch.keys[0].shape[2] >= 3 + 40
 
 
 @pytest.mark.parametrize("lengths", [(4, 9, 2), (6,)], ids=["batch", "one"])
@@ -72,26 +103,96 @@ def test_sampling_replays_the_same_tokens_through_either_decoder(monkeypatch, le
     model = qwen2()
     requests = [SampleRequest(list(range(1, 1 + n)), 16, frozenset({VOCAB - 1}), seed=n) for n in lengths]
     lean = generate_batch(model, requests, pad_id=0)
-    monkeypatch.setattr(sampling, "open_decoder", lambda m, mask, _steps: TransformersDecoder(m, mask))
+    monkeypatch.setattr(sampling, "open_decoder", lambda m, _rows, pad_id: TransformersDecoder(m, pad_id))
     reference = generate_batch(model, requests, pad_id=0)
     assert [r.token_ids for r in lean] == [r.token_ids for r in reference]
-    assert [r.logprobs for r in lean] == [r.logprobs for r in reference]
+    for ours, theirs in zip(lean, reference, strict=True):
+        torch.testing.assert_close(ours.logprobs, theirs.logprobs, **ROUNDING)
     assert any(len(r.token_ids) > 1 for r in lean)
 
 
 def test_models_the_lean_decoder_does_not_reproduce_go_through_transformers():
-    _, mask = left_padded([3])
     llama = LlamaForCausalLM(
         LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1)
     )
-    assert isinstance(open_decoder(llama, mask, 4), TransformersDecoder)
-    assert isinstance(open_decoder(qwen2().to(torch.bfloat16), mask, 4), TransformersDecoder)
+    assert isinstance(open_decoder(llama, 1, 0), TransformersDecoder)
+    assert isinstance(open_decoder(qwen2().to(torch.bfloat16), 1, 0), TransformersDecoder)
     scaled = qwen2()
     scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-    assert isinstance(open_decoder(scaled, mask, 4), TransformersDecoder)
+    assert isinstance(open_decoder(scaled, 1, 0), TransformersDecoder)
     sliding = qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    assert isinstance(open_decoder(sliding, mask, 4), TransformersDecoder)
+    assert isinstance(open_decoder(sliding, 1, 0), TransformersDecoder)
     eager = qwen2()
     eager.config._attn_implementation = "eager"
-    assert isinstance(open_decoder(eager, mask, 4), TransformersDecoder)
-    assert isinstance(open_decoder(qwen2(), mask, 4), Qwen2Decoder)
+    assert isinstance(open_decoder(eager, 1, 0), TransformersDecoder)
+    assert isinstance(open_decoder(qwen2(), 1, 0), Qwen2Decoder)
+
+
+def test_a_request_joins_a_running_batch_at_the_next_token_and_samples_as_alone():
+    model = qwen2()
+    long, short = (SampleRequest(p, n, seed=i) for i, (p, n) in enumerate(zip(prompts([5, 9]), [30, 4], strict=True)))
+    batch = RunningBatch(model, max_rows=4, pad_id=0)
+    batch.admit([long], ["long"])
+    assert batch.advance() == [] and batch.advance() == []
+    assert batch.room == 3
+    batch.admit([short], ["short"])
+    finished = {}
+    while "short" not in finished:
+        finished |= dict(batch.advance())
+    assert [row.handle for row in batch.rows] == ["long"]  # the short one left first
+    while batch.rows:
+        finished |= dict(batch.advance())
+    for name, request in (("long", long), ("short", short)):
+        assert finished[name].token_ids == generate_batch(model, [request], pad_id=0)[0].token_ids
+    assert [len(finished[n].token_ids) for n in ("long", "short")] == [30, 4]
+
+
+def test_a_decoder_that_cannot_take_rows_mid_batch_takes_them_when_it_drains():
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1)
+    ).eval()
+    batch = RunningBatch(llama, max_rows=4, pad_id=0)
+    batch.admit([SampleRequest([1, 2, 3], 3)], [0])
+    assert batch.room == 0
+    with pytest.raises(ValueError, match="room for 0"):
+        batch.admit([SampleRequest([4], 2)], [1])
+    while batch.rows:
+        batch.advance()
+    assert batch.room == 4
+
+
+async def test_the_batcher_swaps_weights_between_rows_and_each_result_names_its_weights():
+    old, new = qwen2(), qwen2()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    batcher = Batcher(old, pad_id=0, max_batch=8, version=0)
+    first, second = (SampleRequest(p, 40, seed=i) for i, p in enumerate(prompts([6, 6])))
+    try:
+        running = asyncio.create_task(batcher.sample(first))
+        await asyncio.sleep(0)  # queued on the old weights' batcher (it may or may not have started)
+        batcher.set_model(new, version=1)
+        assert batcher.version == 1
+        results = await asyncio.gather(running, batcher.sample(second))
+        assert results[1][1] == 1  # asked for after the swap
+        for request, (result, version) in zip((first, second), results, strict=True):
+            model = old if version == 0 else new
+            assert result.token_ids == generate_batch(model, [request], pad_id=0)[0].token_ids
+        assert generate_batch(old, [second], 0)[0].token_ids != generate_batch(new, [second], 0)[0].token_ids
+    finally:
+        await batcher.close()
+
+
+async def test_a_request_the_batcher_cannot_sample_fails_alone_and_the_batcher_serves_on():
+    batcher = Batcher(qwen2(), pad_id=0, max_batch=8)  # no tokenizer: stop strings cannot be read
+    try:
+        with pytest.raises(ValueError, match="stop strings need the tokenizer"):
+            await batcher.sample(SampleRequest([1, 2], 4, stop_strings=("</consult>",)))
+        result, version = await batcher.sample(SampleRequest([1, 2], 4))
+        assert len(result.token_ids) == 4 and version == 0
+        running = asyncio.create_task(batcher.sample(SampleRequest([1, 2], 400)))
+        await asyncio.sleep(0)  # queued, perhaps started: a few hundred tokens from done
+    finally:
+        await batcher.close()
+    with pytest.raises(RuntimeError, match="the batcher closed"):
+        await asyncio.wait_for(running, timeout=60)

@@ -1,8 +1,10 @@
 """Batched sampling with a KV cache for transformers causal LMs on CPU (forward passes: ``decoder``).
 
-Shared by the CPU policy engine and the CPU expert server: the pending requests of all concurrent
-callers are stacked (left-padded) into one forward pass per token instead of one episode at a time.
-Each request has its own seeded generator, so its draws do not depend on what it was batched with.
+Shared by the CPU policy engine and the CPU expert server: the requests of all concurrent callers share
+one forward pass per token, joining the running batch at the next token and leaving it when done
+(continuous batching, as vLLM's scheduler does), instead of one episode at a time. Each request has its
+own seeded generator, so its draws do not depend on what it was batched with (its logits may differ in
+the last bits, ``decoder``).
 
 A turn ends at a stop id (EOS) or at a stop *string* (a consult block's closing tag): under a BPE
 tokenizer a tag is several tokens and may merge with its neighbours (``></``, ``>\n``), so only the
@@ -18,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,7 +113,85 @@ def draw(
     return tokens.tolist(), logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
 
 
-@torch.inference_mode()
+@dataclass
+class _Row:
+    request: SampleRequest
+    generator: torch.Generator
+    handle: object  # the caller's name for it
+    result: SampleResult = field(default_factory=SampleResult)
+
+
+class RunningBatch:
+    """The requests being sampled together: they join (``admit``) whenever the decoder lets them and
+    leave as they finish (``advance``), so no row waits for the longest one and none is padding.
+    ``logits`` always holds each running row's next-token logits."""
+
+    def __init__(
+        self, model: torch.nn.Module, max_rows: int, pad_id: int, tokenizer: PreTrainedTokenizerFast | None = None
+    ):
+        self.model, self.decoder = model, open_decoder(model, max_rows, pad_id)
+        self.max_rows = max_rows
+        self.decode = text_decoder(tokenizer) if tokenizer is not None else None
+        self.rows: list[_Row] = []
+        self.logits = torch.empty(0)
+
+    @property
+    def room(self) -> int:
+        """How many requests ``admit`` takes now."""
+        return self.max_rows - len(self.rows) if self.decoder.joins or not self.rows else 0
+
+    def refuses(self, request: SampleRequest) -> str | None:
+        """Why ``admit`` cannot sample ``request``, or None."""
+        if self.decode is None and request.stop_strings:
+            return "stop strings need the tokenizer: pass generate_batch(..., tokenizer=)"
+        return None
+
+    @torch.inference_mode()
+    def admit(self, requests: Sequence[SampleRequest], handles: Sequence[object]) -> None:
+        if len(requests) > self.room:
+            raise ValueError(f"{len(requests)} requests, room for {self.room}")
+        if wrong := next(filter(None, map(self.refuses, requests)), None):
+            raise ValueError(wrong)
+        if not requests:
+            return
+        logits = self.decoder.add([r.prompt_ids for r in requests], [r.max_new_tokens - 1 for r in requests])
+        self.logits = torch.cat([self.logits, logits]) if self.rows else logits
+        self.rows += [_Row(r, torch.Generator().manual_seed(r.seed), h) for r, h in zip(requests, handles, strict=True)]
+
+    @torch.inference_mode()
+    def advance(self) -> list[tuple[object, SampleResult]]:
+        """Draws one token for every row; returns the rows that finished, by handle."""
+        tokens, logprobs = draw(self.logits, [r.request for r in self.rows], [r.generator for r in self.rows])
+        finished: list[int] = []
+        for i, (row, token, logprob) in enumerate(zip(self.rows, tokens, logprobs, strict=True)):
+            r, res = row.request, row.result
+            res.token_ids.append(token)
+            res.logprobs.append(logprob)
+            if token in r.stop_ids:
+                res.finish = "stop"
+            elif r.stop_strings and (hit := completed_stop(self.decode, res.token_ids, r.stop_strings)) is not None:
+                res.finish, res.stop_string = "stop", hit
+            if res.finish == "stop" or len(res.token_ids) >= r.max_new_tokens:
+                finished.append(i)  # its last token is drawn, never fed back
+        done = [(self.rows[i].handle, self.rows[i].result) for i in finished]
+        if finished:
+            order = refill(len(self.rows), finished)
+            self.decoder.keep(order)
+            self.rows = [self.rows[i] for i in order]
+        if self.rows:
+            self.logits = self.decoder.step([row.result.token_ids[-1] for row in self.rows])
+        return done
+
+
+def refill(rows: int, finished: list[int]) -> list[int]:
+    """The rows kept when ``finished`` leave: each hole is filled by the last running row, so only as many
+    rows move as there are holes before the new end."""
+    gone = set(finished)
+    n = rows - len(gone)
+    movers = [r for r in range(n, rows) if r not in gone]
+    return [movers.pop() if r in gone else r for r in range(n)]
+
+
 def generate_batch(
     model: torch.nn.Module,
     requests: list[SampleRequest],
@@ -119,50 +202,25 @@ def generate_batch(
     ``tokenizer`` reads the sampled ids as text; it is needed only by requests with stop strings."""
     if not requests:
         return []
-    if tokenizer is None and any(r.stop_strings for r in requests):
-        raise ValueError("stop strings need the tokenizer: pass generate_batch(..., tokenizer=)")
-    decode = text_decoder(tokenizer) if tokenizer is not None else None
-    width = max(len(r.prompt_ids) for r in requests)
-    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(requests), width), dtype=torch.long)
-    for row, r in enumerate(requests):
-        ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[row, width - len(r.prompt_ids) :] = 1
-    longest = max(r.max_new_tokens for r in requests)
-    decoder = open_decoder(model, mask, longest - 1)  # the last token is drawn, never fed back
-    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-    results = [SampleResult() for _ in requests]
-    active = list(range(len(requests)))
-    logits = decoder.prefill(ids)
-    for _ in range(longest):
-        next_ids = torch.full((len(requests), 1), pad_id, dtype=torch.long)
-        tokens, logprobs = draw(logits[active], [requests[row] for row in active], [generators[row] for row in active])
-        for row, token, logprob in zip(active, tokens, logprobs, strict=True):
-            r, res = requests[row], results[row]
-            res.token_ids.append(token)
-            res.logprobs.append(logprob)
-            next_ids[row, 0] = token
-            if token in r.stop_ids:
-                res.finish = "stop"
-            elif r.stop_strings and (hit := completed_stop(decode, res.token_ids, r.stop_strings)) is not None:
-                res.finish, res.stop_string = "stop", hit
-        active = [
-            row
-            for row in active
-            if results[row].finish != "stop" and len(results[row].token_ids) < requests[row].max_new_tokens
-        ]
-        if not active:
-            break
-        logits = decoder.step(next_ids)
+    batch = RunningBatch(model, len(requests), pad_id, tokenizer)
+    batch.admit(requests, range(len(requests)))
+    results: list[SampleResult] = [SampleResult()] * len(requests)
+    while batch.rows:
+        for i, result in batch.advance():
+            results[i] = result
     return results
 
 
-class Batcher:
-    """Collects concurrent ``sample`` calls and runs them together, one batch at a time, off the loop.
+_STOP = object()
 
-    ``model`` may be swapped between batches (``set_model``): a batch in progress finishes on the
-    weights it started with, which is what makes per-turn policy versions exact. ``tokenizer`` (the
-    model's) checks stop strings.
+
+class Batcher:
+    """Serves concurrent ``sample`` calls from one running batch (continuous batching) on a thread of
+    its own: a request joins the batch at the next token, not after the batch in progress.
+
+    ``set_model`` takes effect once the running batch drains (new requests wait meanwhile): every row
+    runs on the weights it started with, which is what makes per-turn policy versions exact. ``model``
+    and ``version`` are the newest set. ``tokenizer`` (the model's) checks stop strings.
     """
 
     def __init__(
@@ -173,52 +231,83 @@ class Batcher:
         version: int = 0,
         tokenizer: PreTrainedTokenizerFast | None = None,
     ):
-        self.model, self.pad_id, self.max_batch, self.version = model, pad_id, max_batch, version
-        self.tokenizer = tokenizer
-        self._queue: asyncio.Queue[tuple[SampleRequest, asyncio.Future]] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
-        self.batches = 0
-        self.batched_requests = 0
+        self.pad_id, self.max_batch, self.tokenizer = pad_id, max_batch, tokenizer
+        self._newest = (model, version)  # one tuple, so the loop never reads one's model with another's version
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._newest[0]
+
+    @property
+    def version(self) -> int:
+        return self._newest[1]
 
     def set_model(self, model: torch.nn.Module, version: int) -> None:
-        self.model, self.version = model, version
+        self._newest = (model, version)
 
     async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
         """Returns the result and the model version that produced it."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run())
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="batcher", daemon=True)
+            self._thread.start()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._queue.put((request, fut))
+        self._inbox.put((request, fut))
         return await fut
 
-    async def _run(self) -> None:
+    def _serve(self) -> None:
+        """The batch loop: take new requests, admit what fits, advance every row a token, hand back what
+        finished. Blocks only while nothing runs."""
+        waiting: deque[tuple[SampleRequest, asyncio.Future]] = deque()
+        batch: RunningBatch | None = None
         while True:
-            batch = [await self._queue.get()]
-            await asyncio.sleep(0)  # let callers that are ready this tick join the batch
-            while not self._queue.empty() and len(batch) < self.max_batch:
-                batch.append(self._queue.get_nowait())
-            batch = [(r, f) for r, f in batch if not f.cancelled()]
-            if not batch:
-                continue
-            model, version = self.model, self.version
+            item = None
             try:
-                results = await asyncio.to_thread(
-                    generate_batch, model, [r for r, _ in batch], self.pad_id, self.tokenizer
-                )
+                item = self._inbox.get(block=not waiting and (batch is None or not batch.rows))
+                while item is not _STOP:
+                    waiting.append(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if item is _STOP:
+                _fail([*waiting, *(row.handle for row in batch.rows)] if batch else waiting, "the batcher closed")
+                return
+            model, version = self._newest
+            if batch is None or (not batch.rows and batch.model is not model):
+                batch, batch_version = RunningBatch(model, self.max_batch, self.pad_id, self.tokenizer), version
+            take = []
+            try:
+                if batch.model is model:  # else: the new model waits for the batch to drain
+                    take = [waiting.popleft() for _ in range(min(batch.room, len(waiting)))]
+                    take = [(r, f) for r, f in take if not f.cancelled()]
+                    for r, f in take:
+                        if wrong := batch.refuses(r):
+                            _fail([(r, f)], wrong, ValueError)  # this request is wrong, not the batch
+                    take = [(r, f) for r, f in take if not batch.refuses(r)]
+                    batch.admit([r for r, _ in take], take)
+                done = batch.advance() if batch.rows else []
             except Exception as exc:  # surface to every waiter; the batcher keeps serving
                 log.exception("generation batch failed")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                _fail([*take, *(row.handle for row in batch.rows)], f"generation failed: {exc!r}")
+                batch = None
                 continue
-            self.batches += 1
-            self.batched_requests += len(batch)
-            for (_, fut), res in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result((res, version))
+            for (_, fut), result in done:
+                _resolve(fut, (result, batch_version))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+
+def _resolve(fut: asyncio.Future, value: object) -> None:
+    with contextlib.suppress(RuntimeError):  # its loop closed: nobody waits
+        fut.get_loop().call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
+
+
+def _fail(items: Iterable[tuple[object, asyncio.Future]], why: str, kind: type[Exception] = RuntimeError) -> None:
+    for _, fut in items:
+        with contextlib.suppress(RuntimeError):
+            fut.get_loop().call_soon_threadsafe(lambda f=fut: f.done() or f.set_exception(kind(why)))
