@@ -2,8 +2,8 @@
 
 ``TransformersEngine`` is the CPU implementation: all concurrent episodes' generation requests share
 batched forward passes, and published weight versions are loaded from shared storage and swapped in
-between batches. ``RemotePolicyEngine`` (``rollout_service.remote_engine``) drives vLLM policy servers
-through the same protocol, and ``VLLMEngine`` (``rollout_service.vllm_engine``) runs vLLM in-process.
+once the running turns finish. ``RemotePolicyEngine`` (``rollout_service.remote_engine``) drives vLLM
+policy servers through the same protocol, and ``VLLMEngine`` (``rollout_service.vllm_engine``) runs vLLM in-process.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class TransformersEngine:
         return await self._batcher.sample(request)
 
     async def load_version(self, version: int, path: Path) -> None:
-        """Verify the published checksums, load off the event loop, swap in for the next batch."""
+        """Verify the published checksums, load off the event loop, swap in once the running turns finish."""
         await asyncio.to_thread(verify_version, path)
         model, _ = await asyncio.to_thread(load_model, path)
         self._batcher.set_model(model, version)

@@ -4,6 +4,7 @@ a running batch and leave it (continuous batching) and still sample as if alone,
 the version it reports."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_lean_decoder_logits_equal_transformers_forward(shape, lengths):
 def test_rows_that_join_and_leave_a_running_batch_compute_as_if_alone():
     model = qwen2()
     a, b, c = prompts([7, 12, 3])
-    batch = Qwen2Decoder(model, 3, columns=16)  # too few columns for c's budget: the cache grows
+    batch = Qwen2Decoder(model, 3, columns=4)  # too few columns: the cache grows
     alone = {name: Qwen2Decoder(model, 1) for name in "abc"}
     gen = torch.Generator().manual_seed(3)
 
@@ -84,6 +85,7 @@ def test_rows_that_join_and_leave_a_running_batch_compute_as_if_alone():
 
     last = {"a": alone["a"].add([a], [20])[0], "b": alone["b"].add([b], [20])[0]}
     check(batch.add([a, b], [20, 20]), "ab")
+    assert batch.keys[0].shape[2] == 12 + 20  # exactly b's prompt and budget (more than twice 4 columns)
     for _ in range(3):
         ids = torch.randint(1, VOCAB, (2,), generator=gen).tolist()
         last |= {name: alone[name].step([i])[0] for name, i in zip("ab", ids, strict=True)}
@@ -130,21 +132,43 @@ def test_models_the_lean_decoder_does_not_reproduce_go_through_transformers():
 
 def test_a_request_joins_a_running_batch_at_the_next_token_and_samples_as_alone():
     model = qwen2()
-    long, short = (SampleRequest(p, n, seed=i) for i, (p, n) in enumerate(zip(prompts([5, 9]), [30, 4], strict=True)))
+    quick, long, short = (
+        SampleRequest(p, n, seed=i) for i, (p, n) in enumerate(zip(prompts([4, 5, 9]), [3, 30, 5], strict=True))
+    )
     batch = RunningBatch(model, max_rows=4, pad_id=0)
-    batch.admit([long], ["long"])
+    batch.admit([quick, long], ["quick", "long"])
     assert batch.advance() == [] and batch.advance() == []
-    assert batch.room == 3
-    batch.admit([short], ["short"])
-    finished = {}
+    assert batch.room == 2
+    batch.admit([short], ["short"])  # joins while both run
+    finished = dict(batch.advance())
+    assert list(finished) == ["quick"]
+    assert [row.handle for row in batch.rows] == ["short", "long"]  # the last row moved into the hole
     while "short" not in finished:
         finished |= dict(batch.advance())
     assert [row.handle for row in batch.rows] == ["long"]  # the short one left first
     while batch.rows:
         finished |= dict(batch.advance())
-    for name, request in (("long", long), ("short", short)):
+    for name, request in (("quick", quick), ("long", long), ("short", short)):
         assert finished[name].token_ids == generate_batch(model, [request], pad_id=0)[0].token_ids
-    assert [len(finished[n].token_ids) for n in ("long", "short")] == [30, 4]
+    assert [len(finished[n].token_ids) for n in ("quick", "long", "short")] == [3, 30, 5]
+
+
+def test_rows_given_up_leave_and_the_others_sample_as_alone():
+    model = qwen2()
+    a, b, c = (SampleRequest(p, 12, seed=i) for i, p in enumerate(prompts([4, 5, 9])))
+    for steps_before in (0, 2):  # dropped right after the prefill, and between steps
+        batch = RunningBatch(model, max_rows=4, pad_id=0)
+        batch.admit([a, b, c], ["a", "b", "c"])
+        for _ in range(steps_before):
+            assert batch.advance() == []
+        batch.drop(lambda handle: handle == "a")
+        assert [row.handle for row in batch.rows] == ["c", "b"]
+        finished = {}
+        while batch.rows:
+            finished |= dict(batch.advance())
+        assert sorted(finished) == ["b", "c"]
+        for name, request in (("b", b), ("c", c)):
+            assert finished[name].token_ids == generate_batch(model, [request], pad_id=0)[0].token_ids
 
 
 def test_a_decoder_that_cannot_take_rows_mid_batch_takes_them_when_it_drains():
@@ -161,20 +185,29 @@ def test_a_decoder_that_cannot_take_rows_mid_batch_takes_them_when_it_drains():
     assert batch.room == 4
 
 
-async def test_the_batcher_swaps_weights_between_rows_and_each_result_names_its_weights():
+async def test_new_weights_wait_for_the_running_rows_and_each_result_names_its_weights(monkeypatch):
     old, new = qwen2(), qwen2()
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.5 * torch.randn_like(p))
+    admitted = threading.Event()
+    real_admit = RunningBatch.admit
+
+    def admit(self, requests, handles):
+        real_admit(self, requests, handles)
+        if requests:
+            admitted.set()
+
+    monkeypatch.setattr(RunningBatch, "admit", admit)
     batcher = Batcher(old, pad_id=0, max_batch=8, version=0)
-    first, second = (SampleRequest(p, 40, seed=i) for i, p in enumerate(prompts([6, 6])))
+    first, second = (SampleRequest(p, 200, seed=i) for i, p in enumerate(prompts([6, 6])))
     try:
         running = asyncio.create_task(batcher.sample(first))
-        await asyncio.sleep(0)  # queued on the old weights' batcher (it may or may not have started)
+        assert await asyncio.to_thread(admitted.wait, 60)  # the first row runs on the old weights
         batcher.set_model(new, version=1)
         assert batcher.version == 1
-        results = await asyncio.gather(running, batcher.sample(second))
-        assert results[1][1] == 1  # asked for after the swap
+        results = await asyncio.wait_for(asyncio.gather(running, batcher.sample(second)), timeout=120)
+        assert [version for _, version in results] == [0, 1]
         for request, (result, version) in zip((first, second), results, strict=True):
             model = old if version == 0 else new
             assert result.token_ids == generate_batch(model, [request], pad_id=0)[0].token_ids
@@ -183,16 +216,55 @@ async def test_the_batcher_swaps_weights_between_rows_and_each_result_names_its_
         await batcher.close()
 
 
-async def test_a_request_the_batcher_cannot_sample_fails_alone_and_the_batcher_serves_on():
+@pytest.mark.parametrize(
+    "request_, why",
+    [
+        (SampleRequest([1, 2], 4, stop_strings=("</consult>",)), "stop strings need the model's tokenizer"),
+        (SampleRequest([], 4), "empty prompt"),
+        (SampleRequest([1, VOCAB], 4), "outside the model's vocabulary of 50"),
+        (SampleRequest([1, 2], 0), "max_new_tokens 0"),
+    ],
+    ids=["stop-strings-without-tokenizer", "empty", "unknown-id", "no-tokens"],
+)
+async def test_a_request_the_batcher_cannot_sample_fails_alone_and_the_batcher_serves_on(request_, why):
     batcher = Batcher(qwen2(), pad_id=0, max_batch=8)  # no tokenizer: stop strings cannot be read
     try:
-        with pytest.raises(ValueError, match="stop strings need the tokenizer"):
-            await batcher.sample(SampleRequest([1, 2], 4, stop_strings=("</consult>",)))
-        result, version = await batcher.sample(SampleRequest([1, 2], 4))
-        assert len(result.token_ids) == 4 and version == 0
-        running = asyncio.create_task(batcher.sample(SampleRequest([1, 2], 400)))
-        await asyncio.sleep(0)  # queued, perhaps started: a few hundred tokens from done
+        running = asyncio.create_task(batcher.sample(SampleRequest([3, 4], 30)))
+        with pytest.raises(ValueError, match=why):
+            await batcher.sample(request_)
+        result, version = await asyncio.wait_for(running, timeout=60)
+        assert len(result.token_ids) == 30 and version == 0
     finally:
         await batcher.close()
+
+
+async def test_a_failed_forward_fails_its_rows_and_the_batcher_serves_on(monkeypatch):
+    real_advance, calls = RunningBatch.advance, []
+
+    def advance(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real_advance(self)
+
+    monkeypatch.setattr(RunningBatch, "advance", advance)
+    batcher = Batcher(qwen2(), pad_id=0, max_batch=8)
+    try:
+        with pytest.raises(RuntimeError, match="generation failed: RuntimeError\\('out of memory'\\)"):
+            await asyncio.wait_for(batcher.sample(SampleRequest([1, 2], 4)), timeout=60)
+        result, _ = await asyncio.wait_for(batcher.sample(SampleRequest([1, 2], 4)), timeout=60)
+        assert len(result.token_ids) == 4
+    finally:
+        await batcher.close()
+
+
+async def test_close_fails_what_runs_and_every_later_request():
+    batcher = Batcher(qwen2(), pad_id=0, max_batch=8)
+    running = asyncio.create_task(batcher.sample(SampleRequest([1, 2], 400)))
+    await asyncio.sleep(0)  # queued, perhaps started: a few hundred tokens from done
+    await batcher.close()
     with pytest.raises(RuntimeError, match="the batcher closed"):
         await asyncio.wait_for(running, timeout=60)
+    with pytest.raises(RuntimeError, match="the batcher is closed"):
+        await batcher.sample(SampleRequest([1], 2))
+    await batcher.close()  # twice is harmless

@@ -13,7 +13,7 @@ each of ~30 modules dispatches through hooks and output wrappers. Here the cache
 and a step is a few dozen tensor ops. The weights are the model's own tensors (nothing is copied), so
 a model swapped in between batches is read as it is. It calls the same attention kernel
 (``scaled_dot_product_attention``) on the same values, so its logits equal those of transformers' SDPA
-forward with ``logits_to_keep=1`` (what ``TransformersDecoder`` runs) to the last bits: a row attends
+forward with ``logits_to_keep=1`` (what ``TransformersDecoder`` runs) up to rounding: a row attends
 over the batch's widest row, masked, where transformers' rows are left-padded, and the sums round
 differently (≤ 1e-5, tests/test_decoder.py). Anything else (another architecture, RoPE scaling,
 sliding windows, another attention implementation, a dtype other than float32, a GPU) runs through
@@ -34,7 +34,6 @@ class Decoder(Protocol):
     """The running batch's forward passes. Rows are requests, in the caller's order: ``add`` appends
     rows, ``step`` advances every row by one token, ``keep`` drops finished rows and reorders the rest."""
 
-    rows: int
     joins: bool  # whether rows may be added while others are running
 
     def add(self, prompts: list[list[int]], budgets: list[int]) -> torch.Tensor:
@@ -73,10 +72,6 @@ class TransformersDecoder:
         )
         self.live: list[int] = []  # the cache's row of each running row
 
-    @property
-    def rows(self) -> int:
-        return len(self.live)
-
     def add(self, prompts: list[list[int]], budgets: list[int]) -> torch.Tensor:
         if self.live:
             raise RuntimeError("TransformersDecoder cannot add rows to a running batch")
@@ -87,8 +82,10 @@ class TransformersDecoder:
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             self.mask[row, width - len(prompt) :] = 1
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.past, self.live = None, list(range(len(prompts)))
-        return self._forward(ids, self.positions)
+        self.past = None
+        logits = self._forward(ids, self.positions)
+        self.live = list(range(len(prompts)))
+        return logits
 
     def step(self, ids: list[int]) -> torch.Tensor:
         fed = torch.full((len(self.mask), 1), self.pad_id, dtype=torch.long)
@@ -134,9 +131,10 @@ def _lean_qwen2(model: torch.nn.Module) -> bool:
 
 class Qwen2Decoder:
     """Qwen2's forward over a slot KV cache: row ``r`` holds its request's tokens in columns
-    ``0 … lengths[r]-1``, positions counting from 0, so each row is computed as if alone and rows join
-    and leave between steps (continuous batching). Columns past a row's length hold finite leftovers
-    (the cache starts zeroed) that the mask hides: a NaN there would poison the row even at zero weight."""
+    ``0 … lengths[r]-1``, positions counting from 0, so each row is computed as if alone (up to
+    rounding) and rows join and leave between steps (continuous batching). Columns past a row's length
+    hold finite leftovers (the cache starts zeroed) that the mask hides: a NaN there would poison the
+    row even at zero weight."""
 
     joins = True
 

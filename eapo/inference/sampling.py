@@ -123,17 +123,20 @@ class _Row:
 
 class RunningBatch:
     """The requests being sampled together: they join (``admit``) whenever the decoder lets them and
-    leave as they finish (``advance``), so no row waits for the longest one and none is padding.
-    ``logits`` always holds each running row's next-token logits."""
+    leave as they finish (``advance``) or are given up (``drop``), so on a decoder that takes rows
+    mid-batch no row waits for the longest one. A finished row's result is returned before the next
+    forward pass, so a failure there concerns only the rows still running."""
 
     def __init__(
         self, model: torch.nn.Module, max_rows: int, pad_id: int, tokenizer: PreTrainedTokenizerFast | None = None
     ):
         self.model, self.decoder = model, open_decoder(model, max_rows, pad_id)
-        self.max_rows = max_rows
+        embeddings = getattr(model, "get_input_embeddings", None)  # every transformers model has it
+        self.max_rows, self.vocab = max_rows, embeddings().num_embeddings if embeddings else None
         self.decode = text_decoder(tokenizer) if tokenizer is not None else None
         self.rows: list[_Row] = []
-        self.logits = torch.empty(0)
+        self.logits = torch.empty(0)  # each row's next-token logits, once the pending step has run
+        self._pending = False  # the rows' last tokens are drawn but not yet fed
 
     @property
     def room(self) -> int:
@@ -142,8 +145,14 @@ class RunningBatch:
 
     def refuses(self, request: SampleRequest) -> str | None:
         """Why ``admit`` cannot sample ``request``, or None."""
+        if not request.prompt_ids:
+            return "empty prompt: nothing to continue"
+        if request.max_new_tokens < 1:
+            return f"max_new_tokens {request.max_new_tokens}: at least 1 token must be asked for"
+        if self.vocab is not None and not all(0 <= i < self.vocab for i in request.prompt_ids):
+            return f"prompt token ids outside the model's vocabulary of {self.vocab}"
         if self.decode is None and request.stop_strings:
-            return "stop strings need the tokenizer: pass generate_batch(..., tokenizer=)"
+            return "stop strings need the model's tokenizer to be read"
         return None
 
     @torch.inference_mode()
@@ -154,6 +163,7 @@ class RunningBatch:
             raise ValueError(wrong)
         if not requests:
             return
+        self._catch_up()
         logits = self.decoder.add([r.prompt_ids for r in requests], [r.max_new_tokens - 1 for r in requests])
         self.logits = torch.cat([self.logits, logits]) if self.rows else logits
         self.rows += [_Row(r, torch.Generator().manual_seed(r.seed), h) for r, h in zip(requests, handles, strict=True)]
@@ -161,6 +171,7 @@ class RunningBatch:
     @torch.inference_mode()
     def advance(self) -> list[tuple[object, SampleResult]]:
         """Draws one token for every row; returns the rows that finished, by handle."""
+        self._catch_up()
         tokens, logprobs = draw(self.logits, [r.request for r in self.rows], [r.generator for r in self.rows])
         finished: list[int] = []
         for i, (row, token, logprob) in enumerate(zip(self.rows, tokens, logprobs, strict=True)):
@@ -174,13 +185,26 @@ class RunningBatch:
             if res.finish == "stop" or len(res.token_ids) >= r.max_new_tokens:
                 finished.append(i)  # its last token is drawn, never fed back
         done = [(self.rows[i].handle, self.rows[i].result) for i in finished]
-        if finished:
-            order = refill(len(self.rows), finished)
+        self._pending = True
+        self._leave(finished)
+        return done
+
+    def drop(self, given_up: Callable[[object], bool]) -> None:
+        """Leaves out the rows whose handle ``given_up`` names (their callers went away)."""
+        self._leave([i for i, row in enumerate(self.rows) if given_up(row.handle)])
+
+    def _leave(self, rows: list[int]) -> None:
+        if rows:
+            order = refill(len(self.rows), rows)
             self.decoder.keep(order)
             self.rows = [self.rows[i] for i in order]
-        if self.rows:
+            if not self._pending:
+                self.logits = self.logits[order]
+
+    def _catch_up(self) -> None:
+        if self._pending and self.rows:
             self.logits = self.decoder.step([row.result.token_ids[-1] for row in self.rows])
-        return done
+        self._pending = False
 
 
 def refill(rows: int, finished: list[int]) -> list[int]:
@@ -204,11 +228,10 @@ def generate_batch(
         return []
     batch = RunningBatch(model, len(requests), pad_id, tokenizer)
     batch.admit(requests, range(len(requests)))
-    results: list[SampleResult] = [SampleResult()] * len(requests)
+    results: dict[object, SampleResult] = {}
     while batch.rows:
-        for i, result in batch.advance():
-            results[i] = result
-    return results
+        results.update(batch.advance())
+    return [results[i] for i in range(len(requests))]
 
 
 _STOP = object()
@@ -218,9 +241,11 @@ class Batcher:
     """Serves concurrent ``sample`` calls from one running batch (continuous batching) on a thread of
     its own: a request joins the batch at the next token, not after the batch in progress.
 
-    ``set_model`` takes effect once the running batch drains (new requests wait meanwhile): every row
+    ``set_model`` takes effect once the running rows finish (new requests wait meanwhile): every row
     runs on the weights it started with, which is what makes per-turn policy versions exact. ``model``
-    and ``version`` are the newest set. ``tokenizer`` (the model's) checks stop strings.
+    and ``version`` are the newest set. ``tokenizer`` (the model's) checks stop strings. A request the
+    batch cannot sample fails alone (``ValueError``); a failed forward pass fails the rows it carried and
+    the batcher serves on; after ``close`` every request fails.
     """
 
     def __init__(
@@ -232,9 +257,10 @@ class Batcher:
         tokenizer: PreTrainedTokenizerFast | None = None,
     ):
         self.pad_id, self.max_batch, self.tokenizer = pad_id, max_batch, tokenizer
-        self._newest = (model, version)  # one tuple, so the loop never reads one's model with another's version
+        self._newest = (model, version)  # one tuple: the loop never reads one's model with another's version
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -249,7 +275,9 @@ class Batcher:
 
     async def sample(self, request: SampleRequest) -> tuple[SampleResult, int]:
         """Returns the result and the model version that produced it."""
-        if self._thread is None:
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._serve, name="batcher", daemon=True)
             self._thread.start()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -258,48 +286,60 @@ class Batcher:
 
     def _serve(self) -> None:
         """The batch loop: take new requests, admit what fits, advance every row a token, hand back what
-        finished. Blocks only while nothing runs."""
+        finished. Blocks only while nothing runs or waits."""
         waiting: deque[tuple[SampleRequest, asyncio.Future]] = deque()
         batch: RunningBatch | None = None
+        batch_weights = self._newest
         while True:
             item = None
-            try:
+            with contextlib.suppress(queue.Empty):
                 item = self._inbox.get(block=not waiting and (batch is None or not batch.rows))
                 while item is not _STOP:
                     waiting.append(item)
                     item = self._inbox.get_nowait()
-            except queue.Empty:
-                pass
             if item is _STOP:
-                _fail([*waiting, *(row.handle for row in batch.rows)] if batch else waiting, "the batcher closed")
+                _fail([*waiting, *_drain(self._inbox), *(batch.rows if batch else [])], "the batcher closed")
                 return
-            model, version = self._newest
-            if batch is None or (not batch.rows and batch.model is not model):
-                batch, batch_version = RunningBatch(model, self.max_batch, self.pad_id, self.tokenizer), version
-            take = []
+            take: list[tuple[SampleRequest, asyncio.Future]] = []
             try:
-                if batch.model is model:  # else: the new model waits for the batch to drain
+                newest = self._newest
+                if batch is None or (not batch.rows and batch_weights is not newest):
+                    batch, batch_weights = RunningBatch(newest[0], self.max_batch, self.pad_id, self.tokenizer), newest
+                batch.drop(lambda handle: handle[1].cancelled())
+                if batch_weights is newest:  # else: the new weights wait for the running rows to finish
                     take = [waiting.popleft() for _ in range(min(batch.room, len(waiting)))]
-                    take = [(r, f) for r, f in take if not f.cancelled()]
-                    for r, f in take:
-                        if wrong := batch.refuses(r):
-                            _fail([(r, f)], wrong, ValueError)  # this request is wrong, not the batch
-                    take = [(r, f) for r, f in take if not batch.refuses(r)]
+                    admitted = []
+                    for item in take:
+                        if why := batch.refuses(item[0]):
+                            _fail([item], why, ValueError)  # this request is wrong, not the batch
+                        elif not item[1].cancelled():
+                            admitted.append(item)
+                    take = admitted
                     batch.admit([r for r, _ in take], take)
+                    take = []
                 done = batch.advance() if batch.rows else []
-            except Exception as exc:  # surface to every waiter; the batcher keeps serving
+            except Exception as exc:  # surface to every waiter it concerns; the batcher serves on
                 log.exception("generation batch failed")
-                _fail([*take, *(row.handle for row in batch.rows)], f"generation failed: {exc!r}")
+                _fail([*take, *(batch.rows if batch else [])], f"generation failed: {exc!r}")
                 batch = None
                 continue
             for (_, fut), result in done:
-                _resolve(fut, (result, batch_version))
+                _resolve(fut, (result, batch_weights[1]))
 
     async def close(self) -> None:
-        if self._thread is not None:
+        self._closed = True
+        if self._thread is not None and self._thread.is_alive():
             self._inbox.put(_STOP)
             await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        _fail(_drain(self._inbox), "the batcher closed")  # put while it stopped
+
+
+def _drain(inbox: queue.SimpleQueue) -> list:
+    items = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            items.append(inbox.get_nowait())
+    return [item for item in items if item is not _STOP]
 
 
 def _resolve(fut: asyncio.Future, value: object) -> None:
@@ -307,7 +347,9 @@ def _resolve(fut: asyncio.Future, value: object) -> None:
         fut.get_loop().call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
 
 
-def _fail(items: Iterable[tuple[object, asyncio.Future]], why: str, kind: type[Exception] = RuntimeError) -> None:
-    for _, fut in items:
+def _fail(items: Iterable[object], why: str, kind: type[Exception] = RuntimeError) -> None:
+    """Fails the futures of ``items``: queued ``(request, future)`` pairs or running rows."""
+    for item in items:
+        _, fut = item.handle if isinstance(item, _Row) else item
         with contextlib.suppress(RuntimeError):
             fut.get_loop().call_soon_threadsafe(lambda f=fut: f.done() or f.set_exception(kind(why)))
