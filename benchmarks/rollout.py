@@ -78,7 +78,7 @@ class FakeExperts:
         self.latency_s = latency_s
         self.answered = 0
 
-    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+    async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None) -> list[ConsultResult]:
         await asyncio.sleep(self.latency_s)
         self.answered += len(queries)
         return [ConsultResult(index=i, answer=str(self.answered + i), latency_ms=self.latency_s * 1000)

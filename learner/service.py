@@ -100,6 +100,7 @@ class Learner:
                     await self._drop(consumer, entry, verdict)
                     continue
                 seen_groups.append(group)
+                await feeder.observe(group)
                 if lc.max_version_lag is not None and step - group.min_policy_version > lc.max_version_lag:
                     stale.append(group)  # counted and reported: dropping biases against slow (consulting) groups
                     await self._drop(consumer, entry, "stale")
@@ -133,7 +134,7 @@ class Learner:
         remembered = await self.ledger.load(state.get("group_ids", []))
         counters = {k.decode(): int(v) for k, v in (await self.client.hgetall(self.names.counters)).items()}
         self.dropped = Counter({k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("dropped:")})
-        feeder.admitted = counters.get("admitted", 0)
+        await feeder.restore(counters)
         step = int(state.get("step", 0))
         if step:
             log.info("resuming at step %d (%d trained group ids remembered)", step, remembered)
@@ -156,7 +157,13 @@ class Learner:
         await consumer.ensure_group()
         await ensure_group(self.client, self.names.prompts, self.names.rollout_group)
         feeder = PromptFeeder(
-            self.client, self.names, load_split(cfg, "train"), lc.seed, lc.batch_groups, lc.max_staleness
+            self.client,
+            self.names,
+            load_split(cfg, "train"),
+            lc.seed,
+            lc.batch_groups,
+            lc.max_staleness,
+            lc.prompt_skip_explore,
         )
         await self.client.delete(self.names.done)
         start = await self._resume(ranks, feeder)
@@ -202,7 +209,9 @@ class Learner:
             now = time.monotonic()
             times = StepTimes(run_s=now - t_start, wait_s=t_data, step_s=now - t0)
             advantages = [adv for _, adv in batch]
-            record = step_record(step, anneal, trained, advantages, seen_groups, stale, self.dropped, stats, times, lc)
+            record = step_record(
+                step, anneal, trained, advantages, seen_groups, stale, self.dropped, feeder.skipped, stats, times, lc
+            )
             self.step_log.write(step + 1, record)
             log.info(
                 "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",

@@ -49,6 +49,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     """What the rollouts of this step looked like, over every group read (kept or dropped)."""
     samples = [s for g in groups for s in g.samples]
     consults = [c for s in samples for c in s.consults]
+    asked = [c for c in consults if c.outcome != "not_asked"]
     n = max(len(samples), 1)
     versions = [t.policy_version for s in samples for t in s.turns] or [0]
     kinds = Counter(fmt.paradigm([c.query for c in s.consults], g.prompt.problem) for g in groups for s in g.samples)
@@ -65,7 +66,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         "accuracy_alone": fmean(alone) if alone else None,
         "accuracy_consulting": fmean(consulting) if consulting else None,
         "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
-        "answered_rate": sum(c.outcome == "answer" for c in consults) / max(len(consults), 1),
+        "answered_rate": sum(c.outcome == "answer" for c in asked) / max(len(asked), 1),
         "response_tokens": sum(s.policy_tokens for s in samples) / n,
         "version_lag_mean": sum(lags) / len(lags),
         "version_lag_max": float(max(lags)),
@@ -102,14 +103,15 @@ def step_record(
     seen: list[TrajectoryGroup],
     stale: list[TrajectoryGroup],
     dropped: Mapping[str, int],
+    skipped: int,
     train_stats: dict[str, float],
     times: StepTimes,
     lc: LearnerConfig,
 ) -> dict[str, object]:
     """The record of step ``step`` (0-based; it produced version ``step + 1``): ``trained`` are the groups
     it trained on and ``advantages`` their samples' advantages as trained, ``seen`` every group it read,
-    ``stale`` those past ``max_version_lag``, ``dropped`` the run's drop counts by reason, ``train_stats``
-    what the trainer returned."""
+    ``stale`` those past ``max_version_lag``, ``dropped`` the run's drop counts by reason, ``skipped`` the
+    prompts the feeder skipped so far, ``train_stats`` what the trainer returned."""
     compute_s = times.step_s - times.wait_s
     return {
         "step": step + 1,
@@ -127,6 +129,7 @@ def step_record(
         "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
         "group_ids": [g.group_id for g in trained],
         "dropped": dict(dropped),
+        "prompts_skipped": skipped,
         **train_stats,
         "reward": fmean([r for g in trained for r in outcome_rewards(g, lc)]),
         "penalty_trained": fmean([g.anneal.penalty for g in trained]),

@@ -46,6 +46,11 @@ class Names:
         return f"{self.prefix}:counters"
 
     @property
+    def prompt_streaks(self) -> str:
+        """Hash problem id → how many of its groups in a row had no outcome signal (``learner/feeder.py``)."""
+        return f"{self.prefix}:prompt:streaks"
+
+    @property
     def trained(self) -> str:
         """Sorted set of the group ids the learner trained on, scored by their prompt's admission time
         (ms); ids older than ``learner.dedup_horizon_s`` are removed (``learner/ledger.py``)."""

@@ -151,11 +151,12 @@ class TurnRecord(Message):
 
 
 class ConsultRecord(Message):
-    """One query of a consult block and what became of it. ``draw`` < p means accepted."""
+    """One query of a consult block and what became of it. ``draw`` < p means an expert was asked, and
+    its answer, if one came, shown (``accepted``); otherwise no expert was asked (``not_asked``)."""
 
     turn: int
     query: str
-    outcome: Literal["answer", "error"]
+    outcome: Literal["answer", "error", "not_asked"]
     draw: float
     accepted: bool
     injected_start: int

@@ -1,8 +1,9 @@
 """One EAPO episode: the multi-turn loop of policy turns, consult blocks and injected expert answers.
 
-Each answer returned for a query is shown to the policy only if the episode's seeded draw ``u < p(t)``;
-the draw and the decision are recorded either way. The sequence itself (ids, loss mask, log-probs) is
-the ``Transcript``'s; who answers a query is ``expert_client``'s.
+Each query's answer is shown to the policy only if the episode's seeded draw ``u < p(t)``, and only those
+queries are sent to an expert: an answer the draw withholds would cost an expert's compute and change
+nothing the policy sees. The draw and the decision are recorded either way. The sequence itself (ids,
+loss mask, log-probs) is the ``Transcript``'s; who answers a query is ``expert_client``'s.
 
 Any tokenizer: prompts come from the policy's own chat template (``proto.episode_format``), a consult
 turn ends on the closing tag as a stop *string* (``eapo.inference.sampling``: under BPE the tag is several tokens,
@@ -81,9 +82,13 @@ async def run_episode(
                 rejected_blocks += 1
                 transcript.inject(fmt.expert_block(None))
                 continue
-            answers = await experts.consult(parsed.queries, f"{task.prompt_id}/{sample_index}")
-            for query, res in zip(parsed.queries, answers, strict=True):
-                consults.append(_show(transcript, query, res, rng.random(), anneal.acceptance))
+            draws = [rng.random() for _ in parsed.queries]
+            asked = [i for i, draw in enumerate(draws) if draw < anneal.acceptance]
+            episode_id = f"{task.prompt_id}/{sample_index}"
+            answers = await experts.consult([parsed.queries[i] for i in asked], episode_id, asked) if asked else []
+            shown = dict(zip(asked, answers, strict=True))
+            for i, (query, draw) in enumerate(zip(parsed.queries, draws, strict=True)):
+                consults.append(_show(transcript, query, shown.get(i), draw))
             continue
         # a turn cut at the room left ran into the context limit, not the turn limit
         finish = "eos" if result.finish == "stop" else ("context" if len(result.token_ids) >= room else "length")
@@ -115,10 +120,11 @@ async def run_episode(
     )
 
 
-def _show(transcript: Transcript, query: str, res: ConsultResult, draw: float, acceptance: float) -> ConsultRecord:
-    """Injects the expert's answer if the draw accepts it, else the unavailable note, and records which."""
-    outcome = "answer" if res.answer is not None else "error"
-    accepted = res.answer is not None and draw < acceptance
+def _show(transcript: Transcript, query: str, res: ConsultResult | None, draw: float) -> ConsultRecord:
+    """Injects the expert's answer if one was asked for (``res``) and came, else the unavailable note,
+    and records which."""
+    outcome = "not_asked" if res is None else ("answer" if res.answer is not None else "error")
+    accepted = res is not None and res.answer is not None
     start, end = transcript.inject(fmt.expert_block(res.answer if accepted else None))
     labelled(CONSULTS, outcome, str(accepted)).inc()
     return ConsultRecord(
@@ -129,5 +135,5 @@ def _show(transcript: Transcript, query: str, res: ConsultResult, draw: float, a
         accepted=accepted,
         injected_start=start,
         injected_end=end,
-        detail=(res.answer if res.answer is not None else res.error or "")[:1000],
+        detail="" if res is None else (res.answer if res.answer is not None else res.error or "")[:1000],
     )

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class Experts(Protocol):
-    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
-        """One answer or error per query, in order; never raises (a failure is that query's error)."""
+    async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None) -> list[ConsultResult]:
+        """One answer or error per query, in order; never raises (a failure is that query's error).
+        ``slots``: the queries' places in their consult block (default 0, 1, …), which route them."""
         ...
 
 
@@ -39,7 +40,8 @@ def gateway_session(cfg: EAPOConfig) -> aiohttp.ClientSession:
 @dataclass
 class ExpertClient:
     """Sends one consult block to the gateway, one batch per expert pool; failures become per-query
-    errors. With several pools (``model.experts``) query i goes to pool i mod n, all in parallel."""
+    errors. With several pools (``model.experts``) the query in slot i of its block goes to pool i mod n,
+    all in parallel."""
 
     session: aiohttp.ClientSession
     url: str
@@ -52,11 +54,11 @@ class ExpertClient:
         rc = cfg.rollout
         return cls(session, rc.gateway_url.rstrip("/"), cfg.model.experts, rc.expert_max_tokens, rc.expert_timeout_s)
 
-    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+    async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None) -> list[ConsultResult]:
         pools = [self.model] if isinstance(self.model, str) else self.model
-        if len(pools) == 1 or len(queries) == 1:
-            return await self._ask(pools[0], queries, episode_id)
-        shares = {pool: list(range(i, len(queries), len(pools))) for i, pool in enumerate(pools[: len(queries)])}
+        shares: dict[str, list[int]] = {}  # pool → the queries it answers, by their place in the block
+        for i, slot in enumerate(range(len(queries)) if slots is None else slots):
+            shares.setdefault(pools[slot % len(pools)], []).append(i)
         answers = await asyncio.gather(
             *(self._ask(pool, [queries[i] for i in idx], episode_id) for pool, idx in shares.items())
         )
@@ -105,7 +107,7 @@ class PolicyExperts:
     engine: PolicyEngine
     max_tokens: int
 
-    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+    async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None) -> list[ConsultResult]:
         return list(await asyncio.gather(*(self._answer(i, q) for i, q in enumerate(queries))))
 
     async def _answer(self, index: int, query: str) -> ConsultResult:

@@ -85,10 +85,13 @@ async def test_masks_cover_exactly_the_policy_tokens(tokenizer, gateway):
     assert [t.policy_version for t in traj.turns] == [5, 5]
 
 
-async def test_acceptance_zero_shows_only_unavailable_notes(tokenizer, gateway):
-    _, traj = await episode(tokenizer, gateway, 0.0, [CONSULT_TURN, ANSWER_TURN])
+async def test_acceptance_zero_shows_only_unavailable_notes_and_asks_no_expert(tokenizer):
+    from eapo.core.net import free_port
+
+    # nothing listens there: an expert asked would be an "error", not "not_asked"
+    _, traj = await episode(tokenizer, None, 0.0, [CONSULT_TURN, ANSWER_TURN], url=f"http://127.0.0.1:{free_port()}")
     assert len(traj.consults) == 2
-    assert all(c.outcome == "answer" and not c.accepted for c in traj.consults), traj.consults
+    assert all(c.outcome == "not_asked" and not c.accepted for c in traj.consults), traj.consults
     for c in traj.consults:
         text = tokenizer.decode(traj.token_ids[c.injected_start : c.injected_end].tolist())
         assert text == fmt.expert_block(None)
@@ -97,7 +100,7 @@ async def test_acceptance_zero_shows_only_unavailable_notes(tokenizer, gateway):
 async def test_acceptance_follows_p_and_draws_are_recorded(tokenizer, gateway):
     _, traj = await episode(tokenizer, gateway, 0.5, [CONSULT_TURN, ANSWER_TURN])
     for c in traj.consults:
-        assert c.accepted == (c.draw < 0.5)
+        assert c.accepted == (c.draw < 0.5) and (c.outcome == "not_asked") == (c.draw >= 0.5)
         text = tokenizer.decode(traj.token_ids[c.injected_start : c.injected_end].tolist())
         assert (text != fmt.expert_block(None)) == c.accepted
 
@@ -141,7 +144,7 @@ async def test_acceptance_rate_matches_p_within_a_binomial_bound(tokenizer, gate
         for i in range(episodes):
             engine.calls.clear()  # replay the same two turns in every episode
             traj = await run_episode(engine, experts, TASK, anneal(p), RolloutConfig(), i)
-            draws += [c for c in traj.consults if c.outcome == "answer"]
+            draws += [c for c in traj.consults if c.outcome != "error"]
     n = len(draws)
     accepted = sum(c.accepted for c in draws)
     assert n >= 60
@@ -199,3 +202,33 @@ async def test_the_transcript_keeps_ids_mask_and_log_probs_aligned(tokenizer):
     assert mask[turn.start : turn.end].all() and not mask[: turn.start].any() and not mask[start:end].any()
     assert np.all(logprobs[mask] == -0.5) and np.all(logprobs[~mask] == 0)
     assert t.text(turn) == CONSULT_TURN and tokenizer.decode(ids[start:end].tolist()) == fmt.expert_block("14")
+
+
+class RecordingExperts:
+    """Answers every query and records what it was asked, with the queries' places in their block."""
+
+    def __init__(self):
+        self.asked: list[tuple[list[str], list[int] | None]] = []
+
+    async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None):
+        from proto import ConsultResult
+
+        self.asked.append((queries, slots))
+        return [ConsultResult(index=i, answer=f"answer {q}") for i, q in enumerate(queries)]
+
+
+async def test_only_the_queries_the_draw_accepts_are_sent_and_they_keep_their_places(tokenizer):
+    """The draws come from the episode's seeded stream, so a seed with one query of two accepted is found
+    by search; the accepted one goes out alone, keeping its place in the block (which routes it)."""
+    experts = RecordingExperts()
+    for index in range(50):
+        experts.asked.clear()
+        engine = ScriptedEngine(tokenizer, [CONSULT_TURN, ANSWER_TURN])
+        traj = await run_episode(engine, experts, TASK, anneal(0.5), RolloutConfig(), index)
+        places = [i for i, c in enumerate(traj.consults) if c.draw < 0.5]
+        if places == [1]:
+            break
+    assert places == [1], "no seed in 50 accepted only the second query"
+    assert experts.asked == [(["2+3*4"], [1])]
+    assert [c.outcome for c in traj.consults] == ["not_asked", "answer"]
+    assert [c.detail for c in traj.consults] == ["", "answer 2+3*4"]

@@ -47,7 +47,9 @@ def test_killed_learner_resumes_without_loss_or_double_training(tiny_world, redi
     for g in informative[:3]:
         client.xadd(names.trajectories, {FIELD: encode(g)})
     client.xadd(names.trajectories, {FIELD: b"not a frame"})  # dead-lettered, counted
-    for g in [group(rng, [0.0] * 4), group(rng, [1.0] * 4)]:  # zero signal: dropped, counted
+    for epoch, scores in enumerate(([0.0] * 4, [1.0] * 4)):  # zero signal: dropped, counted
+        g = group(rng, scores)
+        g.prompt = g.prompt.model_copy(update={"prompt_id": f"flat@{epoch}"})  # two epochs of one problem
         client.xadd(names.trajectories, {FIELD: encode(g)})
     for g in informative[3:]:
         client.xadd(names.trajectories, {FIELD: encode(g)})
@@ -60,7 +62,7 @@ def test_killed_learner_resumes_without_loss_or_double_training(tiny_world, redi
                 "run_dir": str(run_dir),
                 "world": tiny_world.model_dump(mode="json"),
                 "redis": {"prefix": prefix, "claim_idle_ms": 60_000},
-                "learner": {"steps": STEPS, "batch_groups": BATCH, "keep_versions": 10},
+                "learner": {"steps": STEPS, "batch_groups": BATCH, "keep_versions": 10, "prompt_skip_explore": 0.5},
             }
         )
     )
@@ -89,6 +91,8 @@ def test_killed_learner_resumes_without_loss_or_double_training(tiny_world, redi
     assert trained <= {g.group_id for g in informative}
     counters = {k.decode(): int(v) for k, v in client.hgetall(names.counters).items()}
     assert counters["dropped:zero_signal"] == 2 and counters["dead_letter:undecodable"] == 1
+    assert counters["position"] == counters["admitted"] + counters["skipped"]  # the feeder's walk
+    assert client.hget(names.prompt_streaks, "flat") == b"2"  # two signal-free groups in a row
     # Ledger: every group produced is trained, dropped, dead-lettered, or still waiting — none lost.
     info = {i["name"].decode(): i for i in client.xinfo_groups(names.trajectories)}["learner"]
     total = len(informative) + 3

@@ -168,7 +168,7 @@ def test_the_parser_reads_the_queries_up_to_a_tag_that_a_token_ran_past(tok):
 class ArithmeticExperts:
     """Exact experts, in process: the episode's own bookkeeping is what is under test here."""
 
-    async def consult(self, queries: list[str], episode_id: str) -> list[ConsultResult]:
+    async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None) -> list[ConsultResult]:
         return [ConsultResult(index=i, answer=self.answer(q)) for i, q in enumerate(queries)]
 
     @staticmethod
@@ -215,7 +215,8 @@ async def test_episodes_consult_with_exact_masks_and_the_learners_log_probs(own_
 
 @pytest.mark.asyncio
 async def test_queries_go_to_several_expert_pools_in_turn():
-    """model.experts names two pools: query i goes to pool i mod 2, in parallel, answers in order."""
+    """model.experts names two pools: the query in slot i of its block goes to pool i mod 2, in parallel,
+    answers in order."""
     import aiohttp
 
     with FakeBackend("solver-pod", model="solver") as a, FakeBackend("calc-pod", model="calculator") as b:
@@ -225,8 +226,10 @@ async def test_queries_go_to_several_expert_pools_in_turn():
                 client = ExpertClient(session, gateway.url, ["solver", "calculator"], max_tokens=8, timeout_s=10)
                 answers = await client.consult(["1+1", "2+2", "3+3"], "e0")
                 single = await client.consult(["4+4"], "e1")
+                second = await client.consult(["5+5"], "e2", slots=[1])  # the block's first query withheld
     assert [(r.index, r.answer) for r in answers] == [(0, "solver-pod"), (1, "calc-pod"), (2, "solver-pod")]
     assert [r.answer for r in single] == ["solver-pod"]
+    assert [(r.index, r.answer) for r in second] == [(0, "calc-pod")]
 
 
 @pytest.mark.e2e

@@ -24,6 +24,7 @@ def test_a_step_record_tells_what_was_read_from_what_was_trained():
         seen=[mixed, flat, stale],
         stale=[stale],
         dropped=Counter(zero_signal=1, stale=1),
+        skipped=5,
         train_stats={"loss": 0.5, "policy_tokens": 40.0},
         times=StepTimes(run_s=12.3456, wait_s=1.0, step_s=5.0),
         lc=LearnerConfig(),
@@ -34,6 +35,7 @@ def test_a_step_record_tells_what_was_read_from_what_was_trained():
     assert record["groups_trained"] == 1 and record["group_ids"] == [mixed.group_id]
     assert record["reward"] == 0.5 and record["penalty_trained"] == 0.0  # the groups' own anneal state
     assert record["stale_calls_per_episode"] == 0.0 and record["dropped"] == {"zero_signal": 1, "stale": 1}
+    assert record["prompts_skipped"] == 5
     assert (record["time_s"], record["wait_s"], record["step_s"]) == (12.35, 1.0, 4.0)
     assert record["idle_ratio"] == 0.2 and record["tokens_per_s"] == 10.0 and record["loss"] == 0.5
     assert record["accuracy_alone"] == pytest.approx(0.5) and record["accuracy_consulting"] is None
@@ -66,6 +68,7 @@ def test_mode_accuracies_cover_every_group_read_and_mode_advantages_only_those_t
         seen=[trained, stale],
         stale=[stale],
         dropped=Counter(stale=1),
+        skipped=0,
         train_stats={"loss": 0.0, "policy_tokens": 4.0},
         times=StepTimes(run_s=1.0, wait_s=0.0, step_s=1.0),
         lc=LearnerConfig(),

@@ -284,6 +284,13 @@ class LearnerConfig(Section):
         description="drop groups whose correctness scores are all equal (DAPO, on accuracy); off keeps them, "
         "their advantages then only the consult penalty's λ·(c − mean c) (plumbing tests on an untrained world)",
     )
+    prompt_skip_explore: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="GRESO: skip a problem whose last z groups had no outcome signal with probability "
+        "1 − max(explore^z, 0.01), before its rollout; None admits every problem (learner/feeder.py)",
+    )
     max_staleness: int = Field(
         2,
         ge=0,
