@@ -1,9 +1,10 @@
 """The admin API: what the gateway is doing, and changing its backends at run time.
 
-``GET /admin/backends`` and ``GET /admin/pools`` are the inspection views (state, in-flight, totals,
-errors, latency percentiles, ejection history, queue depth); ``POST /admin/backends`` adds a backend,
-``POST /admin/backends/drain`` stops new traffic to one while its in-flight requests finish, and
-``DELETE /admin/backends`` drains and then removes it. The same live state feeds ``/metrics``.
+``GET /admin/backends``, ``GET /admin/pools`` and ``GET /admin/answer-cache`` are the inspection views
+(state, in-flight, totals, errors, latency percentiles, ejection history, queue depth, cache outcomes);
+``POST /admin/backends`` adds a backend, ``POST /admin/backends/drain`` stops new traffic to one while its
+in-flight requests finish, and ``DELETE /admin/backends`` drains and then removes it. The same live state
+feeds ``/metrics``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class PoolView(BaseModel):
     rejected: int = Field(description="requests refused because the queue was full or the wait ran out")
     requests: int
     errors: int
+
+
+class AnswerCacheView(BaseModel):
+    size: int = Field(description="answers it may keep; 0: off")
+    entries: int
+    in_flight: int = Field(description="upstream calls that other asks of the same key wait on")
+    hit: int
+    shared: int = Field(description="asks that joined a call in flight")
+    miss: int
 
 
 class BackendSpec(BaseModel):
@@ -108,6 +118,14 @@ async def pools(state: State) -> list[PoolView]:
         )
         for p in state.pools.pools()
     ]
+
+
+@router.get("/answer-cache", response_model=AnswerCacheView)
+async def answer_cache(state: State) -> AnswerCacheView:
+    cache = state.answer_cache
+    if cache is None:
+        return AnswerCacheView(size=0, entries=0, in_flight=0, hit=0, shared=0, miss=0)
+    return AnswerCacheView(size=cache.size, entries=len(cache.answers), in_flight=len(cache.calls), **cache.outcomes)
 
 
 @router.post("/backends", response_model=BackendView, status_code=201)

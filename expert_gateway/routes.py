@@ -117,14 +117,22 @@ async def consult_one(
             "top_p": req.top_p,
         }
     ).encode()
-    t0 = time.perf_counter()
-    try:
-        # Stickiness per (episode, query slot): the K queries of a turn still spread over the pool.
-        episode = None if req.episode_id is None else f"{req.episode_id}:{index}"
+    # Stickiness per (episode, query slot): the K queries of a turn still spread over the pool.
+    episode = None if req.episode_id is None else f"{req.episode_id}:{index}"
+
+    async def ask() -> str:
         status, payload, _ = await call_pool(state, model, "v1/chat/completions", body, deadline, episode)
         if status != 200:
             raise UpstreamFailed(f"HTTP {status}: {payload[:200].decode(errors='replace')}")
-        answer = json.loads(payload)["choices"][0]["message"]["content"]
+        return json.loads(payload)["choices"][0]["message"]["content"]
+
+    t0 = time.perf_counter()
+    try:
+        cache = state.answer_cache
+        if cache is not None and req.temperature == 0:
+            answer = await cache.answer((model, query, req.max_tokens), ask)
+        else:
+            answer = await ask()
         if (setting := state.config.degrade.get(model)) is not None:
             answer = degrade(setting, model, answer, state.config.seed, f"{req.episode_id}:{index}:{query}")
         return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from eapo.core.config import GatewayConfig
+from expert_gateway.answer_cache import AnswerCache
 from expert_gateway.discovery import discovered
 from expert_gateway.pools import Backend, Pools
 
@@ -36,6 +37,7 @@ class GatewayState:
             seed=config.seed,
         )
         self.retiring: set[asyncio.Task] = set()
+        self.answer_cache = AnswerCache(config.answer_cache) if config.answer_cache else None
 
     def limit(self, own: int | None) -> int | None:
         return own if own is not None else self.config.max_in_flight_per_backend

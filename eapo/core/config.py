@@ -190,6 +190,12 @@ class GatewayConfig(Section):
     request_timeout_s: float = 60.0
     max_attempts: int = Field(4, ge=1, description="upstream attempts per request (retries on 5xx/connect errors)")
     max_queries: int = Field(8, description="largest batch a consult request may carry")
+    answer_cache: int = Field(
+        0,
+        ge=0,
+        description="greedy consult answers kept by (model, query, max_tokens), concurrent asks sharing one "
+        "call; only for pools whose weights never change; 0 = off (expert_gateway/answer_cache.py)",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies are refused with 413")
     max_tokens_limit: int = Field(8192, ge=1, description="requests asking for more tokens are refused with 422")
     api_token: SecretStr | None = Field(None, description="bearer token required on /v1/* (unset: open)")
