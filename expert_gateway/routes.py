@@ -94,7 +94,9 @@ async def consult(req: ConsultRequest, request: Request, state: State) -> Consul
         REJECTED.labels("unknown_model").inc()
         return openai_error(404, str(exc), "NotFoundError")
     deadline = time.monotonic() + min(req.deadline_s, state.config.request_timeout_s)
-    work = asyncio.gather(*(consult_one(state, req, model, i, q, deadline) for i, q in enumerate(req.queries)))
+    slots = req.slots or list(range(len(req.queries)))
+    asks = enumerate(zip(slots, req.queries, strict=True))
+    work = asyncio.gather(*(consult_one(state, req, model, i, slot, q, deadline) for i, (slot, q) in asks))
     try:
         results = await unless_disconnected(request.receive, work)
     except ClientGone:
@@ -105,9 +107,10 @@ async def consult(req: ConsultRequest, request: Request, state: State) -> Consul
 
 
 async def consult_one(
-    state: GatewayState, req: ConsultRequest, model: str, index: int, query: str, deadline: float
+    state: GatewayState, req: ConsultRequest, model: str, index: int, slot: int, query: str, deadline: float
 ) -> ConsultResult:
-    """One query of a consult batch as a chat completion on the pool; its answer, or why there is none."""
+    """One query of a consult batch (``index`` in the request, ``slot`` in its consult block) as a chat
+    completion on the pool; its answer, or why there is none."""
     body = json.dumps(
         {
             "model": model,
@@ -118,7 +121,7 @@ async def consult_one(
         }
     ).encode()
     # Stickiness per (episode, query slot): the K queries of a turn still spread over the pool.
-    episode = None if req.episode_id is None else f"{req.episode_id}:{index}"
+    episode = None if req.episode_id is None else f"{req.episode_id}:{slot}"
 
     async def ask() -> str:
         status, payload, _ = await call_pool(state, model, "v1/chat/completions", body, deadline, episode)
@@ -134,7 +137,7 @@ async def consult_one(
         else:
             answer = await ask()
         if (setting := state.config.degrade.get(model)) is not None:
-            answer = degrade(setting, model, answer, state.config.seed, f"{req.episode_id}:{index}:{query}")
+            answer = degrade(setting, model, answer, state.config.seed, f"{req.episode_id}:{slot}:{query}")
         return ConsultResult(index=index, answer=answer, latency_ms=(time.perf_counter() - t0) * 1000)
     except (UpstreamFailed, NoBackend, QueueFull, ValueError, KeyError, IndexError, TypeError) as exc:
         return ConsultResult(

@@ -75,14 +75,16 @@ class PromptFeeder:
         admit = max(self.skip_explore**streak, MIN_ADMIT)
         return random.Random(f"{self.seed}:{problem_id}:{epoch}").random() >= admit
 
-    async def observe(self, group: TrajectoryGroup) -> None:
-        """Record whether a group of a problem carried outcome signal: its streak grows or restarts."""
+    def observe(self, group: TrajectoryGroup) -> dict[str, int]:
+        """Record whether a group of a problem carried outcome signal: its streak grows or restarts. Returns
+        what the learner saves (``<prefix>:prompt:streaks``) in the transaction that acknowledges the group,
+        so a group read again after a crash counts once; empty when skipping is off."""
         if self.skip_explore is None:
-            return
+            return {}
         problem_id = group.prompt.prompt_id.rpartition("@")[0] or group.prompt.prompt_id
         streak = 0 if has_signal(group) else self.streaks.get(problem_id, 0) + 1
         self.streaks[problem_id] = streak
-        await self.client.hset(self.names.prompt_streaks, problem_id, streak)
+        return {problem_id: streak}
 
     async def fill(self, step: int, dropped: int) -> None:
         """Admit prompts up to the limit at ``step`` and record the walk in the run's counters."""

@@ -40,8 +40,8 @@ def has_signal(group: TrajectoryGroup, eps: float = 1e-9) -> bool:
 
 
 def consult_counts(group: TrajectoryGroup) -> list[int]:
-    """Consultations charged per sample: every query sent to an expert, shown or not (the policy decides
-    to ask; whether the answer is shown is the acceptance draw's doing, not the policy's)."""
+    """Consultations charged per sample: every query the policy asked, shown or not, sent or withheld (the
+    policy decides to ask; whether the answer is shown is the acceptance draw's doing, not the policy's)."""
     return [len(s.consults) for s in group.samples]
 
 

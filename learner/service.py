@@ -85,6 +85,7 @@ class Learner:
         its samples' advantages."""
         lc = self.cfg.learner
         batch: list[tuple[Entry[TrajectoryGroup], list[float]]] = []
+        streaks: dict[str, int] = {}  # the batch's problems' streaks, saved when the batch is acknowledged
         seen_groups: list[TrajectoryGroup] = []
         stale: list[TrajectoryGroup] = []
         dropped_now = 0
@@ -100,10 +101,10 @@ class Learner:
                     await self._drop(consumer, entry, verdict)
                     continue
                 seen_groups.append(group)
-                await feeder.observe(group)
+                streak = feeder.observe(group)
                 if lc.max_version_lag is not None and step - group.min_policy_version > lc.max_version_lag:
                     stale.append(group)  # counted and reported: dropping biases against slow (consulting) groups
-                    await self._drop(consumer, entry, "stale")
+                    await self._drop(consumer, entry, "stale", streak)
                     continue
                 if lc.dynamic_sampling and not has_signal(group):  # all right or all wrong: no outcome signal
                     dropped_now += 1
@@ -114,16 +115,22 @@ class Learner:
                             step,
                             dropped_now,
                         )
-                    await self._drop(consumer, entry, "zero_signal")
+                    await self._drop(consumer, entry, "zero_signal", streak)
                     continue
                 batch.append((entry, sample_advantages(group, lc)))
-        return batch, seen_groups, stale
+                streaks |= streak
+        return batch, streaks, seen_groups, stale
 
-    async def _drop(self, consumer: StreamConsumer, entry: Entry, reason: str) -> None:
-        """Count and acknowledge in one transaction: a dropped group is never counted twice or lost."""
+    async def _drop(
+        self, consumer: StreamConsumer, entry: Entry, reason: str, streak: dict[str, int] | None = None
+    ) -> None:
+        """Count and acknowledge in one transaction (with the problem's new streak, if any): a dropped group
+        is never counted twice or lost."""
         self.dropped[reason] += 1
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hincrby(self.names.counters, f"dropped:{reason}", 1)
+            if streak:
+                pipe.hset(self.names.prompt_streaks, mapping=streak)
             pipe.xack(consumer.stream, consumer.group, entry.id)
             await pipe.execute()
 
@@ -175,7 +182,7 @@ class Learner:
             anneal = anneal_state(cfg.anneal, step)
             t0 = time.monotonic()
             with self.timeline.span("wait", step=step):
-                batch, seen_groups, stale = await self._collect(consumer, feeder, step)
+                batch, streaks, seen_groups, stale = await self._collect(consumer, feeder, step)
             t_data = time.monotonic() - t0
             samples = [
                 TrainSample.of(s, adv)
@@ -202,6 +209,8 @@ class Learner:
                 await self._publish(ranks, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
             async with self.client.pipeline(transaction=True) as pipe:
                 self.ledger.record_trained(pipe, group_ids)
+                if streaks:
+                    pipe.hset(self.names.prompt_streaks, mapping=streaks)
                 pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
                 await pipe.execute()
             for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs

@@ -66,7 +66,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         "accuracy_alone": fmean(alone) if alone else None,
         "accuracy_consulting": fmean(consulting) if consulting else None,
         "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
-        "answered_rate": sum(c.outcome == "answer" for c in asked) / max(len(asked), 1),
+        "answered_rate": sum(c.outcome == "answer" for c in asked) / len(asked) if asked else None,
         "response_tokens": sum(s.policy_tokens for s in samples) / n,
         "version_lag_mean": sum(lags) / len(lags),
         "version_lag_max": float(max(lags)),

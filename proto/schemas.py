@@ -55,6 +55,17 @@ class ConsultRequest(Message):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     deadline_s: float = Field(30.0, gt=0.0, le=600.0, description="overall deadline for the batch")
     episode_id: str | None = Field(None, description="routing hint: later turns may stick to a backend")
+    slots: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description="each query's place in its consult block, which keys stickiness and degrade draws; default "
+        "0, 1, …; a client that sends only some of a block's queries (or splits a block over pools) sends them",
+    )
+
+    @model_validator(mode="after")
+    def _a_slot_per_query(self) -> ConsultRequest:
+        if self.slots is not None and len(self.slots) != len(self.queries):
+            raise ValueError(f"{len(self.slots)} slots for {len(self.queries)} queries")
+        return self
 
 
 class ConsultResult(Message):

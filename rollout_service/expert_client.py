@@ -56,11 +56,15 @@ class ExpertClient:
 
     async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None) -> list[ConsultResult]:
         pools = [self.model] if isinstance(self.model, str) else self.model
-        shares: dict[str, list[int]] = {}  # pool → the queries it answers, by their place in the block
-        for i, slot in enumerate(range(len(queries)) if slots is None else slots):
+        slots = list(range(len(queries))) if slots is None else slots
+        shares: dict[str, list[int]] = {}  # pool → the queries it answers (their indices in ``queries``)
+        for i, slot in enumerate(slots):
             shares.setdefault(pools[slot % len(pools)], []).append(i)
         answers = await asyncio.gather(
-            *(self._ask(pool, [queries[i] for i in idx], episode_id) for pool, idx in shares.items())
+            *(
+                self._ask(pool, [queries[i] for i in idx], episode_id, [slots[i] for i in idx])
+                for pool, idx in shares.items()
+            )
         )
         merged = {
             i: res.model_copy(update={"index": i})
@@ -69,10 +73,11 @@ class ExpertClient:
         }
         return [merged[i] for i in range(len(queries))]
 
-    async def _ask(self, model: str, queries: list[str], episode_id: str) -> list[ConsultResult]:
+    async def _ask(self, model: str, queries: list[str], episode_id: str, slots: list[int]) -> list[ConsultResult]:
         req = ConsultRequest(
             model=model,
             queries=queries,
+            slots=slots,
             max_tokens=self.max_tokens,
             deadline_s=self.timeout_s,
             episode_id=episode_id,

@@ -6,7 +6,7 @@ import re
 
 import httpx
 import pytest
-from helpers import ServerThread
+from helpers import FakeBackend, ServerThread
 
 from eapo.core.config import DegradeConfig, ExpertBackend, GatewayConfig
 from eapo.core.net import free_port
@@ -75,3 +75,27 @@ def test_the_gateway_degrades_a_pools_consult_answers(mode, expert_servers, gate
             assert d["answer"] in CONTENT_FREE
     counted = rf'eapo_gateway_degraded_total{{mode="{mode}",model="expert",outcome="degraded"}} (\d+)'
     assert int(float(re.search(counted, metrics).group(1))) >= 2
+
+
+def test_degrade_draws_follow_the_querys_slot_in_its_block_not_its_place_in_the_request():
+    """A client that sends only some of a block's queries (the rest withheld by the acceptance draw) names
+    their slots: a query gets the degrade draw of its slot, as if its whole block had been sent."""
+    with FakeBackend("7*8=56 \\boxed{56}") as pod:
+        cfg = GatewayConfig(
+            backends=[ExpertBackend(model="expert", url=pod.url)],
+            degrade={"expert": DegradeConfig(mode="content_free", rate=0.5)},
+        )
+        with ServerThread(create_app(cfg), free_port()) as gw:
+
+            def answers(queries: list[str], episode: str, slots: list[int] | None = None) -> list[str]:
+                body = {"model": "expert", "queries": queries, "episode_id": episode, "slots": slots}
+                return [
+                    r["answer"] for r in httpx.post(f"{gw.url}/v1/consult", json=body, timeout=30).json()["results"]
+                ]
+
+            whole = [answers(["a", "b", "c"], f"e{i}")[1] for i in range(16)]
+            assert whole == [answers(["b"], f"e{i}", [1])[0] for i in range(16)]
+            assert whole != [answers(["b"], f"e{i}")[0] for i in range(16)]  # slot 0's draws differ
+            bad = {"model": "expert", "queries": ["a", "b"], "slots": [1]}
+            resp = httpx.post(f"{gw.url}/v1/consult", json=bad, timeout=30)
+    assert resp.status_code == 422 and "1 slots for 2 queries" in resp.text

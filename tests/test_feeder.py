@@ -57,13 +57,14 @@ async def test_skip_rate_follows_greso_admission_probability(redis_client, prefi
 async def test_a_streak_grows_on_signal_free_groups_and_restarts_on_signal(redis_client, prefix):
     names = Names(prefix)
     feeder = PromptFeeder(redis_client, names, problems(2), 3, 1, 0, skip_explore=0.5)
-    await feeder.observe(outcome("q0", 0, [0, 0, 0, 0]))  # all wrong
-    await feeder.observe(outcome("q0", 1, [1, 1, 1, 1]))  # all right: still no signal
-    await feeder.observe(outcome("q1", 0, [1, 0, 0, 0]))
+    assert feeder.observe(outcome("q0", 0, [0, 0, 0, 0])) == {"q0": 1}  # all wrong
+    assert feeder.observe(outcome("q0", 1, [1, 1, 1, 1])) == {"q0": 2}  # all right: still no signal
+    assert feeder.observe(outcome("q1", 0, [1, 0, 0, 0])) == {"q1": 0}
     assert feeder.streaks == {"q0": 2, "q1": 0}
-    await feeder.observe(outcome("q0", 2, [0, 1, 0, 0]))  # signal again: the streak restarts
+    assert feeder.observe(outcome("q0", 2, [0, 1, 0, 0])) == {"q0": 0}  # signal again: the streak restarts
     assert feeder.streaks == {"q0": 0, "q1": 0}
-    assert await redis_client.hgetall(names.prompt_streaks) == {b"q0": b"0", b"q1": b"0"}
+    feeder.skip_explore = None  # off: nothing recorded, nothing to save
+    assert feeder.observe(outcome("q1", 1, [0, 0, 0, 0])) == {} and feeder.streaks["q1"] == 0
 
 
 async def test_skipped_prompts_are_counted_and_a_resumed_feeder_walks_on_alike(redis_client, prefix):
@@ -71,7 +72,7 @@ async def test_skipped_prompts_are_counted_and_a_resumed_feeder_walks_on_alike(r
     feeder = PromptFeeder(redis_client, names, problems(4), 7, 2, 0, skip_explore=0.5)
     for problem in ("q0", "q1", "q2"):  # three of four problems with long signal-free streaks
         for epoch in range(6):
-            await feeder.observe(outcome(problem, epoch, [0, 0]))
+            await redis_client.hset(names.prompt_streaks, mapping=feeder.observe(outcome(problem, epoch, [0, 0])))
     await feeder.fill(step=9, dropped=0)  # 20 admitted
     counters = {k.decode(): int(v) for k, v in (await redis_client.hgetall(names.counters)).items()}
     assert counters["admitted"] == 20 and counters["position"] == counters["admitted"] + counters["skipped"]

@@ -88,7 +88,8 @@ class ModelConfig(Section):
         default_factory=lambda: ["expert"],
         min_length=1,
         description="served model names of the expert pools (the gateway routes by name); a consult block's "
-        "queries go to them in turn (query i to pool i mod n), so several pools make a heterogeneous panel",
+        "queries go to them in turn (the query in slot i to pool i mod n), so several pools make a heterogeneous "
+        "panel",
     )
 
 
