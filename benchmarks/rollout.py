@@ -6,7 +6,8 @@ Part 1, the episode loop alone (one process): a scripted policy engine (each tur
 ``--turn-ms``; turn 1 asks K=2 queries, turn 2 answers) and fake experts (``--expert-ms`` per consult
 block) run ``run_episode`` — parsing, acceptance draws, injection, masks — with C episodes in flight,
 closed loop, and every finished group of G episodes is encoded as it would be for the stream. Ideal:
-C / (2·turn + expert) episodes/s. The C/G group workers start spread over one ideal episode time, as
+C / (2·turn + P(some query asked)·expert) episodes/s: at p = 0.5 a block's two queries are both withheld,
+and no expert is called, one time in four. The C/G group workers start spread over one ideal episode time, as
 a running service's episodes are: started together, constant latencies would keep them in lock-step
 waves that a real engine's varying latencies never produce. ``of_ideal`` is the steady-state rate
 (groups finished between the 10th and the 90th percentile of finish times); ``of_ideal_whole_run``
@@ -110,7 +111,9 @@ async def episode_loop(concurrency: int, episodes: int, args: argparse.Namespace
     sizes: list[int] = []
     finished: list[float] = []
     workers = concurrency // GROUP
-    period = (2 * args.turn_ms + args.expert_ms) / 1000  # one episode at the ideal pace
+    # one episode at the ideal pace: a block whose K = 2 queries the draw all withholds calls no expert
+    asked = 1 - (1 - ANNEAL.acceptance) ** 2
+    period = (2 * args.turn_ms + asked * args.expert_ms) / 1000
 
     async def worker(i: int) -> None:  # as the service runs: groups in flight, each G concurrent episodes
         await asyncio.sleep(i * period / workers)
