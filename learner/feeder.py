@@ -67,8 +67,9 @@ class PromptFeeder:
         return (step + self.max_staleness + 1) * self.batch_groups + dropped
 
     def skips(self, problem_id: str, epoch: int) -> bool:
-        """Whether the walk skips ``problem_id`` in ``epoch``: a draw seeded by both, so a resumed run and
-        every replay decide alike."""
+        """Whether the walk skips ``problem_id`` in ``epoch``: a draw seeded by both against the problem's
+        streak, so a resumed learner decides as the one before it would have (the streaks themselves depend
+        on which groups arrived first, so two runs of one seed need not skip alike)."""
         streak = self.streaks.get(problem_id, 0)
         if self.skip_explore is None or streak == 0:
             return False
