@@ -60,6 +60,8 @@ class ExpertClient:
         shares: dict[str, list[int]] = {}  # pool → the queries it answers (their indices in ``queries``)
         for i, slot in enumerate(slots):
             shares.setdefault(pools[slot % len(pools)], []).append(i)
+        if len(shares) == 1:  # one pool answers all, in order: its indices are already the queries'
+            return await self._ask(next(iter(shares)), queries, episode_id, slots)
         answers = await asyncio.gather(
             *(
                 self._ask(pool, [queries[i] for i in idx], episode_id, [slots[i] for i in idx])
