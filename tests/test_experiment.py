@@ -30,7 +30,12 @@ def test_eval_steps_always_include_the_start_and_the_last_step():
     assert eval_steps(7, 5) == [0, 5, 7]
 
 
-SHIPPED_EXPERIMENTS = ["configs/experiment.yaml", "configs/ablations.yaml", "configs/experiment-partial.yaml"]
+SHIPPED_EXPERIMENTS = [
+    "configs/experiment.yaml",
+    "configs/ablations.yaml",
+    "configs/experiment-partial.yaml",
+    "configs/confirm-fixed-rate.yaml",
+]
 
 
 @pytest.mark.parametrize("path", SHIPPED_EXPERIMENTS)
@@ -38,7 +43,7 @@ def test_shipped_experiments_resolve_every_arm(path, tmp_path):
     exp = load_experiment(path)
     # their world is the shipped one, as the current code would build it from their config (else a change
     # to the world's format or defaults has orphaned the experiments' records: rebuild and reship it)
-    assert exp.world_digest and world_manifest(exp.arm_config("eapo", 0).world.dir).get("shipped")
+    assert exp.world_digest and world_manifest(exp.arm_config(next(iter(exp.arms)), 0).world.dir).get("shipped")
     check_world(exp.model_copy(update={"out": tmp_path}))
     arms = {arm: exp.arm_config(arm, 0) for arm in exp.arms}
     if "consult-prompt-control" in arms:  # the consult prompt alone: nothing shown, nothing charged
