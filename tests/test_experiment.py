@@ -21,7 +21,7 @@ from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
 from eapo.dev.supervise import terminate
 from eapo.dev.world.bootstrap import bootstrap, world_digest, world_manifest
 from eapo.experiment.harness import check_world, eval_steps, run_experiment
-from eapo.experiment.report import RECORD_METRICS, spread, step_value, summarize, write_report
+from eapo.experiment.report import RECORD_METRICS, headline_text, spread, step_value, summarize, write_report
 from learner.anneal import anneal_state
 
 
@@ -223,6 +223,14 @@ def test_headline_targets_by_hand():
         "variance_not_higher": False,
         "calls_hold_then_fall": False,
     }
+    # an arm never trained at p ≥ 0.5 (a fixed rate of 0.376) has no high-p phase to judge: None, not NaN
+    runs["eapo"] = [run("eapo", s, score, 0.3, calls, [0.376] * 10) for s, score in ((0, 0.40), (1, 0.29))]
+    report = summarize(runs, ("eapo", "rl"))
+    phases = report["headline"]["calls_phases"]
+    assert phases["late_high_p"] is None and phases["holds_while_p_high"] is None
+    assert report["headline"]["targets"]["calls_hold_then_fall"] is None
+    assert "NaN" not in json.dumps(report)
+    assert "no step at p ≥ 0.5" in headline_text(report) and "holds while p is high: n/a" in headline_text(report)
 
 
 def test_paired_gaps_against_every_arm_and_the_curve_low_by_hand():

@@ -178,21 +178,22 @@ def lowest(results: list[dict]) -> dict[str, float]:
     return {"step": step, "mean_score": score, "below_start": curve[0][1] - score}
 
 
-def call_phases(results: list[dict]) -> dict[str, float | bool]:
+def call_phases(results: list[dict]) -> dict[str, float | bool | None]:
     """The paper's two phases of the call rate, on the seed-mean curve: it holds (or rises) while p(t) is
     still high, and falls by the end. "Early" is the first fifth of training; "late high-p" the last fifth
-    of the steps trained at p ≥ 0.5 (no collapse there means ≥ half the early rate); "end" the last fifth."""
+    of the steps trained at p ≥ 0.5 (no collapse there means ≥ half the early rate); "end" the last fifth.
+    An arm never trained at p ≥ 0.5 (a low fixed rate) has no high-p phase: None, nothing to judge."""
     n = min(len(r["metrics"]) for r in results)
     calls = [fmean(r["metrics"][i]["calls_per_episode"] for r in results) for i in range(n)]
     high_p = [i for i in range(n) if results[0]["metrics"][i]["acceptance"] >= 0.5]
     k = max(1, n // 5)
     early, end = fmean(calls[:k]), fmean(calls[-k:])
-    late_high = fmean(calls[i] for i in high_p[-max(1, len(high_p) // 5) :]) if high_p else math.nan
+    late_high = fmean(calls[i] for i in high_p[-max(1, len(high_p) // 5) :]) if high_p else None
     return {
         "early": early,
         "late_high_p": late_high,
         "end": end,
-        "holds_while_p_high": bool(late_high >= 0.5 * early) if high_p else False,
+        "holds_while_p_high": bool(late_high >= 0.5 * early) if late_high is not None else None,
         "falls": end < early,
     }
 
@@ -343,10 +344,13 @@ def headline_text(summary: dict) -> str:
     ]
     phases = h.get("calls_phases")
     if phases:
+        late, holds = phases["late_high_p"], phases["holds_while_p_high"]
         lines.append(
-            f"- Call-rate phases (seed mean): {phases['early']:.2f} early, {phases['late_high_p']:.2f} in the last "
-            f"steps at p ≥ 0.5, {phases['end']:.2f} at the end; holds while p is high: "
-            f"{'yes' if phases['holds_while_p_high'] else 'no'}, falls: {'yes' if phases['falls'] else 'no'}."
+            f"- Call-rate phases (seed mean): {phases['early']:.2f} early, "
+            + (f"{late:.2f} in the last steps at p ≥ 0.5" if late is not None else "no step at p ≥ 0.5")
+            + f", {phases['end']:.2f} at the end; holds while p is high: "
+            + ("yes" if holds else "no" if holds is False else "n/a")
+            + f", falls: {'yes' if phases['falls'] else 'no'}."
         )
     if h.get("targets"):
         lines.append(
