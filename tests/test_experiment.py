@@ -58,6 +58,15 @@ def test_shipped_experiments_resolve_every_arm(path, tmp_path):
         assert fast == 0.0 < anneal_state(arms["eapo"].anneal, 150).acceptance < slow
 
 
+def test_the_fixed_rate_confirmation_reruns_the_ablations_arms_unchanged():
+    # a copy of configs/ablations.yaml's run section and two arms, on other seeds: a drift would make the
+    # confirmation test another experiment than the one it confirms
+    confirm, ablations = load_experiment("configs/confirm-fixed-rate.yaml"), load_experiment("configs/ablations.yaml")
+    assert confirm.run == ablations.run and not set(confirm.seeds) & set(ablations.seeds)
+    assert confirm.arms["eapo-fixed-rate"] == ablations.arms["eapo-fixed-rate"]
+    assert confirm.arms["self-exploratory-rl"] == load_experiment("configs/experiment.yaml").arms["self-exploratory-rl"]
+
+
 def test_arm_overrides_merge_into_the_shared_run_without_touching_it(tmp_path):
     exp = ExperimentConfig(
         out=tmp_path,
