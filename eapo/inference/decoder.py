@@ -10,8 +10,9 @@ Why not transformers' own forward: on the tiny world's models (a 2-layer, 64-wid
 step through it cost ~7 ms for a batch of 40, of which the arithmetic is a small part: the dynamic
 cache grows by ``torch.cat`` every step (a copy of the whole cache), the attention mask is rebuilt, and
 each of ~30 modules dispatches through hooks and output wrappers. Here the cache is written in place
-and a step is a few dozen tensor ops. The weights are the model's own tensors (nothing is copied), so
-a model swapped in between batches is read as it is. It calls the same attention kernel
+and a step is a few dozen tensor ops on weights fused when the decoder opens, so a decoder serves the
+weights it opened with (the batcher opens one per model it is given; none is changed in place). It
+calls the same attention kernel
 (``scaled_dot_product_attention``) on the same values, so its logits equal those of transformers' SDPA
 forward with ``logits_to_keep=1`` (what ``TransformersDecoder`` runs) up to rounding: a row attends
 over the batch's widest row, masked, where transformers' rows are left-padded, and the sums round
@@ -23,7 +24,7 @@ sliding windows, another attention implementation, a dtype other than float32, a
 from __future__ import annotations
 
 import inspect
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -129,12 +130,33 @@ def _lean_qwen2(model: torch.nn.Module) -> bool:
     )
 
 
+class _Layer(NamedTuple):
+    """One decoder layer's weights, fused so that a step is a few dozen tensor ops."""
+
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor  # q, k, v, then q and k rotated by half and zero rows for v (RoPE as one product)
+    qkv_bias: torch.Tensor
+    o_t: torch.Tensor  # o_proj, transposed for addmm
+    scale: float
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down_t: torch.Tensor
+
+
 class Qwen2Decoder:
     """Qwen2's forward over a slot KV cache: row ``r`` holds its request's tokens in columns
     ``0 … lengths[r]-1``, positions counting from 0, so each row is computed as if alone (up to
     rounding) and rows join and leave between steps (continuous batching). Columns past a row's length
     hold finite leftovers (the cache starts zeroed) that the mask hides: a NaN there would poison the
-    row even at zero weight."""
+    row even at zero weight.
+
+    On these models a step costs its ops' dispatch more than their arithmetic, so the weights are fused
+    once, when the decoder opens (a decoder serves one set of weights; the batcher opens one per weight
+    version): q, k and v are one product, and in a step so is their rotation, since RoPE's
+    ``rotate_half`` is a signed permutation of each head's output rows (``_rotated_rows``), which a
+    product with permuted weights computes exactly (a prefill, whose cost is its arithmetic, rotates
+    after the product); gate and up are one product; a layer's keys and values share one cache tensor,
+    written once a step. Measured in ``docs/decisions.md`` ("A hand-written forward …")."""
 
     joins = True
 
@@ -145,11 +167,42 @@ class Qwen2Decoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.rows, self.max_rows = 0, max_rows
         self.lengths = torch.zeros(max_rows, dtype=torch.long)
-        shape = (max_rows, self.kv_heads, columns, self.head_dim)
-        layers = len(model.model.layers)
-        self.keys = [torch.zeros(shape) for _ in range(layers)]
-        self.values = [torch.zeros(shape) for _ in range(layers)]
         self.inv_freq = model.model.rotary_emb.inv_freq
+        self.layers = [self._fuse(layer) for layer in model.model.layers]
+        shape = (max_rows, 2 * self.kv_heads, columns, self.head_dim)  # keys, then values
+        self.cache = [torch.zeros(shape) for _ in self.layers]
+        self._rope_tables(columns)
+
+    @torch.no_grad()
+    def _fuse(self, layer: torch.nn.Module) -> _Layer:
+        a, mlp, hd = layer.self_attn, layer.mlp, self.head_dim
+
+        def bias(proj: torch.nn.Linear) -> torch.Tensor:
+            return proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.out_features)
+
+        q, k, v = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+        qb, kb, vb = bias(a.q_proj), bias(a.k_proj), bias(a.v_proj)
+        rq, rk = _rotated_rows(q, hd), _rotated_rows(k, hd)
+        return _Layer(
+            attn_norm=layer.input_layernorm.weight,
+            qkv=torch.cat([q, k, v, rq, rk, torch.zeros_like(v)]),
+            qkv_bias=torch.cat([qb, kb, vb, _rotated_rows(qb, hd), _rotated_rows(kb, hd), torch.zeros_like(vb)]),
+            o_t=a.o_proj.weight.t(),
+            scale=a.scaling,
+            mlp_norm=layer.post_attention_layernorm.weight,
+            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            down_t=mlp.down_proj.weight.t(),
+        )
+
+    def _rope_tables(self, columns: int) -> None:
+        """cos and sin by position for the fused q, k, v columns (v: cos 1, sin 0, so it passes unrotated)."""
+        freqs = torch.arange(columns)[:, None].float() * self.inv_freq
+        cos, sin = freqs.cos().repeat(1, 2), freqs.sin().repeat(1, 2)
+        rotated, plain = self.heads + self.kv_heads, (columns, self.kv_heads * self.head_dim)
+        self.cos = torch.cat([cos.repeat(1, rotated), torch.ones(plain)], dim=1)
+        self.sin = torch.cat([sin.repeat(1, rotated), torch.zeros(plain)], dim=1)
+        half = self.head_dim // 2
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=1).repeat(1, rotated)  # a prefill's q, k
 
     def add(self, prompts: list[list[int]], budgets: list[int]) -> torch.Tensor:
         first, count = self.rows, len(prompts)
@@ -184,18 +237,17 @@ class Qwen2Decoder:
         moved = [(new, old) for new, old in enumerate(rows) if new != old]
         if moved:
             new, old = (list(t) for t in zip(*moved, strict=True))
-            for cache in (*self.keys, *self.values):
+            for cache in self.cache:
                 cache[new] = cache[old]  # reads every moved row before writing any
             self.lengths[new] = self.lengths[old]
         self.rows = len(rows)
 
     def _reserve(self, columns: int) -> None:
-        have = self.keys[0].shape[2]
+        have = self.cache[0].shape[2]
         if columns > have:
             grow = max(columns, 2 * have) - have
-            pad = (0, 0, 0, grow)  # the column dimension, zero-filled
-            self.keys = [F.pad(c, pad) for c in self.keys]
-            self.values = [F.pad(c, pad) for c in self.values]
+            self.cache = [F.pad(c, (0, 0, 0, grow)) for c in self.cache]  # the column dimension, zero-filled
+            self._rope_tables(have + grow)
 
     def _forward(
         self,
@@ -208,34 +260,39 @@ class Qwen2Decoder:
     ) -> torch.Tensor:
         """The final hidden states of ``ids`` for cache ``rows``: a prefill from column 0 (``at`` None),
         or one token per row at column ``at[r]``; attention reads columns ``0 … end-1``."""
-        m = self.model.model
-        x = m.embed_tokens.weight[ids]
-        freqs = positions[..., None].float() * self.inv_freq
-        cos, sin = freqs.cos().repeat(1, 1, 2)[:, None], freqs.sin().repeat(1, 1, 2)[:, None]
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
+        n, t = ids.shape
+        x = self.model.model.embed_tokens.weight[ids].flatten(0, 1)  # (n·t, hidden)
+        split, rotated = (heads + 2 * kv_heads) * hd, (heads + kv_heads) * hd
+        cos, sin = self.cos[positions].flatten(0, 1), self.sin[positions].flatten(0, 1)
+        if at is None:  # a prefill is bound by its arithmetic: q and k are rotated, not computed twice over
+            cos, sin = cos[:, :rotated], self.sin_signed[positions].flatten(0, 1)
         index = torch.arange(rows.start, rows.stop)
-        for i, layer in enumerate(m.layers):
-            a = layer.self_attn
-            h = self._norm(x, layer.input_layernorm.weight)
-            q = self._heads(F.linear(h, a.q_proj.weight, a.q_proj.bias), self.heads)
-            k = self._heads(F.linear(h, a.k_proj.weight, a.k_proj.bias), self.kv_heads)
-            v = self._heads(F.linear(h, a.v_proj.weight, a.v_proj.bias), self.kv_heads)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        for layer, cache in zip(self.layers, self.cache, strict=True):
+            h = self._norm(x, layer.attn_norm)
             if at is None:
-                self.keys[i][rows, :, :end] = k
-                self.values[i][rows, :, :end] = v
+                out = F.linear(h, layer.qkv[:split], layer.qkv_bias[:split])
+                qk, v = out[:, :rotated], out[:, rotated:]
+                swapped = qk.unflatten(-1, (-1, 2, hd // 2)).flip(-2).flatten(1)  # rotate_half; its sign is in sin
+                qkv = torch.cat([torch.addcmul(qk * cos, swapped, sin), v], dim=1)
+            else:  # a step is bound by its op count: the rotated q and k come with the product
+                out = F.linear(h, layer.qkv, layer.qkv_bias)
+                qkv = torch.addcmul(out[:, :split] * cos, out[:, split:], sin)
+            qkv = qkv.view(n, t, -1, hd).transpose(1, 2)
+            q, kv = qkv[:, :heads], qkv[:, heads:]  # (n, heads, t, hd), (n, 2·kv_heads, t, hd)
+            if at is None:
+                cache[rows, :, :end] = kv
             else:
-                self.keys[i][index, :, at] = k[:, :, 0]
-                self.values[i][index, :, at] = v[:, :, 0]
-            keys, values = self.keys[i][rows, :, :end], self.values[i][rows, :, :end]
-            if self.kv_heads != self.heads:
-                keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
-                values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=a.scaling)
-            x = x + F.linear(out.transpose(1, 2).flatten(2), a.o_proj.weight)
-            h = self._norm(x, layer.post_attention_layernorm.weight)
-            gate, up, down = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
-            x = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
-        return self._norm(x, m.norm.weight)
+                cache[index, :, at] = kv[:, :, 0]
+            keys, values = cache[rows, :kv_heads, :end], cache[rows, kv_heads:, :end]
+            if kv_heads != heads:
+                keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+                values = values.repeat_interleave(heads // kv_heads, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=layer.scale)
+            x = torch.addmm(x, out.transpose(1, 2).reshape(n * t, -1), layer.o_t)
+            gate, up = F.linear(self._norm(x, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, layer.down_t)
+        return self._norm(x, self.model.model.norm.weight).view(n, t, -1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.model.lm_head.weight)
@@ -243,10 +300,10 @@ class Qwen2Decoder:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
 
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotated_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``w``'s output rows permuted per head as ``rotate_half`` permutes a head's outputs: the product
+    with the result is ``rotate_half`` of the product with ``w``, exactly (a signed permutation)."""
+    per_head = w.unflatten(0, (-1, head_dim))
+    half = head_dim // 2
+    return torch.cat((-per_head[:, half:], per_head[:, :half]), dim=1).flatten(0, 1)
