@@ -11,13 +11,20 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, Request
+from prometheus_client import Counter
 
+from eapo.core.answer_cache import AnswerCache
 from eapo.core.config import GatewayConfig
-from expert_gateway.answer_cache import AnswerCache
 from expert_gateway.discovery import discovered
 from expert_gateway.pools import Backend, Pools
 
 log = logging.getLogger(__name__)
+
+ANSWER_CACHE = Counter(
+    "eapo_gateway_answer_cache_total",
+    "Consult answers by cache outcome (hit, shared: joined a call in flight, miss)",
+    ["outcome"],
+)
 
 
 class GatewayState:
@@ -37,7 +44,10 @@ class GatewayState:
             seed=config.seed,
         )
         self.retiring: set[asyncio.Task] = set()
-        self.answer_cache = AnswerCache(config.answer_cache) if config.answer_cache else None
+        # Greedy consult answers by (model, query, max_tokens); degrade settings apply after it, per episode.
+        self.answer_cache: AnswerCache[tuple[str, str, int], str] | None = (
+            AnswerCache(config.answer_cache, ANSWER_CACHE) if config.answer_cache else None
+        )
 
     def limit(self, own: int | None) -> int | None:
         return own if own is not None else self.config.max_in_flight_per_backend

@@ -1,5 +1,6 @@
-"""The gateway's greedy answer cache: one upstream call per (model, query, max_tokens), concurrent asks
-sharing it, errors and sampled answers never kept, bounded (real gateway, fake vLLM pod on loopback)."""
+"""Greedy answers computed once. The gateway's cache: one upstream call per (model, query, max_tokens),
+concurrent asks sharing it, errors and sampled answers never kept, bounded (real gateway, fake vLLM pod on
+loopback). The CPU expert server's: its own completions, equal to what it decodes, dropped with its weights."""
 
 import asyncio
 
@@ -7,9 +8,10 @@ import httpx
 import pytest
 from helpers import FakeBackend, ServerThread
 
+from eapo.core.answer_cache import AnswerCache
 from eapo.core.config import ExpertBackend, GatewayConfig
 from eapo.core.net import free_port
-from expert_gateway.answer_cache import AnswerCache
+from eapo.inference.cpu_server import create_app as create_server
 from expert_gateway.app import create_app
 
 
@@ -59,3 +61,56 @@ async def test_a_requester_that_leaves_does_not_cancel_the_call_the_others_wait_
     release.set()
     assert await stayer == "42" and calls == [1]
     assert leaver.cancelled() and cache.answers == {("expert", "6*7", 8): "42"}
+
+
+@pytest.mark.asyncio
+async def test_a_call_begun_before_clear_is_answered_but_not_kept():
+    cache, release = AnswerCache(4), asyncio.Event()
+
+    async def old_weights() -> str:
+        await release.wait()
+        return "old"
+
+    before = asyncio.create_task(cache.answer("q", old_weights))
+    await asyncio.sleep(0)
+    cache.clear()  # new weights
+    after = asyncio.create_task(cache.answer("q", lambda: asyncio.sleep(0, result="new")))  # not joined to before
+    release.set()
+    assert (await before, await after) == ("old", "new")
+    assert dict(cache.answers) == {"q": "new"} and not cache.calls
+    assert cache.outcomes == {"hit": 0, "shared": 0, "miss": 2}
+
+
+def chat(url: str, content: str, temperature: float = 0.0) -> str:
+    body = {"model": "expert", "messages": [{"role": "user", "content": content}], "max_tokens": 12}
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body | {"temperature": temperature}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["message"]["content"]
+
+
+def test_the_cpu_server_keeps_its_own_greedy_completions(world_dir, expert_servers):
+    app = create_server("expert", world_dir / "expert", seed=3, answer_cache=8)
+    with ServerThread(app, free_port()) as server:
+        answers = app.state.served.answers
+        first = chat(server.url, "3+4*2")
+        assert chat(server.url, "3+4*2") == first == chat(expert_servers[0], "3+4*2")  # what a server without it says
+        assert answers.outcomes == {"hit": 1, "shared": 0, "miss": 1}
+        chat(server.url, "3+4*2", temperature=0.9)  # sampled: decoded, never looked up
+        assert answers.outcomes == {"hit": 1, "shared": 0, "miss": 1}
+
+        async def together() -> list[str]:  # one decode for all three, however they interleave
+            async with httpx.AsyncClient(timeout=60) as client:
+                body = {"model": "expert", "messages": [{"role": "user", "content": "9*9-1"}], "temperature": 0}
+                replies = await asyncio.gather(
+                    *(client.post(f"{server.url}/v1/chat/completions", json=body) for _ in range(3))
+                )
+            return [r.json()["choices"][0]["message"]["content"] for r in replies]
+
+        assert len(set(asyncio.run(together()))) == 1
+        assert answers.outcomes["miss"] == 2 and answers.outcomes["hit"] + answers.outcomes["shared"] == 3
+
+        served = app.state.served
+        served._swap(served.batcher.model, served.batcher.version + 1)  # new weights: nothing old is kept
+        assert not answers.answers
+        chat(server.url, "3+4*2")
+        assert answers.outcomes["miss"] == 3

@@ -140,6 +140,13 @@ class ExpertServerConfig(Section):
     start_timeout_s: float = Field(
         120.0, gt=0, description="`eapo up`: how long the expert servers and the gateway may take to be healthy"
     )
+    answer_cache: int = Field(
+        0,
+        ge=0,
+        description="the CPU server's greedy completions kept by (prompt ids, max tokens, stops), concurrent "
+        "asks sharing one decode; per server, so each expert of a heterogeneous pool keeps its own answers; "
+        "cleared when weights load; 0 = off (eapo/core/answer_cache.py)",
+    )
     seed: int = Field(
         default_factory=lambda: derive_seed(0, "expert_server"),
         description="the CPU server's sampling when a request names no seed; default: derived from the root `seed`",
@@ -195,7 +202,9 @@ class GatewayConfig(Section):
         0,
         ge=0,
         description="greedy consult answers kept by (model, query, max_tokens), concurrent asks sharing one "
-        "call; only for pools whose weights never change; 0 = off (expert_gateway/answer_cache.py)",
+        "call; only for pools whose weights never change and whose backends answer alike (a heterogeneous pool "
+        "under one name would get one backend's answer for all: use expert_server.answer_cache); 0 = off "
+        "(eapo/core/answer_cache.py)",
     )
     max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies are refused with 413")
     max_tokens_limit: int = Field(8192, ge=1, description="requests asking for more tokens are refused with 422")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import time
@@ -32,11 +33,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from eapo.core.answer_cache import AnswerCache
 from eapo.core.http import openai_error
 from eapo.inference.model import load_model, with_weights
 from eapo.inference.sampling import Batcher, SampleRequest, SampleResult
 from proto.broadcast import Backend, Group, join, receive
 from proto.weights import MANIFEST, WeightsError, read_manifest, verify_version
+
+log = logging.getLogger(__name__)
+CACHE_REPORT_EVERY = 1000  # lookups between the answer cache's log lines
 
 
 class SamplingFields(BaseModel):
@@ -82,8 +87,10 @@ class ChatRequest(SamplingFields):
 class ServedModel:
     """The loaded model, its tokenizer and the batcher feeding it."""
 
-    def __init__(self, name: str, path: Path, max_batch: int, seed: int = 0):
+    def __init__(self, name: str, path: Path, max_batch: int, seed: int = 0, answer_cache: int = 0):
         self.name = name
+        # Greedy completions by (prompt ids, max tokens, stops): a function of those on these weights.
+        self.answers: AnswerCache[tuple, SampleResult] | None = AnswerCache(answer_cache) if answer_cache else None
         model, self.tokenizer = load_model(path)
         version = read_manifest(path).version if (path / MANIFEST).exists() else -1  # a published version?
         self.batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch, version, self.tokenizer)
@@ -101,7 +108,7 @@ class ServedModel:
         except (OSError, WeightsError) as exc:
             raise WeightsError(f"cannot load weights from {path}: {exc}") from exc
         model, _ = await asyncio.to_thread(load_model, Path(path))
-        self.batcher.set_model(model, manifest.version)
+        self._swap(model, manifest.version)
         return manifest.version
 
     async def join_broadcast(
@@ -116,7 +123,7 @@ class ServedModel:
             raise RuntimeError("eapo_receive_broadcast before eapo_join_broadcast")
         version, tensors = await asyncio.to_thread(receive, self.group)
         model = await asyncio.to_thread(with_weights, self.batcher.model, tensors)
-        self.batcher.set_model(model, version)
+        self._swap(model, version)
         return version
 
     async def complete(
@@ -136,11 +143,26 @@ class ServedModel:
             top_p=body.top_p,
             seed=body.seed if body.seed is not None else self._rng.getrandbits(63),
         )
-        result, _ = await self.batcher.sample(request)
+        if self.answers is not None and request.temperature == 0:
+            key = (tuple(prompt_ids), request.max_new_tokens, request.stop_ids, request.stop_strings)
+            result = await self.answers.answer(key, lambda: self._sample(request))
+            if sum(self.answers.outcomes.values()) % CACHE_REPORT_EVERY == 0:
+                log.info("answer cache: %d kept; lookups %s", len(self.answers.answers), self.answers.outcomes)
+        else:
+            result = await self._sample(request)
         stop_reason: str | int | None = result.stop_string
         if result.finish == "stop" and stop_reason is None and result.token_ids[-1] != self.tokenizer.eos_token_id:
             stop_reason = result.token_ids[-1]
         return result, completion_text(result, self.tokenizer, body), stop_reason
+
+    async def _sample(self, request: SampleRequest) -> SampleResult:
+        return (await self.batcher.sample(request))[0]
+
+    def _swap(self, model: Any, version: int) -> None:
+        """New weights: sampled from once the running rows finish; no answer of the old ones is kept."""
+        self.batcher.set_model(model, version)
+        if self.answers is not None:
+            self.answers.clear()
 
 
 def completion_text(result: SampleResult, tokenizer: Any, body: SamplingFields) -> str:
@@ -169,10 +191,10 @@ RPC = {  # collective_rpc method → what it runs (as eapo.inference.vllm_worker
 }
 
 
-def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0) -> FastAPI:
+def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0, answer_cache: int = 0) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.served = ServedModel(name, path, max_batch, seed)
+        app.state.served = ServedModel(name, path, max_batch, seed, answer_cache)
         yield
         await app.state.served.batcher.close()
 
