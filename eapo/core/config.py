@@ -141,11 +141,11 @@ class ExpertServerConfig(Section):
         120.0, gt=0, description="`eapo up`: how long the expert servers and the gateway may take to be healthy"
     )
     answer_cache: int = Field(
-        0,
+        4096,
         ge=0,
         description="the CPU server's greedy completions kept by (prompt ids, max tokens, stops), concurrent "
         "asks sharing one decode; per server, so each expert of a heterogeneous pool keeps its own answers; "
-        "cleared when weights load; 0 = off (eapo/core/answer_cache.py)",
+        "cleared when weights load; 0 = off (eapo/core/answer_cache.py; measured in docs/decisions.md)",
     )
     seed: int = Field(
         default_factory=lambda: derive_seed(0, "expert_server"),
