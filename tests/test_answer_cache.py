@@ -79,6 +79,8 @@ async def test_a_call_begun_before_clear_is_answered_but_not_kept():
     assert (await before, await after) == ("old", "new")
     assert dict(cache.answers) == {"q": "new"} and not cache.calls
     assert cache.outcomes == {"hit": 0, "shared": 0, "miss": 2}
+    assert await cache.answer("null", lambda: asyncio.sleep(0, result=None)) is None  # vLLM's null content
+    assert "null" not in cache.answers
 
 
 def chat(url: str, content: str, temperature: float = 0.0) -> str:

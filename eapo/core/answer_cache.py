@@ -3,7 +3,7 @@
 For answers that are a function of their key, as greedy decoding on frozen weights is: the gateway keeps
 consult answers by (model, query, max_tokens), the CPU expert server its completions by prompt and limits
 (EAPO's rollouts ask the same queries over and over: the G episodes of a group at the same moment, the
-same problems every epoch). Only what came back is kept: errors never are. The call runs as its own task,
+same problems every epoch). Only answers are kept: errors and None never are. The call runs as its own task,
 so a requester that disconnects does not cancel it for the others. ``clear`` (new weights) drops every
 answer and keeps none from a call begun before it.
 """
@@ -60,7 +60,7 @@ class AnswerCache(Generic[K, V]):
         finally:
             if self._generation == generation:
                 del self.calls[key]
-        if self._generation == generation:
+        if self._generation == generation and answer is not None:  # None is no answer (vLLM's null content)
             self.answers[key] = answer
             if len(self.answers) > self.size:
                 self.answers.popitem(last=False)

@@ -85,7 +85,8 @@ class ChatRequest(SamplingFields):
 
 
 class ServedModel:
-    """The loaded model, its tokenizer and the batcher feeding it."""
+    """The loaded model, its tokenizer and the batcher feeding it; with ``answer_cache`` > 0 (off here, on in
+    ``eapo expert-server`` by ``expert_server.answer_cache``) its greedy completions, shared read-only."""
 
     def __init__(self, name: str, path: Path, max_batch: int, seed: int = 0, answer_cache: int = 0):
         self.name = name

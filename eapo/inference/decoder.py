@@ -10,11 +10,11 @@ Why not transformers' own forward: on the tiny world's models (a 2-layer, 64-wid
 step through it cost ~7 ms for a batch of 40, of which the arithmetic is a small part: the dynamic
 cache grows by ``torch.cat`` every step (a copy of the whole cache), the attention mask is rebuilt, and
 each of ~30 modules dispatches through hooks and output wrappers. Here the cache is written in place
-and a step is a few dozen tensor ops on weights fused when the decoder opens, so a decoder serves the
-weights it opened with (the batcher opens one per model it is given; none is changed in place). It
-calls the same attention kernel
-(``scaled_dot_product_attention``) on the same values, so its logits equal those of transformers' SDPA
-forward with ``logits_to_keep=1`` (what ``TransformersDecoder`` runs) up to rounding: a row attends
+and a step is a few dozen tensor ops, on weights partly fused (copied) when the decoder opens and partly
+read from the model, so a model must not change in place while a decoder is open on it (none does: the
+batcher opens one per model it is given, and new weights come as a new model). It calls the same
+attention kernel (``scaled_dot_product_attention``) on the same values, so its logits equal those of
+transformers' SDPA forward with ``logits_to_keep=1`` (what ``TransformersDecoder`` runs) up to rounding: a row attends
 over the batch's widest row, masked, where transformers' rows are left-padded, and the sums round
 differently (≤ 1e-5, tests/test_decoder.py). Anything else (another architecture, RoPE scaling,
 sliding windows, another attention implementation, a dtype other than float32, a GPU) runs through
@@ -151,12 +151,13 @@ class Qwen2Decoder:
     row even at zero weight.
 
     On these models a step costs its ops' dispatch more than their arithmetic, so the weights are fused
-    once, when the decoder opens (a decoder serves one set of weights; the batcher opens one per weight
-    version): q, k and v are one product, and in a step so is their rotation, since RoPE's
+    once, when the decoder opens: q, k and v are one product, and in a step so is their rotation, since RoPE's
     ``rotate_half`` is a signed permutation of each head's output rows (``_rotated_rows``), which a
     product with permuted weights computes exactly (a prefill, whose cost is its arithmetic, rotates
     after the product); gate and up are one product; a layer's keys and values share one cache tensor,
-    written once a step. Measured in ``docs/decisions.md`` ("A hand-written forward …")."""
+    written once a step. The copies hold about 70% of a layer's weights again: nothing on the tiny
+    world, about 1 GB for a 0.5B-parameter checkpoint in float32 (vLLM is the engine for those).
+    Measured in ``docs/decisions.md`` ("A hand-written forward …")."""
 
     joins = True
 
@@ -198,11 +199,11 @@ class Qwen2Decoder:
         """cos and sin by position for the fused q, k, v columns (v: cos 1, sin 0, so it passes unrotated)."""
         freqs = torch.arange(columns)[:, None].float() * self.inv_freq
         cos, sin = freqs.cos().repeat(1, 2), freqs.sin().repeat(1, 2)
-        rotated, plain = self.heads + self.kv_heads, (columns, self.kv_heads * self.head_dim)
-        self.cos = torch.cat([cos.repeat(1, rotated), torch.ones(plain)], dim=1)
-        self.sin = torch.cat([sin.repeat(1, rotated), torch.zeros(plain)], dim=1)
+        rotated_heads, plain = self.heads + self.kv_heads, (columns, self.kv_heads * self.head_dim)
+        self.cos = torch.cat([cos.repeat(1, rotated_heads), torch.ones(plain)], dim=1)
+        self.sin = torch.cat([sin.repeat(1, rotated_heads), torch.zeros(plain)], dim=1)
         half = self.head_dim // 2
-        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=1).repeat(1, rotated)  # a prefill's q, k
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=1).repeat(1, rotated_heads)  # prefill q, k
 
     def add(self, prompts: list[list[int]], budgets: list[int]) -> torch.Tensor:
         first, count = self.rows, len(prompts)
@@ -264,9 +265,10 @@ class Qwen2Decoder:
         n, t = ids.shape
         x = self.model.model.embed_tokens.weight[ids].flatten(0, 1)  # (n·t, hidden)
         split, rotated = (heads + 2 * kv_heads) * hd, (heads + kv_heads) * hd
-        cos, sin = self.cos[positions].flatten(0, 1), self.sin[positions].flatten(0, 1)
         if at is None:  # a prefill is bound by its arithmetic: q and k are rotated, not computed twice over
-            cos, sin = cos[:, :rotated], self.sin_signed[positions].flatten(0, 1)
+            cos, sin = self.cos[positions, :rotated].flatten(0, 1), self.sin_signed[positions].flatten(0, 1)
+        else:
+            cos, sin = self.cos[positions].flatten(0, 1), self.sin[positions].flatten(0, 1)
         index = torch.arange(rows.start, rows.stop)
         for layer, cache in zip(self.layers, self.cache, strict=True):
             h = self._norm(x, layer.attn_norm)
