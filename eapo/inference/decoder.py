@@ -14,9 +14,9 @@ and a step is a few dozen tensor ops, on weights partly fused (copied) when the 
 read from the model, so a model must not change in place while a decoder is open on it (none does: the
 batcher opens one per model it is given, and new weights come as a new model). It calls the same
 attention kernel (``scaled_dot_product_attention``) on the same values, so its logits equal those of
-transformers' SDPA forward with ``logits_to_keep=1`` (what ``TransformersDecoder`` runs) up to rounding: a row attends
-over the batch's widest row, masked, where transformers' rows are left-padded, and the sums round
-differently (≤ 1e-5, tests/test_decoder.py). Anything else (another architecture, RoPE scaling,
+transformers' SDPA forward with ``logits_to_keep=1`` (what ``TransformersDecoder`` runs) up to rounding:
+a row attends over the batch's widest row, masked, where transformers' rows are left-padded, and the sums
+round differently (≤ 1e-5, tests/test_decoder.py). Anything else (another architecture, RoPE scaling,
 sliding windows, another attention implementation, a dtype other than float32, a GPU) runs through
 ``TransformersDecoder``, whose cache takes new rows only when its batch has drained.
 """
