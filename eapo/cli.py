@@ -52,7 +52,7 @@ def cmd_expert_server(cfg: EAPOConfig, args: argparse.Namespace) -> int:
     from eapo.inference.cpu_server import create_app
 
     uvicorn.run(
-        create_app(es.model, path, es.max_batch, es.seed, es.answer_cache),
+        create_app(es, path),
         host=es.host,
         port=es.port,
         log_level="warning",

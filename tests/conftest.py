@@ -69,13 +69,14 @@ def world_dir(tiny_world: WorldConfig) -> Path:
 
 @pytest.fixture(scope="session")
 def expert_servers(world_dir: Path):
-    """Two CPU expert servers serving the tiny world's expert under the name 'expert'."""
+    """Two CPU expert servers serving the tiny world's expert under the name 'expert', as configured by default."""
+    from eapo.core.config import ExpertServerConfig
     from eapo.core.net import free_port
     from eapo.inference.cpu_server import create_app
 
     with (
-        ServerThread(create_app("expert", world_dir / "expert", seed=1), free_port()) as a,
-        ServerThread(create_app("expert", world_dir / "expert", seed=2), free_port()) as b,
+        ServerThread(create_app(ExpertServerConfig(seed=1), world_dir / "expert"), free_port()) as a,
+        ServerThread(create_app(ExpertServerConfig(seed=2), world_dir / "expert"), free_port()) as b,
     ):
         yield [a.url, b.url]
 

@@ -7,12 +7,14 @@ import asyncio
 import httpx
 import pytest
 from helpers import FakeBackend, ServerThread
+from test_remote_engine import publish
 
 from eapo.core.answer_cache import AnswerCache
-from eapo.core.config import ExpertBackend, GatewayConfig
+from eapo.core.config import ExpertBackend, ExpertServerConfig, GatewayConfig
 from eapo.core.net import free_port
 from eapo.inference.cpu_server import create_app as create_server
 from expert_gateway.app import create_app
+from proto.weights import version_dir
 
 
 def consult(url: str, queries: list[str], temperature: float = 0.0) -> list[dict]:
@@ -83,6 +85,28 @@ async def test_a_call_begun_before_clear_is_answered_but_not_kept():
     assert "null" not in cache.answers
 
 
+@pytest.mark.asyncio
+async def test_the_log_line_comes_once_every_log_every_lookups_however_they_interleave(caplog):
+    cache, release = AnswerCache(4, log_every=3), asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "a"
+
+    with caplog.at_level("INFO", logger="eapo.core.answer_cache"):
+        lookups = [asyncio.create_task(cache.answer(k, slow)) for k in "xxyxyyz"]  # 7 lookups, 3 calls in flight
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*lookups)
+        await cache.answer("x", slow)  # the 8th and 9th: hits
+        await cache.answer("z", slow)
+    assert [r.getMessage() for r in caplog.records] == [
+        "answer cache: 0 kept; lookups {'hit': 0, 'shared': 1, 'miss': 2}",
+        "answer cache: 0 kept; lookups {'hit': 0, 'shared': 4, 'miss': 2}",
+        "answer cache: 3 kept; lookups {'hit': 2, 'shared': 4, 'miss': 3}",
+    ]
+
+
 def chat(url: str, content: str, temperature: float = 0.0) -> str:
     body = {"model": "expert", "messages": [{"role": "user", "content": content}], "max_tokens": 12}
     resp = httpx.post(f"{url}/v1/chat/completions", json=body | {"temperature": temperature}, timeout=60)
@@ -90,12 +114,19 @@ def chat(url: str, content: str, temperature: float = 0.0) -> str:
     return resp.json()["choices"][0]["message"]["content"]
 
 
-def test_the_cpu_server_keeps_its_own_greedy_completions(world_dir, expert_servers):
-    app = create_server("expert", world_dir / "expert", seed=3, answer_cache=8)
-    with ServerThread(app, free_port()) as server:
+def test_the_cpu_server_keeps_its_own_greedy_completions(world_dir, tmp_path, monkeypatch):
+    """On by default; what it answers is what a server without it decodes; new weights drop every answer."""
+    assert ExpertServerConfig().answer_cache > 0
+    publish(tmp_path, 0, world_dir / "expert")
+    publish(tmp_path, 1, world_dir / "expert")  # a new version (same bytes): loading it must still clear
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    app = create_server(ExpertServerConfig(seed=3), version_dir(tmp_path, 0))
+    without = create_server(ExpertServerConfig(seed=3, answer_cache=0), world_dir / "expert")
+    with ServerThread(app, free_port()) as server, ServerThread(without, free_port()) as plain:
         answers = app.state.served.answers
         first = chat(server.url, "3+4*2")
-        assert chat(server.url, "3+4*2") == first == chat(expert_servers[0], "3+4*2")  # what a server without it says
+        assert chat(server.url, "3+4*2") == first == chat(plain.url, "3+4*2")
+        assert without.state.served.answers is None
         assert answers.outcomes == {"hit": 1, "shared": 0, "miss": 1}
         chat(server.url, "3+4*2", temperature=0.9)  # sampled: decoded, never looked up
         assert answers.outcomes == {"hit": 1, "shared": 0, "miss": 1}
@@ -111,8 +142,8 @@ def test_the_cpu_server_keeps_its_own_greedy_completions(world_dir, expert_serve
         assert len(set(asyncio.run(together()))) == 1
         assert answers.outcomes["miss"] == 2 and answers.outcomes["hit"] + answers.outcomes["shared"] == 3
 
-        served = app.state.served
-        served._swap(served.batcher.model, served.batcher.version + 1)  # new weights: nothing old is kept
+        load = {"method": "eapo_load_weights", "args": [str(version_dir(tmp_path, 1))]}
+        assert httpx.post(f"{server.url}/collective_rpc", json=load, timeout=60).json() == {"results": [1]}
         assert not answers.answers
-        chat(server.url, "3+4*2")
+        assert chat(server.url, "3+4*2") == first
         assert answers.outcomes["miss"] == 3

@@ -11,7 +11,7 @@ import torch
 from helpers import ServerThread
 from test_remote_engine import greedy, publish
 
-from eapo.core.config import BroadcastConfig
+from eapo.core.config import BroadcastConfig, ExpertServerConfig
 from eapo.core.net import free_port
 from eapo.inference.cpu_server import create_app
 from eapo.inference.model import load_model
@@ -20,6 +20,8 @@ from proto.broadcast import join, receive, send
 from proto.weights import version_dir
 from rollout_service.engine import TransformersEngine
 from rollout_service.remote_engine import RemotePolicyEngine
+
+POLICY = ExpertServerConfig(model="policy")
 
 
 def test_a_version_reaches_every_rank_exactly():
@@ -63,7 +65,7 @@ def versions(world_dir, tmp_path_factory):
 
 async def test_the_learner_broadcasts_a_version_that_servers_then_sample_exactly(versions, monkeypatch):
     monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
-    apps = [create_app("policy", version_dir(versions, 0)) for _ in range(2)]
+    apps = [create_app(POLICY, version_dir(versions, 0)) for _ in range(2)]
     with ServerThread(apps[0], free_port()) as a, ServerThread(apps[1], free_port()) as b:
         cfg = BroadcastConfig(servers=[a.url, b.url], address=f"127.0.0.1:{free_port()}", backend="gloo", timeout_s=30)
         broadcaster = Broadcaster(cfg)
@@ -105,7 +107,7 @@ def test_collective_rpc_refuses_bad_calls_with_the_reason(versions, monkeypatch)
     import httpx
 
     monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
-    with ServerThread(create_app("policy", version_dir(versions, 0)), free_port()) as server:
+    with ServerThread(create_app(POLICY, version_dir(versions, 0)), free_port()) as server:
         url = f"{server.url}/collective_rpc"
         for body, reason in (
             ({"method": "eapo_receive_broadcast"}, "before eapo_join_broadcast"),

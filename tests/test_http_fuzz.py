@@ -13,13 +13,16 @@ from helpers import FakeBackend, ServerThread
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from eapo.core.config import ExpertBackend, GatewayConfig
+from eapo.core.config import ExpertBackend, ExpertServerConfig, GatewayConfig
 from eapo.core.net import free_port
 from eapo.inference import cpu_server as expert_server
 from expert_gateway.app import create_app
 
 SKIP = {("POST", "/admin/backends")}
-APPS = {"gateway": create_app(GatewayConfig()), "expert-server": expert_server.create_app("expert", Path("unused"))}
+APPS = {
+    "gateway": create_app(GatewayConfig()),
+    "expert-server": expert_server.create_app(ExpertServerConfig(), Path("unused")),
+}
 OPERATIONS = {
     (service, op.label): op
     for service, app in APPS.items()
@@ -34,7 +37,7 @@ def servers(world_dir):
         cfg = GatewayConfig(backends=[ExpertBackend(model="expert", url=backend.url)], max_body_bytes=64 * 1024)
         with (
             ServerThread(create_app(cfg), free_port()) as gw,
-            ServerThread(expert_server.create_app("expert", world_dir / "expert"), free_port()) as expert,
+            ServerThread(expert_server.create_app(ExpertServerConfig(), world_dir / "expert"), free_port()) as expert,
         ):
             yield {"gateway": gw.url, "expert-server": expert.url}
 

@@ -19,7 +19,7 @@ import yaml
 from bpe_model import CHATML, build_model, build_tokenizer, prompt, write_problems
 from helpers import FakeBackend, ServerThread
 
-from eapo.core.config import ExpertBackend, GatewayConfig, RolloutConfig
+from eapo.core.config import ExpertBackend, ExpertServerConfig, GatewayConfig, RolloutConfig
 from eapo.core.net import free_port
 from eapo.dev.world.tasks import evaluate
 from eapo.inference.cpu_server import create_app
@@ -135,7 +135,7 @@ async def test_the_cpu_server_and_remote_engine_stop_as_vllm_does(own_model, tok
     request = SampleRequest(ids, 40, frozenset({model_tok.eos_token_id}), (fmt.CONSULT_CLOSE,), seed=4)
     (local,) = generate_batch(own_model.model, [request], model_tok.pad_token_id, model_tok)
     assert local.stop_string == fmt.CONSULT_CLOSE
-    with ServerThread(create_app("policy", own_model.dir, seed=0), free_port()) as server:
+    with ServerThread(create_app(ExpertServerConfig(model="policy", seed=0), own_model.dir), free_port()) as server:
         body = {"model": "policy", "prompt": ids, "max_tokens": 40, "seed": 4, "stop": [fmt.CONSULT_CLOSE]}
         body |= {"logprobs": 0, "return_tokens_as_token_ids": True, "stop_token_ids": [model_tok.eos_token_id]}
         async with httpx.AsyncClient() as client:

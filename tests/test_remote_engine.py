@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import ServerThread
 
-from eapo.core.config import RolloutConfig, load_config
+from eapo.core.config import ExpertServerConfig, RolloutConfig, load_config
 from eapo.core.net import free_port
 from eapo.inference.cpu_server import create_app
 from eapo.inference.sampling import SampleRequest
@@ -37,7 +37,7 @@ def weights(world_dir, tmp_path_factory):
 def policy_server(weights):
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_SERVER_DEV_MODE", "1")
-    app = create_app("policy", version_dir(weights, 0))
+    app = create_app(ExpertServerConfig(model="policy"), version_dir(weights, 0))
     mp.undo()
     with ServerThread(app, free_port()) as server:
         yield server.url

@@ -11,6 +11,7 @@ answer and keeps none from a call begun before it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
@@ -21,14 +22,16 @@ from eapo.core.metrics import labelled
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+log = logging.getLogger(__name__)
 
 
 class AnswerCache(Generic[K, V]):
     """Answers by key, least recently used out first; ``outcomes`` counts every lookup (hit, shared: joined
-    a call in flight, miss), and so does ``counter`` (labelled by outcome) where one is given."""
+    a call in flight, miss), and so does ``counter`` (labelled by outcome) where one is given; with
+    ``log_every`` a log line says the counts every that many lookups."""
 
-    def __init__(self, size: int, counter: Counter | None = None):
-        self.size, self.counter = size, counter
+    def __init__(self, size: int, counter: Counter | None = None, log_every: int = 0):
+        self.size, self.counter, self.log_every = size, counter, log_every
         self.answers: OrderedDict[K, V] = OrderedDict()
         self.calls: dict[K, asyncio.Task[V]] = {}
         self.outcomes = {"hit": 0, "shared": 0, "miss": 0}
@@ -70,6 +73,8 @@ class AnswerCache(Generic[K, V]):
         self.outcomes[outcome] += 1
         if self.counter is not None:
             labelled(self.counter, outcome).inc()
+        if self.log_every and sum(self.outcomes.values()) % self.log_every == 0:  # counted and read in one step
+            log.info("answer cache: %d kept; lookups %s", len(self.answers), dict(self.outcomes))
 
 
 def _retrieve(call: asyncio.Task) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import random
 import time
@@ -34,14 +33,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from eapo.core.answer_cache import AnswerCache
+from eapo.core.config import ExpertServerConfig
 from eapo.core.http import openai_error
 from eapo.inference.model import load_model, with_weights
 from eapo.inference.sampling import Batcher, SampleRequest, SampleResult
 from proto.broadcast import Backend, Group, join, receive
 from proto.weights import MANIFEST, WeightsError, read_manifest, verify_version
-
-log = logging.getLogger(__name__)
-CACHE_REPORT_EVERY = 1000  # lookups between the answer cache's log lines
 
 
 class SamplingFields(BaseModel):
@@ -85,19 +82,21 @@ class ChatRequest(SamplingFields):
 
 
 class ServedModel:
-    """The loaded model, its tokenizer and the batcher feeding it; with ``answer_cache`` > 0 (off here, on in
-    ``eapo expert-server`` by ``expert_server.answer_cache``) its greedy completions, shared read-only."""
+    """The checkpoint at ``path`` served as ``cfg.model``: the model, its tokenizer, the batcher feeding it
+    and, with ``cfg.answer_cache`` > 0, its greedy completions, shared read-only."""
 
-    def __init__(self, name: str, path: Path, max_batch: int, seed: int = 0, answer_cache: int = 0):
-        self.name = name
+    def __init__(self, cfg: ExpertServerConfig, path: Path):
+        self.name = cfg.model
         # Greedy completions by (prompt ids, max tokens, stops): a function of those on these weights.
-        self.answers: AnswerCache[tuple, SampleResult] | None = AnswerCache(answer_cache) if answer_cache else None
+        self.answers: AnswerCache[tuple, SampleResult] | None = (
+            AnswerCache(cfg.answer_cache, log_every=1000) if cfg.answer_cache else None
+        )
         model, self.tokenizer = load_model(path)
         version = read_manifest(path).version if (path / MANIFEST).exists() else -1  # a published version?
-        self.batcher = Batcher(model, self.tokenizer.pad_token_id, max_batch, version, self.tokenizer)
+        self.batcher = Batcher(model, self.tokenizer.pad_token_id, cfg.max_batch, version, self.tokenizer)
         self.group: Group | None = None
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
-        self._rng = random.Random(seed)
+        self._rng = random.Random(cfg.seed)
 
     async def load_weights(self, path: str) -> int:
         """``eapo_load_weights``: a published version from storage, checksums verified; nothing to do
@@ -147,8 +146,6 @@ class ServedModel:
         if self.answers is not None and request.temperature == 0:
             key = (tuple(prompt_ids), request.max_new_tokens, request.stop_ids, request.stop_strings)
             result = await self.answers.answer(key, lambda: self._sample(request))
-            if sum(self.answers.outcomes.values()) % CACHE_REPORT_EVERY == 0:
-                log.info("answer cache: %d kept; lookups %s", len(self.answers.answers), self.answers.outcomes)
         else:
             result = await self._sample(request)
         stop_reason: str | int | None = result.stop_string
@@ -192,10 +189,12 @@ RPC = {  # collective_rpc method → what it runs (as eapo.inference.vllm_worker
 }
 
 
-def create_app(name: str, path: Path, max_batch: int = 32, seed: int = 0, answer_cache: int = 0) -> FastAPI:
+def create_app(cfg: ExpertServerConfig, path: Path) -> FastAPI:
+    """The server of the checkpoint at ``path`` (``cfg.model_path`` or the world's, resolved by the caller)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.served = ServedModel(name, path, max_batch, seed, answer_cache)
+        app.state.served = ServedModel(cfg, path)
         yield
         await app.state.served.batcher.close()
 
