@@ -34,6 +34,7 @@ SHIPPED_EXPERIMENTS = [
     "configs/experiment.yaml",
     "configs/ablations.yaml",
     "configs/experiment-partial.yaml",
+    "configs/experiment-unseen.yaml",
     "configs/confirm-fixed-rate.yaml",
 ]
 

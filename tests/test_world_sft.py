@@ -4,12 +4,13 @@ speed) that must be the same update as the whole batch padded at once."""
 import hashlib
 import json
 import random
+import re
 
 import pytest
 import torch
 
 from eapo.dev.world.sft import CURRICULA, _slices, build_tokenizer, new_model, sft
-from eapo.dev.world.tasks import worked_solution
+from eapo.dev.world.tasks import solution_steps, unseen_facts, worked_solution
 from expert_gateway.degrade import withhold_result
 from proto import episode_format as fmt
 
@@ -56,8 +57,34 @@ def test_the_partial_policy_mixture_withholds_half_its_direct_consultations_resu
     assert 0.4 < withheld / direct < 0.6, (withheld, direct)
 
 
-# The shipped worlds' policies were trained on these traces: a change to either mixture's draws orphans them.
-SHIPPED_MIXTURES = [("policy", "146bab4d540d4c95"), ("policy_partial", "5cc3cc8da6000199")]
+def test_unseen_facts_are_a_seeded_half_closed_under_commutation():
+    facts = unseen_facts(0.5)
+    assert facts == unseen_facts(0.5) and facts != unseen_facts(0.5, seed="other")
+    assert {fact[1] for fact in facts} == {"+", "-", "*"}
+    for a, op, b in facts:  # single-digit operands: every fact is three characters
+        assert op == "-" or f"{b}{op}{a}" in facts
+    # 36 unordered pairs each for + and *, 64 ordered ones for -: 68 of the 136 are chosen
+    assert len({f if f[1] == "-" else "".join(sorted(f)) for f in facts}) == 68
+
+
+def test_the_unseen_policy_mixture_never_shows_an_unseen_fact_anywhere_in_a_trace():
+    facts, rng = unseen_facts(0.5), random.Random(3)
+    written = re.compile(r"(?<![\d-])(\d[-+*]\d)=")  # a single-digit step, in the policy's tokens or an expert's
+    tiers = set()
+    for _ in range(2000):
+        prompt, body = CURRICULA["policy_unseen"](rng)
+        expr = prompt.split("Q: ")[1].split("\n")[0]
+        tiers.add(len(solution_steps(expr)))
+        assert not facts & set(written.findall(body)), body
+    assert tiers == {1, 2, 3, 4}  # every tier is still trained
+
+
+# The shipped worlds' policies were trained on these traces: a change to a mixture's draws orphans them.
+SHIPPED_MIXTURES = [
+    ("policy", "146bab4d540d4c95"),
+    ("policy_partial", "5cc3cc8da6000199"),
+    ("policy_unseen", "f33a2396b9ce0bf6"),
+]
 
 
 @pytest.mark.parametrize(("curriculum", "digest"), SHIPPED_MIXTURES)

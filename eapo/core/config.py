@@ -47,9 +47,11 @@ class RedisConfig(Section):
 class ModelSpec(Section):
     """One tiny-world model: its size, and how long it is trained on which curriculum."""
 
-    curriculum: Literal["policy", "policy_partial", "solver", "calculator"] = Field(
+    curriculum: Literal["policy", "policy_partial", "policy_unseen", "solver", "calculator"] = Field(
         description="policy: the EAPO trace mixture; policy_partial: the same with half its direct "
-        "consultations shown result-withheld answers; solver: whole problems; calculator: single operations"
+        "consultations shown result-withheld answers; policy_unseen: the same without the problems that "
+        "need half of the single-digit facts (only the experts know them); solver: whole problems; "
+        "calculator: single operations"
     )
     hidden: int
     layers: int

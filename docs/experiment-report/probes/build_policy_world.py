@@ -1,8 +1,9 @@
 """The probe worlds' builder: the shipped world's splits and experts, and a policy of another size SFT'd as
-the shipped one was (the same curriculum, steps, batch and seed). Not a product path: the probes of
-2026-12-04 ran on what it built.
+the shipped one was (the same steps, batch and seed; the same curriculum unless one is named). Not a product
+path: the probes of 2026-12-04 ran on what it built, and it built the shipped world-unseen (2026-12-05).
 
     .venv/bin/python docs/experiment-report/probes/build_policy_world.py runs/probes/world-2x128 128 2
+    .venv/bin/python docs/experiment-report/probes/build_policy_world.py runs/world-unseen 64 2 policy_unseen
 """
 
 import json
@@ -18,7 +19,8 @@ from eapo.dev.world.sft import train_model
 SHIPPED = Path("docs/experiment-report/world")
 
 root, hidden, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-cfg = WorldConfig(dir=root, policy=ModelSpec(curriculum="policy", hidden=hidden, layers=layers, sft_steps=800))
+curriculum = sys.argv[4] if len(sys.argv) > 4 else "policy"
+cfg = WorldConfig(dir=root, policy=ModelSpec(curriculum=curriculum, hidden=hidden, layers=layers, sft_steps=800))
 root.mkdir(parents=True, exist_ok=True)
 for name in ("train.jsonl", "eval.jsonl"):
     shutil.copy(SHIPPED / name, root / name)
@@ -28,4 +30,4 @@ t0 = time.monotonic()
 loss = train_model(root, "policy", cfg.policy, cfg)
 manifest = {"fingerprint": _fingerprint(cfg), "config": cfg.model_dump(mode="json"), "final_sft_loss": {"policy": loss}}
 (root / "world.json").write_text(json.dumps(manifest | {"seconds": round(time.monotonic() - t0, 1)}, indent=2))
-print(f"policy {layers} x {hidden}: SFT loss {loss:.4f} in {time.monotonic() - t0:.0f}s")
+print(f"policy {layers} x {hidden} ({curriculum}): SFT loss {loss:.4f} in {time.monotonic() - t0:.0f}s")

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from eapo.core.config import ModelSpec, WorldConfig
 from eapo.dev.world.bootstrap import CHAT_TEMPLATE
-from eapo.dev.world.tasks import TIERS, make_problem, solution_steps, worked_solution
+from eapo.dev.world.tasks import TIERS, make_problem, solution_steps, unseen_facts, worked_solution
 from expert_gateway.degrade import withhold_result
 from proto import episode_format as fmt
 
@@ -70,13 +70,18 @@ def calculator_sample(rng: random.Random) -> Sample:
     return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
 
 
-def policy_sample(rng: random.Random, max_queries: int = 3, withheld_share: float = 0.0) -> Sample:
+def policy_sample(
+    rng: random.Random, max_queries: int = 3, withheld_share: float = 0.0, unseen: frozenset[str] = frozenset()
+) -> Sample:
     """One trace of the policy's training mixture (see module docstring). ``withheld_share`` of the direct
     consultations show the expert's answer cut just before its result (``withhold_result``), the policy
     then writing the whole solution: a policy that saw only boxed expert answers continues a boxless one
     as if it were still the expert's. That draw is seeded by the trace itself, so ``rng`` draws as in the
-    plain mixture and every other trace is the same."""
+    plain mixture and every other trace is the same. A problem one of whose steps is in ``unseen`` is drawn
+    again: the policy never sees those facts, in its own tokens or in an expert's."""
     p = make_problem(rng, rng.choice(TIERS), 0, "sft")
+    while unseen and any(op in unseen for op, _ in solution_steps(p.problem)):
+        p = make_problem(rng, rng.choice(TIERS), 0, "sft")
     expr, answer = p.problem, p.answer
     if rng.random() < 0.25:  # evaluation mode: answer alone
         return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
@@ -187,6 +192,7 @@ def sft(
 CURRICULA: dict[str, Callable[[random.Random], Sample]] = {
     "policy": policy_sample,
     "policy_partial": functools.partial(policy_sample, withheld_share=0.5),
+    "policy_unseen": functools.partial(policy_sample, unseen=unseen_facts(0.5)),
     "solver": solver_sample,
     "calculator": calculator_sample,
 }

@@ -45,6 +45,15 @@ def solution_steps(expr: str) -> list[tuple[str, int]]:
     return steps
 
 
+def unseen_facts(share: float, seed: str = "unseen") -> frozenset[str]:
+    """A seeded ``share`` of the single-digit operations (``"7*8"``, operands 2–9), a fact and its
+    commutative twin together: what a policy SFT'd without them cannot know, and the experts do."""
+    rng = random.Random(seed)
+    facts = [(a, op, b) for op in "+-*" for a in range(2, 10) for b in range(2, 10) if op == "-" or a <= b]
+    chosen = rng.sample(facts, round(share * len(facts)))
+    return frozenset(f"{x}{op}{y}" for a, op, b in chosen for x, y in {(a, b), (b, a) if op != "-" else (a, b)})
+
+
 def evaluate(expr: str) -> int:
     steps = solution_steps(expr)
     return steps[-1][1] if steps else int(expr)
