@@ -26,6 +26,7 @@ from eapo.core.metrics import serve_metrics
 from eapo.core.timeline import Timeline
 from learner.anneal import anneal_state
 from learner.broadcast import Broadcaster
+from learner.distill import distilled_samples
 from learner.feeder import PromptFeeder
 from learner.ledger import Ledger
 from learner.loss import has_signal, sample_advantages
@@ -184,14 +185,16 @@ class Learner:
             with self.timeline.span("wait", step=step):
                 batch, streaks, seen_groups, stale = await self._collect(consumer, feeder, step)
             t_data = time.monotonic() - t0
-            samples = [
-                TrainSample.of(s, adv)
-                for entry, advantages in batch
-                for s, adv in zip(entry.message.samples, advantages, strict=True)
-            ]
+            samples, sizes, distilled = [], [], 0  # sizes: samples per group, the unit updates split on
+            for entry, advantages in batch:
+                group = [TrainSample.of(s, a) for s, a in zip(entry.message.samples, advantages, strict=True)]
+                extra = distilled_samples(entry.message, advantages) if lc.internalize else []
+                samples += group + extra
+                sizes.append(len(group) + len(extra))
+                distilled += len(extra)
             with self.timeline.span("train", step=step):
-                sizes = [len(entry.message.samples) for entry, _ in batch]
                 stats = await asyncio.to_thread(ranks.call, "step", samples, sizes)
+            stats["distilled_samples"] = float(distilled)
             trained = [entry.message for entry, _ in batch]
             group_ids = [g.group_id for g in trained]
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between

@@ -59,7 +59,9 @@ def deepspeed_config(cfg: LearnerConfig) -> dict:
 class TrainSample:
     ids: torch.Tensor  # int64 [T]
     mask: torch.Tensor  # bool [T]: 1 on policy-sampled tokens
-    behaviour: torch.Tensor  # float32 [T]: behaviour log-probs (0 off the mask)
+    # float32 [T]: behaviour log-probs (0 off the mask); None: not sampled in this context (learner.distill),
+    # trained on-policy, at the learner's own log-probs at the step's start
+    behaviour: torch.Tensor | None
     advantage: float
     proximal: torch.Tensor | None = None  # float32 [T]: log-probs before the step's first update
 
@@ -139,7 +141,8 @@ class Trainer:
         fewer groups; the same split every pass). Stats are means over the updates.
 
         With more than one update the policy moves inside the step, so the proximal policy of decoupled
-        PPO (and truncated IS) is recorded first: one no-grad pass over the batch before any update.
+        PPO (and truncated IS) is recorded first: one no-grad pass over the batch before any update. Samples
+        without behaviour log-probs (``learner.distill``) need it too: they are trained from that policy.
         """
         c = self.cfg
         shares = split_groups(samples, group_sizes or [1] * len(samples), c.mini_batches)
@@ -147,7 +150,8 @@ class Trainer:
         if min(len(share) for share in shares) < world:
             raise ValueError(f"a mini-batch of {min(map(len, shares))} samples leaves some of the {world} ranks none")
         self.engine.train()
-        if c.importance != "none" and c.ppo_epochs * len(shares) > 1:
+        unsampled = any(s.behaviour is None for s in samples)  # trained from the step's start, whatever importance
+        if (c.importance != "none" or unsampled) and c.ppo_epochs * len(shares) > 1:
             for share in shares:
                 self._record_proximal(share[rank::world])
         updates = [self._update(share, world, rank) for _ in range(c.ppo_epochs) for share in shares]
@@ -186,8 +190,8 @@ class Trainer:
         return result
 
     def _padded(self, batch: list[TrainSample]) -> tuple[torch.Tensor, ...]:
-        """ids, attention mask, loss mask and behaviour log-probs of ``batch``, right-padded, and the
-        proximal log-probs when they were recorded (else None)."""
+        """ids, attention mask, loss mask and behaviour log-probs of ``batch``, right-padded, the
+        proximal log-probs when they were recorded (else None), and which rows have no behaviour."""
         width, n = max(len(s.ids) for s in batch), len(batch)
         ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
@@ -197,12 +201,15 @@ class Trainer:
         prox = torch.zeros((n, width), dtype=torch.float32) if recorded else None
         for i, s in enumerate(batch):
             k = len(s.ids)
-            ids[i, :k], attn[i, :k], mask[i, :k], old[i, :k] = s.ids, 1, s.mask, s.behaviour
+            ids[i, :k], attn[i, :k], mask[i, :k] = s.ids, 1, s.mask
+            if s.behaviour is not None:
+                old[i, :k] = s.behaviour
             if prox is not None:
                 prox[i, :k] = s.proximal
         device = self.engine.device
         prox = None if prox is None else prox.to(device)
-        return ids.to(device), attn.to(device), mask.to(device), old.to(device), prox
+        unsampled = torch.tensor([s.behaviour is None for s in batch], device=device)
+        return ids.to(device), attn.to(device), mask.to(device), old.to(device), prox, unsampled
 
     @torch.no_grad()
     def _record_proximal(self, samples: list[TrainSample]) -> None:
@@ -213,10 +220,12 @@ class Trainer:
                 s.proximal = logp[i, : len(s.ids)]
 
     def _micro_step(self, batch: list[TrainSample], total_tokens: float, world: int) -> dict[str, float]:
-        ids, attn, mask, old, prox = self._padded(batch)
+        ids, attn, mask, old, prox, unsampled = self._padded(batch)
         adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=self.engine.device)
         logits = self.engine(input_ids=ids, attention_mask=attn).logits
         logp = token_logprobs(logits, ids)
+        start = logp.detach() if prox is None else prox  # the policy at the step's start
+        old = torch.where(unsampled[:, None], start, old)
         c = self.cfg
         loss, stats = dapo_loss(
             logp,
@@ -245,7 +254,6 @@ class Trainer:
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
             stats["entropy"] = float((entropy * m[:, 1:]).sum())
             # rollout vs learner at the step's start, however far the step's earlier updates moved
-            start = logp if prox is None else prox
             stats["logprob_gap"] = float(((start - old).abs() * m).sum())
         for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean"):
             stats[k] *= tokens  # back to sums, averaged over the whole step by the caller

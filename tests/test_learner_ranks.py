@@ -33,6 +33,7 @@ ZERO0, ZERO3, KL = "zero_stage=0", "zero_stage=3", "kl_coef=0.1"
 MINI, TWO_STEPS = "importance=none,mini_batches=2,warmup_steps=0", "importance=none,steps=2,warmup_steps=0"
 EPOCHS = "on_policy=1,ppo_epochs=2,mini_batches=2,lr=0.01"  # updates big enough to leave the clip range
 EPOCHS_NONE = EPOCHS + ",importance=none"
+UNSAMPLED, UNSAMPLED_NONE = (e.replace("on_policy", "unsampled") for e in (EPOCHS, EPOCHS_NONE))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def ranks(world_dir, tmp_path_factory) -> dict[int, dict[str, dict]]:
     one rank only: with two CPU ranks under load it aborts intermittently inside DeepSpeed/gloo
     ("terminate called without an active exception")."""
     tmp_path = tmp_path_factory.mktemp("ranks")
-    settings = {1: (WHOLE, PACKED, ZERO0, KL, MINI, TWO_STEPS, EPOCHS, EPOCHS_NONE, ZERO3), 2: (WHOLE,)}
+    one = (WHOLE, PACKED, ZERO0, KL, MINI, TWO_STEPS, EPOCHS, EPOCHS_NONE, UNSAMPLED, UNSAMPLED_NONE, ZERO3)
+    settings = {1: one, 2: (WHOLE,)}
     launches = {f"r{n}": launch(world_dir, tmp_path / f"r{n}.json", n, *settings[n]) for n in settings}
     side_by_side(launches, tmp_path, timeout_s=400, cwd=Path(__file__).parent.parent)
     results = {n: json.loads((tmp_path / f"r{n}.json").read_text()) for n in settings}
@@ -88,3 +90,13 @@ def test_later_updates_of_a_step_clip_around_the_policy_before_the_step(ranks):
     assert plain["clipped"] > 0.01  # tokens left the clip range: a π_prox that moved along would differ
     assert decoupled["loss"] == pytest.approx(plain["loss"], abs=1e-5)
     same_update(decoupled["params"], plain["params"])
+
+
+def test_samples_without_behaviour_train_on_policy_from_the_steps_start(ranks):
+    """A distilled sample (learner.distill) was never sampled in its context: with no behaviour log-probs
+    it must train exactly as if the policy at the step's start had sampled it, through every update."""
+    for name, reference in ((UNSAMPLED, EPOCHS), (UNSAMPLED_NONE, EPOCHS_NONE)):
+        got, expected = ranks[1][name], ranks[1][reference]
+        assert got["updates"] == expected["updates"] == 4
+        assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+        same_update(got["params"], expected["params"])

@@ -340,6 +340,11 @@ class LearnerConfig(Section):
     )
     behaviour_weight_cap: float = Field(5.0, gt=1.0)
     kl_coef: float = Field(0.0, ge=0.0, description="KL penalty to the initial policy; 0 = off (as in DAPO)")
+    internalize: bool = Field(
+        False,
+        description="context distillation beyond the paper (learner/distill.py): a right direct consultation's "
+        "answer is also trained after the prompt alone, without the expert's answers",
+    )
     overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
     overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs; verl's ppo_epochs)")
