@@ -11,37 +11,43 @@ on-policy (``TrainSample.behaviour`` None: ratio 1 at the step's start, a plain 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 
 from learner.trainer import TrainSample
-from proto import TrajectoryGroup
+from proto import Trajectory, TrajectoryGroup
 from proto import episode_format as fmt
 
+Decode = Callable[[Sequence[int]], str]  # token ids to text, special tokens kept (the policy's tokenizer)
 
-def distilled_sample(trajectory, problem: str, advantage: float) -> TrainSample | None:
+
+def distilled_sample(trajectory: Trajectory, problem: str, advantage: float, decode: Decode) -> TrainSample | None:
     """The sample that trains ``trajectory``'s answer without the expert, or None where there is none to
-    distil: only a right, positively credited direct consultation whose answer follows its last consult
-    block, and that block's answer was shown."""
-    consults = trajectory.consults
-    if advantage <= 0 or trajectory.score < 1 or not consults:
+    distil. Only a right, positively credited direct consultation whose last query's answer was shown, and
+    whose answer is the one turn right after it, with no consult block in its text (in the budget's last
+    turn a block is not executed and stays in the text; a malformed one is answered "unavailable" after
+    the last query, so the answer no longer follows it)."""
+    consults, turns = trajectory.consults, trajectory.turns
+    if advantage <= 0 or trajectory.score < 1 or not consults or not turns:
         return None
     if fmt.paradigm([c.query for c in consults], problem) != "direct_consultation":
         return None
-    shown = [c.injected_end for c in consults if c.accepted and c.outcome == "answer"]
     end = max(c.injected_end for c in consults)
-    if not shown or max(shown) != end:  # the last block was not answered: no shown answer right before
+    shown = any(c.accepted and c.injected_end == end for c in consults)
+    if not shown or turns[-1].start != end or fmt.CONSULT_OPEN in decode(trajectory.token_ids[end:].tolist()):
         return None
     keep = np.r_[0 : trajectory.prompt_len, end : len(trajectory.token_ids)]
     return TrainSample(
         ids=torch.from_numpy(trajectory.token_ids[keep].astype("int64")),
-        mask=torch.from_numpy(trajectory.loss_mask[keep].copy()),
+        mask=torch.from_numpy(trajectory.loss_mask[keep]),  # indexing copies: the message's arrays are read-only
         behaviour=None,
         advantage=advantage,
     )
 
 
-def distilled_samples(group: TrajectoryGroup, advantages: list[float]) -> list[TrainSample]:
+def distilled_samples(group: TrajectoryGroup, advantages: list[float], decode: Decode) -> list[TrainSample]:
     """Every sample of ``group`` that distils (see ``distilled_sample``), in sample order."""
-    out = (distilled_sample(s, group.prompt.problem, a) for s, a in zip(group.samples, advantages, strict=True))
+    out = (distilled_sample(s, group.prompt.problem, a, decode) for s, a in zip(group.samples, advantages, strict=True))
     return [s for s in out if s is not None]

@@ -90,7 +90,8 @@ def pack_by_tokens(samples: list[TrainSample], max_tokens: int) -> list[list[Tra
 
 def split_groups(samples: list[TrainSample], group_sizes: list[int], n: int) -> list[list[TrainSample]]:
     """``samples`` (group after group) in ``min(n, groups)`` consecutive shares of whole groups, as equal
-    in groups as can be: every update sees whole groups, whose advantages sum to zero."""
+    in groups as can be: every update sees whole groups, whose advantages sum to zero (but for the
+    distilled samples ``learner.internalize`` adds to a group, all credited positively)."""
     if sum(group_sizes) != len(samples):
         raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
     bounds = list(itertools.accumulate(group_sizes, initial=0))
@@ -253,8 +254,9 @@ class Trainer:
             probs = torch.softmax(logits.float()[:, :-1], dim=-1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
             stats["entropy"] = float((entropy * m[:, 1:]).sum())
-            # rollout vs learner at the step's start, however far the step's earlier updates moved
-            stats["logprob_gap"] = float(((start - old).abs() * m).sum())
+            # rollout vs learner at the step's start, however far the step's earlier updates moved (summed
+            # over sampled rows only; distilled ones have no rollout, and count as 0 in the mean)
+            stats["logprob_gap"] = float(((start - old).abs() * m * ~unsampled[:, None]).sum())
         for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean"):
             stats[k] *= tokens  # back to sums, averaged over the whole step by the caller
         stats["loss"] = float(loss.detach())

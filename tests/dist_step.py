@@ -1,7 +1,7 @@
 """Run under torchrun by test_learner_ranks: for each setting (``key=value,…``: LearnerConfig fields, plus
 ``steps=N`` to take the batch as N steps on consecutive shares instead of one, ``on_policy=1`` to
-make the behaviour log-probs the starting policy's own, and ``unsampled=1`` to give the samples none, as
-distilled samples have) a fresh learner steps on a fixed batch; rank 0
+make the behaviour log-probs the starting policy's own, and ``unsampled=half`` to take them from every
+other sample, as a distilled sample has none) a fresh learner steps on a fixed batch; rank 0
 writes each loss and the updated parameters, so runs with different rank counts, ZeRO stages, packings
 or update schedules can be compared. Several settings share one launch
 (process start and DeepSpeed's import are most of a run's time)."""
@@ -41,13 +41,13 @@ def on_policy(trainer: Trainer, samples: list[TrainSample]) -> None:
 def step(world_dir: str, setting: str) -> dict:
     options = dict(kv.split("=") for kv in setting.split(","))
     steps, behaviour_on_policy = int(options.pop("steps", 1)), options.pop("on_policy", "0") == "1"
-    unsampled = options.pop("unsampled", "0") == "1"
+    unsampled = options.pop("unsampled", "none") == "half"
     cfg = LearnerConfig(**{"seed": 0, "lr": 1e-3, "warmup_steps": 1, **options})
     trainer = Trainer(cfg, Path(world_dir) / "policy")
     samples = fixed_batch(len(trainer.tokenizer))
     if behaviour_on_policy:
         on_policy(trainer, samples)
-    for s in samples if unsampled else []:
+    for s in samples[::2] if unsampled else []:
         s.behaviour = None
     size = len(samples) // steps
     stats = [trainer.step(samples[i : i + size]) for i in range(0, len(samples), size)]

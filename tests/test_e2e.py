@@ -33,9 +33,9 @@ def test_eapo_up_trains_publishes_and_stops_cleanly(stack):
     metrics = stack.metrics()
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["groups_trained"] >= 1 and m["policy_tokens"] > 0 for m in metrics)  # trajectories flowed
-    # learner.internalize ran in the learner process (its samples counted; whether a right direct consultation
-    # came up in 4 steps is chance: tests/test_distill.py and test_learner_ranks.py check what it trains)
-    assert all(m["distilled_samples"] >= 0 and float(m["distilled_samples"]).is_integer() for m in metrics)
+    # learner.internalize ran in the learner process and is reported (whether a right direct consultation came
+    # up in 4 steps is chance: tests/test_distill.py and test_learner_ranks.py check what it trains)
+    assert all("distilled_samples" in m for m in metrics)
     assert metrics[-1]["policy_version_max"] >= 1  # the rollout picked up weights the learner published
     assert re.search(r"step\s+4/4 .*calls/ep", out)  # progress was shown
 

@@ -33,7 +33,8 @@ ZERO0, ZERO3, KL = "zero_stage=0", "zero_stage=3", "kl_coef=0.1"
 MINI, TWO_STEPS = "importance=none,mini_batches=2,warmup_steps=0", "importance=none,steps=2,warmup_steps=0"
 EPOCHS = "on_policy=1,ppo_epochs=2,mini_batches=2,lr=0.01"  # updates big enough to leave the clip range
 EPOCHS_NONE = EPOCHS + ",importance=none"
-UNSAMPLED, UNSAMPLED_NONE = (e.replace("on_policy", "unsampled") for e in (EPOCHS, EPOCHS_NONE))
+ON_POLICY = "on_policy=1"
+UNSAMPLED, UNSAMPLED_ONE, UNSAMPLED_NONE = (e + ",unsampled=half" for e in (EPOCHS, ON_POLICY, EPOCHS_NONE))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def ranks(world_dir, tmp_path_factory) -> dict[int, dict[str, dict]]:
     one rank only: with two CPU ranks under load it aborts intermittently inside DeepSpeed/gloo
     ("terminate called without an active exception")."""
     tmp_path = tmp_path_factory.mktemp("ranks")
-    one = (WHOLE, PACKED, ZERO0, KL, MINI, TWO_STEPS, EPOCHS, EPOCHS_NONE, UNSAMPLED, UNSAMPLED_NONE, ZERO3)
+    one = (WHOLE, PACKED, ZERO0, KL, MINI, TWO_STEPS, EPOCHS, EPOCHS_NONE, ON_POLICY)
+    one += (UNSAMPLED, UNSAMPLED_ONE, UNSAMPLED_NONE, ZERO3)
     settings = {1: one, 2: (WHOLE,)}
     launches = {f"r{n}": launch(world_dir, tmp_path / f"r{n}.json", n, *settings[n]) for n in settings}
     side_by_side(launches, tmp_path, timeout_s=400, cwd=Path(__file__).parent.parent)
@@ -94,9 +96,11 @@ def test_later_updates_of_a_step_clip_around_the_policy_before_the_step(ranks):
 
 def test_samples_without_behaviour_train_on_policy_from_the_steps_start(ranks):
     """A distilled sample (learner.distill) was never sampled in its context: with no behaviour log-probs
-    it must train exactly as if the policy at the step's start had sampled it, through every update."""
-    for name, reference in ((UNSAMPLED, EPOCHS), (UNSAMPLED_NONE, EPOCHS_NONE)):
+    it must train exactly as if the policy at the step's start had sampled it, beside sampled ones, in a
+    step of one update and through every update of a step of four."""
+    pairs = ((UNSAMPLED, EPOCHS), (UNSAMPLED_ONE, ON_POLICY), (UNSAMPLED_NONE, EPOCHS_NONE))
+    for name, reference in pairs:
         got, expected = ranks[1][name], ranks[1][reference]
-        assert got["updates"] == expected["updates"] == 4
+        assert got["updates"] == expected["updates"]
         assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
         same_update(got["params"], expected["params"])

@@ -75,6 +75,7 @@ def test_the_unseen_policy_mixture_never_shows_an_unseen_fact_anywhere_in_a_trac
         prompt, body = CURRICULA["policy_unseen"](rng)
         expr = prompt.split("Q: ")[1].split("\n")[0]
         tiers.add(len(solution_steps(expr)))
+        assert not facts & {op for op, _ in solution_steps(expr)}, expr
         assert not facts & set(written.findall(body)), body
     assert tiers == {1, 2, 3, 4}  # every tier is still trained
 

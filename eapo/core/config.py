@@ -49,8 +49,8 @@ class ModelSpec(Section):
 
     curriculum: Literal["policy", "policy_partial", "policy_unseen", "solver", "calculator"] = Field(
         description="policy: the EAPO trace mixture; policy_partial: the same with half its direct "
-        "consultations shown result-withheld answers; policy_unseen: the same without the problems that "
-        "need half of the single-digit facts (only the experts know them); solver: whole problems; "
+        "consultations shown result-withheld answers; policy_unseen: policy's mixture without the problems "
+        "that need a seeded half of the single-digit facts (only the experts know them); solver: whole problems; "
         "calculator: single operations"
     )
     hidden: int
