@@ -2,7 +2,7 @@
 never showed (``unseen_facts(0.5)``, the curriculum ``policy_unseen``). Reads the runs' per-sample scores,
 ``EVAL/ARM/seed-S/step-NNNNNN.json`` (as ``eapo experiment`` writes them under ``ARM/seed-S/eval/``).
 
-    python3 docs/experiment-report/unseen-world/by_fact.py [EVAL]   # from the repo root
+    .venv/bin/python docs/experiment-report/unseen-world/by_fact.py [EVAL]   # from the repo root
 """
 
 import json
