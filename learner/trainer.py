@@ -254,9 +254,9 @@ class Trainer:
             probs = torch.softmax(logits.float()[:, :-1], dim=-1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
             stats["entropy"] = float((entropy * m[:, 1:]).sum())
-            # rollout vs learner at the step's start, however far the step's earlier updates moved (summed
-            # over sampled rows only; distilled ones have no rollout, and count as 0 in the mean)
-            stats["logprob_gap"] = float(((start - old).abs() * m * ~unsampled[:, None]).sum())
+            # rollout vs learner at the step's start, however far the step's earlier updates moved (distilled
+            # rows had no rollout: their ``old`` is ``start``, so they add 0)
+            stats["logprob_gap"] = float(((start - old).abs() * m).sum())
         for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "is_weight_mean"):
             stats[k] *= tokens  # back to sums, averaged over the whole step by the caller
         stats["loss"] = float(loss.detach())

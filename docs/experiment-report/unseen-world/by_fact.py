@@ -11,12 +11,12 @@ from pathlib import Path
 from statistics import mean
 
 from eapo.core.data import read_jsonl
-from eapo.dev.world.tasks import solution_steps, unseen_facts
+from eapo.dev.world.tasks import needs_any, unseen_facts
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/experiment-report/unseen-world/eval")
 facts = unseen_facts(0.5)
 problems = read_jsonl(Path("docs/experiment-report/world-unseen/eval.jsonl"))
-needs = {p.id: any(op in facts for op, _ in solution_steps(p.problem)) for p in problems}
+needs = {p.id: needs_any(p.problem, facts) for p in problems}
 tier = {p.id: p.tier for p in problems}
 subsets = {
     "needs an unseen fact": lambda pid: needs[pid],

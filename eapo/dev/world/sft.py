@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from eapo.core.config import ModelSpec, WorldConfig
 from eapo.dev.world.bootstrap import CHAT_TEMPLATE
-from eapo.dev.world.tasks import TIERS, make_problem, solution_steps, unseen_facts, worked_solution
+from eapo.dev.world.tasks import TIERS, make_problem, needs_any, solution_steps, unseen_facts, worked_solution
 from expert_gateway.degrade import withhold_result
 from proto import episode_format as fmt
 
@@ -81,7 +81,7 @@ def policy_sample(
     again (with its tier, so the tiers are no longer equally drawn: about 31, 27, 23 and 19% with half the
     facts unseen): the policy never sees those facts, in its own tokens or in an expert's."""
     p = make_problem(rng, rng.choice(TIERS), 0, "sft")
-    while unseen and any(op in unseen for op, _ in solution_steps(p.problem)):
+    while unseen and needs_any(p.problem, unseen):
         p = make_problem(rng, rng.choice(TIERS), 0, "sft")
     expr, answer = p.problem, p.answer
     if rng.random() < 0.25:  # evaluation mode: answer alone

@@ -51,8 +51,12 @@ def unseen_facts(share: float, seed: str = "unseen") -> frozenset[str]:
     rng = random.Random(seed)
     facts = [(a, op, b) for op in "+-*" for a in range(2, 10) for b in range(2, 10) if op == "-" or a <= b]
     chosen = rng.sample(facts, round(share * len(facts)))
-    twins = {"+": True, "*": True, "-": False}
-    return frozenset(f"{x}{op}{y}" for a, op, b in chosen for x, y in ({(a, b), (b, a)} if twins[op] else {(a, b)}))
+    return frozenset(f"{x}{op}{y}" for a, op, b in chosen for x, y in ({(a, b), (b, a)} if op != "-" else {(a, b)}))
+
+
+def needs_any(expr: str, facts: frozenset[str]) -> bool:
+    """Whether solving ``expr`` takes one of ``facts`` (single operations as ``solution_steps`` writes them)."""
+    return any(op in facts for op, _ in solution_steps(expr))
 
 
 def evaluate(expr: str) -> int:
