@@ -35,6 +35,7 @@ SHIPPED_EXPERIMENTS = [
     "configs/ablations.yaml",
     "configs/experiment-partial.yaml",
     "configs/experiment-unseen.yaml",
+    "configs/experiment-lookup.yaml",
     "configs/confirm-fixed-rate.yaml",
 ]
 

@@ -80,11 +80,14 @@ def test_the_unseen_policy_mixture_never_shows_an_unseen_fact_anywhere_in_a_trac
     assert tiers == {1, 2, 3, 4}  # every tier is still trained
 
 
-# The shipped worlds' policies were trained on these traces: a change to a mixture's draws orphans them.
+# The shipped worlds' models were trained on these traces: a change to a mixture's draws orphans them.
 SHIPPED_MIXTURES = [
     ("policy", "146bab4d540d4c95"),
     ("policy_partial", "5cc3cc8da6000199"),
     ("policy_unseen", "f33a2396b9ce0bf6"),
+    ("policy_lookup", "2f8e6689e4dbb3ae"),
+    ("solver_lookup", "52f23a8adc8a4f0e"),
+    ("calculator_lookup", "5eb7c4223f40698f"),
 ]
 
 

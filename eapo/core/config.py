@@ -47,11 +47,21 @@ class RedisConfig(Section):
 class ModelSpec(Section):
     """One tiny-world model: its size, and how long it is trained on which curriculum."""
 
-    curriculum: Literal["policy", "policy_partial", "policy_unseen", "solver", "calculator"] = Field(
+    curriculum: Literal[
+        "policy",
+        "policy_partial",
+        "policy_unseen",
+        "solver",
+        "calculator",
+        "policy_lookup",
+        "solver_lookup",
+        "calculator_lookup",
+    ] = Field(
         description="policy: the EAPO trace mixture; policy_partial: the same with half its direct "
         "consultations shown result-withheld answers; policy_unseen: policy's mixture without the problems "
         "that need a seeded half of the single-digit facts (only the experts know them); solver: whole problems; "
-        "calculator: single operations"
+        "calculator: single operations; *_lookup: the same on the lookup task family, the policy's without the "
+        "problems that need a seeded half of the lookup table"
     )
     hidden: int
     layers: int
@@ -59,10 +69,18 @@ class ModelSpec(Section):
     lr: float = 3e-3
 
 
+Tasks = Literal["arithmetic", "lookup"]
+
+
 class WorldConfig(Section):
     """The bundled tiny world: synthetic arithmetic tasks and tiny CPU models."""
 
     dir: Path = Field(Path(".cache/world"), description="where the tiny world is built and cached")
+    tasks: Tasks = Field(
+        "arithmetic",
+        description="the task family (eapo.dev.world.tasks): arithmetic, or lookup, which adds a seeded table "
+        "operator `#` whose unseen entries sampling cannot guess; its models take the *_lookup curricula",
+    )
     seed: int = Field(1234, description="not derived from the run's seed: the world is shared, like a base checkpoint")
     train_problems: int = 2000
     eval_problems: int = 200
@@ -76,6 +94,19 @@ class WorldConfig(Section):
     )
     sft_batch: int = 64
     max_positions: int = 384
+
+    @model_validator(mode="after")
+    def _curricula_fit_tasks(self) -> WorldConfig:
+        specs = {"policy": self.policy, **self.experts}
+        lookup = self.tasks == "lookup"
+        wrong = [name for name, spec in specs.items() if spec.curriculum.endswith("_lookup") != lookup]
+        if wrong:
+            raise ValueError(
+                f"world.tasks is {self.tasks!r} but the curricula of {', '.join(wrong)} are for "
+                f"{'arithmetic' if self.tasks == 'lookup' else 'lookup'} problems: use the *_lookup curricula "
+                "exactly when tasks is lookup"
+            )
+        return self
 
 
 class ModelConfig(Section):

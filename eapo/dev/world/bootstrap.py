@@ -44,7 +44,9 @@ def _train(root: Path, name: str, spec: ModelSpec, cfg: WorldConfig) -> float:
 
 
 def _fingerprint(cfg: WorldConfig) -> str:
-    data = {**cfg.model_dump(mode="json", exclude={"dir"}), "chat_template": CHAT_TEMPLATE, "format": WORLD_FORMAT}
+    """The default task family stays out of it: it was added after worlds were built and shipped."""
+    exclude = {"dir"} | ({"tasks"} if cfg.tasks == "arithmetic" else set())
+    data = {**cfg.model_dump(mode="json", exclude=exclude), "chat_template": CHAT_TEMPLATE, "format": WORLD_FORMAT}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -86,8 +88,8 @@ def bootstrap(cfg: WorldConfig, force: bool = False) -> Path:
         )
     t0 = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
-    write_jsonl(make_split(cfg.seed, cfg.train_problems, "train"), root / "train.jsonl")
-    write_jsonl(make_split(cfg.seed, cfg.eval_problems, "eval"), root / "eval.jsonl")
+    write_jsonl(make_split(cfg.seed, cfg.train_problems, "train", cfg.tasks), root / "train.jsonl")
+    write_jsonl(make_split(cfg.seed, cfg.eval_problems, "eval", cfg.tasks), root / "eval.jsonl")
     specs = {"policy": cfg.policy, **cfg.experts}
     # One process per model, one thread each: tiny models leave cores idle when trained one by one.
     workers = min(len(specs), os.cpu_count() or 1)

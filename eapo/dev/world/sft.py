@@ -24,9 +24,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from eapo.core.config import ModelSpec, WorldConfig
+from eapo.core.config import ModelSpec, Tasks, WorldConfig
 from eapo.dev.world.bootstrap import CHAT_TEMPLATE
-from eapo.dev.world.tasks import TIERS, make_problem, needs_any, solution_steps, unseen_facts, worked_solution
+from eapo.dev.world.tasks import (
+    LOOKUP,
+    TIERS,
+    make_problem,
+    needs_any,
+    solution_steps,
+    unseen_facts,
+    worked_solution,
+)
 from expert_gateway.degrade import withhold_result
 from proto import episode_format as fmt
 
@@ -56,22 +64,26 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-def solver_sample(rng: random.Random) -> Sample:
+def solver_sample(rng: random.Random, tasks: Tasks = "arithmetic") -> Sample:
     """The solver expert: worked solutions of whole problems, every tier."""
-    expr = make_problem(rng, rng.choice(TIERS), 0, "sft").problem
+    expr = make_problem(rng, rng.choice(TIERS), 0, "sft", tasks).problem
     return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
 
 
-def calculator_sample(rng: random.Random) -> Sample:
+def calculator_sample(rng: random.Random, tasks: Tasks = "arithmetic") -> Sample:
     """The calculator expert: single operations, as they occur inside solutions (decomposition
     sub-queries, multi-digit intermediate results included) — exact there, lost on whole problems."""
-    steps = solution_steps(make_problem(rng, rng.choice(TIERS), 0, "sft").problem)
+    steps = solution_steps(make_problem(rng, rng.choice(TIERS), 0, "sft", tasks).problem)
     expr = rng.choice(steps)[0]
     return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
 
 
 def policy_sample(
-    rng: random.Random, max_queries: int = 3, withheld_share: float = 0.0, unseen: frozenset[str] = frozenset()
+    rng: random.Random,
+    max_queries: int = 3,
+    withheld_share: float = 0.0,
+    unseen: frozenset[str] = frozenset(),
+    tasks: Tasks = "arithmetic",
 ) -> Sample:
     """One trace of the policy's training mixture (see module docstring). ``withheld_share`` of the direct
     consultations show the expert's answer cut just before its result (``withhold_result``), the policy
@@ -80,9 +92,9 @@ def policy_sample(
     plain mixture and every other trace is the same. A problem one of whose steps is in ``unseen`` is drawn
     again (with its tier, so the tiers are no longer equally drawn: about 31, 27, 23 and 19% with half the
     facts unseen): the policy never sees those facts, in its own tokens or in an expert's."""
-    p = make_problem(rng, rng.choice(TIERS), 0, "sft")
+    p = make_problem(rng, rng.choice(TIERS), 0, "sft", tasks)
     while unseen and needs_any(p.problem, unseen):
-        p = make_problem(rng, rng.choice(TIERS), 0, "sft")
+        p = make_problem(rng, rng.choice(TIERS), 0, "sft", tasks)
     expr, answer = p.problem, p.answer
     if rng.random() < 0.25:  # evaluation mode: answer alone
         return fmt.eval_prompt(expr), worked_solution(expr) + fmt.EOS
@@ -196,6 +208,10 @@ CURRICULA: dict[str, Callable[[random.Random], Sample]] = {
     "policy_unseen": functools.partial(policy_sample, unseen=unseen_facts(0.5)),
     "solver": solver_sample,
     "calculator": calculator_sample,
+    # the lookup family (tasks.LOOKUP): the experts know the whole table, the policy a seeded half of it
+    "policy_lookup": functools.partial(policy_sample, unseen=unseen_facts(0.5, ops=LOOKUP), tasks="lookup"),
+    "solver_lookup": functools.partial(solver_sample, tasks="lookup"),
+    "calculator_lookup": functools.partial(calculator_sample, tasks="lookup"),
 }
 
 

@@ -5,15 +5,35 @@ table lookup and the top tier chains four operations with products carried into 
 numbers: there a tiny policy fails, and a stronger expert (or a decomposition into single
 operations) helps. Evaluation follows normal precedence (× before +/−, then left to right); the
 worked solution rewrites one operation per step.
+
+The ``lookup`` family adds ``#``: a seeded table of two-digit values on single-digit operands, applied
+before everything else. Unlike arithmetic, an unseen entry cannot be guessed from the others, so a
+policy that never saw it finds it by sampling about once in ninety tries, and an expert can show it.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 
+from eapo.core.config import Tasks
 from eapo.core.data import Problem
 
 TIERS = (1, 2, 3, 4)
+LOOKUP = "#"
+
+
+@functools.cache
+def lookup_table(seed: str = "lookup") -> dict[tuple[int, int], int]:
+    """``a#b`` for operands 2–9: arbitrary values 10–99, not commutative."""
+    rng = random.Random(seed)
+    return {(a, b): rng.randint(10, 99) for a in range(2, 10) for b in range(2, 10)}
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    if op == LOOKUP:
+        return lookup_table()[(a, b)]
+    return a * b if op == "*" else a + b if op == "+" else a - b
 
 
 def _tokens(expr: str) -> list[str]:
@@ -32,12 +52,12 @@ def solution_steps(expr: str) -> list[tuple[str, int]]:
     """The single operations that solve ``expr``, as (``"a*b"``, value), in the order a solver does them."""
     toks = _tokens(expr)
     steps: list[tuple[str, int]] = []
-    for ops in ("*", "+-"):
+    for ops in (LOOKUP, "*", "+-"):
         i = 1
         while i < len(toks):
             if toks[i] in ops:
                 a, op, b = int(toks[i - 1]), toks[i], int(toks[i + 1])
-                value = a * b if op == "*" else a + b if op == "+" else a - b
+                value = _apply(a, op, b)
                 steps.append((f"{a}{op}{b}", value))
                 toks[i - 1 : i + 2] = [str(value)]
             else:
@@ -45,13 +65,13 @@ def solution_steps(expr: str) -> list[tuple[str, int]]:
     return steps
 
 
-def unseen_facts(share: float, seed: str = "unseen") -> frozenset[str]:
-    """A seeded ``share`` of the single-digit operations (``"7*8"``, operands 2–9), a fact and its
+def unseen_facts(share: float, seed: str = "unseen", ops: str = "+-*") -> frozenset[str]:
+    """A seeded ``share`` of the single-digit operations of ``ops`` (``"7*8"``, operands 2–9), a fact and its
     commutative twin together: what a policy SFT'd without them cannot know, and the experts do."""
     rng = random.Random(seed)
-    facts = [(a, op, b) for op in "+-*" for a in range(2, 10) for b in range(2, 10) if op == "-" or a <= b]
+    facts = [(a, op, b) for op in ops for a in range(2, 10) for b in range(2, 10) if op not in "+*" or a <= b]
     chosen = rng.sample(facts, round(share * len(facts)))
-    return frozenset(f"{x}{op}{y}" for a, op, b in chosen for x, y in ({(a, b), (b, a)} if op != "-" else {(a, b)}))
+    return frozenset(f"{x}{op}{y}" for a, op, b in chosen for x, y in ({(a, b), (b, a)} if op in "+*" else {(a, b)}))
 
 
 def needs_any(expr: str, facts: frozenset[str]) -> bool:
@@ -70,13 +90,18 @@ def worked_solution(expr: str) -> str:
     return " ".join(f"{op}={value}" for op, value in steps) + f" \\boxed{{{steps[-1][1]}}}"
 
 
-def make_problem(rng: random.Random, tier: int, index: int, split: str) -> Problem:
+def make_problem(rng: random.Random, tier: int, index: int, split: str, tasks: Tasks = "arithmetic") -> Problem:
+    """In the lookup family half the operators are ``#``, never two in a row: ``2#3#4`` would look up 2#3's
+    two-digit value. Arithmetic problems draw as they always did."""
     operands = [str(rng.randint(2, 9)) for _ in range(tier + 1)]
-    ops = [rng.choice("+-*") for _ in range(tier)]
+    ops: list[str] = []
+    for _ in range(tier):
+        lookup = tasks == "lookup" and (not ops or ops[-1] != LOOKUP) and rng.random() < 0.5
+        ops.append(LOOKUP if lookup else rng.choice("+-*"))
     expr = operands[0] + "".join(op + x for op, x in zip(ops, operands[1:], strict=True))
     return Problem(id=f"{split}-{index}", problem=expr, answer=str(evaluate(expr)), tier=tier)
 
 
-def make_split(seed: int, n: int, split: str) -> list[Problem]:
+def make_split(seed: int, n: int, split: str, tasks: Tasks = "arithmetic") -> list[Problem]:
     rng = random.Random(f"{seed}:{split}")
-    return [make_problem(rng, TIERS[i % len(TIERS)], i, split) for i in range(n)]
+    return [make_problem(rng, TIERS[i % len(TIERS)], i, split, tasks) for i in range(n)]
