@@ -1,8 +1,11 @@
 """Held-out mean@4 of each arm over steps (seed mean), split by whether a problem needs a fact the policy's SFT
-never showed (``unseen_facts(0.5)``, the curriculum ``policy_unseen``). Reads the runs' per-sample scores,
-``EVAL/ARM/seed-S/step-NNNNNN.json`` (as ``eapo experiment`` writes them under ``ARM/seed-S/eval/``).
+never showed (``unseen_facts(0.5, ops=OPS)``: the curricula ``policy_unseen``, OPS ``+-*``, and
+``policy_lookup``, OPS ``#``). Reads the runs' per-sample scores, ``EVAL/ARM/seed-S/step-NNNNNN.json`` (as
+``eapo experiment`` writes them under ``ARM/seed-S/eval/``), and the world's held-out split.
 
-    .venv/bin/python docs/experiment-report/unseen-world/by_fact.py [EVAL]   # from the repo root
+    .venv/bin/python docs/experiment-report/unseen-world/by_fact.py [EVAL [WORLD OPS]]   # from the repo root
+    .venv/bin/python docs/experiment-report/unseen-world/by_fact.py docs/experiment-report/lookup-world/eval \
+        docs/experiment-report/world-lookup '#'
 """
 
 import json
@@ -14,8 +17,9 @@ from eapo.core.data import read_jsonl
 from eapo.dev.world.tasks import needs_any, unseen_facts
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/experiment-report/unseen-world/eval")
-facts = unseen_facts(0.5)
-problems = read_jsonl(Path("docs/experiment-report/world-unseen/eval.jsonl"))
+world, ops = sys.argv[2:4] if len(sys.argv) > 3 else ("docs/experiment-report/world-unseen", "+-*")
+facts = unseen_facts(0.5, ops=ops)
+problems = read_jsonl(Path(world) / "eval.jsonl")
 needs = {p.id: needs_any(p.problem, facts) for p in problems}
 tier = {p.id: p.tier for p in problems}
 subsets = {
