@@ -36,6 +36,7 @@ SHIPPED_EXPERIMENTS = [
     "configs/experiment-partial.yaml",
     "configs/experiment-unseen.yaml",
     "configs/experiment-lookup.yaml",
+    "configs/experiment-lookup-copy.yaml",
     "configs/confirm-fixed-rate.yaml",
 ]
 

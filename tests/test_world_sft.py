@@ -86,6 +86,7 @@ SHIPPED_MIXTURES = [
     ("policy_partial", "5cc3cc8da6000199"),
     ("policy_unseen", "f33a2396b9ce0bf6"),
     ("policy_lookup", "2f8e6689e4dbb3ae"),
+    ("policy_lookup_copy", "1fcfc8e852597b99"),
     ("solver_lookup", "52f23a8adc8a4f0e"),
     ("calculator_lookup", "5eb7c4223f40698f"),
 ]

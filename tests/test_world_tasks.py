@@ -17,7 +17,7 @@ from eapo.dev.world.tasks import evaluate, lookup_table, make_split, solution_st
 SHIPPED = Path(__file__).resolve().parent.parent / "docs" / "experiment-report"
 
 
-@pytest.mark.parametrize("name", ["world", "world-partial", "world-unseen", "world-lookup"])
+@pytest.mark.parametrize("name", ["world", "world-partial", "world-unseen", "world-lookup", "world-lookup-copy"])
 def test_the_shipped_worlds_are_still_what_their_configs_build(name):
     """The splits are drawn again from the world's config, and its fingerprint still matches: a change to
     the draws or to the config's fields would orphan the records made on it."""
@@ -43,6 +43,7 @@ def test_lookup_comes_before_products_and_sums():
     assert evaluate("6#3*3+5-8") == t[6, 3] * 3 + 5 - 8
     assert solution_steps("2*4*7#5") == [("7#5", t[7, 5]), ("2*4", 8), (f"8*{t[7, 5]}", 8 * t[7, 5])]
     assert worked_solution("9-2#3") == f"2#3={t[2, 3]} 9-{t[2, 3]}={9 - t[2, 3]} \\boxed{{{9 - t[2, 3]}}}"
+    assert worked_solution("9-2#3", {**t, (2, 3): 50}) == "2#3=50 9-50=-41 \\boxed{-41}"  # another table
 
 
 def test_lookup_problems_are_half_lookups_never_two_in_a_row():
@@ -54,18 +55,35 @@ def test_lookup_problems_are_half_lookups_never_two_in_a_row():
     assert {p.tier for p in problems} == {1, 2, 3, 4}
 
 
-def test_the_lookup_policy_mixture_never_shows_an_unseen_entry_anywhere_in_a_trace():
+@pytest.mark.parametrize("curriculum", ["policy_lookup", "policy_lookup_copy"])
+def test_the_lookup_policy_mixtures_never_show_an_unseen_entry_anywhere_in_a_trace(curriculum):
     unseen = unseen_facts(0.5, ops="#")
     assert len(unseen) == 32 and all(f[1] == "#" for f in unseen)
     written = re.compile(r"(?<!\d)(\d#\d)=")  # an entry, in the policy's tokens or an expert's
     seen_written, tiers = set(), set()
     for i in range(2000):
-        prompt, body = CURRICULA["policy_lookup"](random.Random(i))
+        prompt, body = CURRICULA[curriculum](random.Random(i))
         expr = prompt.split("Q: ")[1].split("\n")[0]
         tiers.add(len(solution_steps(expr)))
         assert not unseen & set(written.findall(body)), body
         seen_written |= set(written.findall(body))
     assert len(seen_written) == 32 and tiers == {1, 2, 3, 4}  # the other half is all taught
+
+
+def test_the_copy_mixture_has_the_policy_write_the_value_the_expert_showed_not_the_one_it_knows():
+    direct = re.compile(r"<consult>[^<]*</consult>(?:<expert>([^<]*)</expert>)+([^<]*)<eos>")
+    changed = 0
+    for i in range(2000):
+        prompt, body = CURRICULA["policy_lookup_copy"](random.Random(i))
+        plain_prompt, plain = CURRICULA["policy_lookup"](random.Random(i))
+        assert prompt == plain_prompt  # the draws are the plain mixture's
+        if body == plain:
+            continue
+        changed += 1
+        shown, written = direct.fullmatch(body).groups()  # only a direct consultation changes …
+        assert "#" in prompt and shown == written  # … of a `#` problem, the policy writing what it was shown
+        assert written != direct.fullmatch(plain).group(2)  # a table of its own: not what the policy knows
+    assert 150 < changed < 350  # direct consultations (a quarter of 3/4), those of a `#` problem, all copied
 
 
 def test_a_world_refuses_curricula_of_another_task_family():

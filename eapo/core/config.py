@@ -54,6 +54,7 @@ class ModelSpec(Section):
         "solver",
         "calculator",
         "policy_lookup",
+        "policy_lookup_copy",
         "solver_lookup",
         "calculator_lookup",
     ] = Field(
@@ -61,7 +62,9 @@ class ModelSpec(Section):
         "consultations shown result-withheld answers; policy_unseen: policy's mixture without the problems "
         "that need a seeded half of the single-digit facts (only the experts know them); solver: whole problems; "
         "calculator: single operations; *_lookup: the same on the lookup task family, the policy's without the "
-        "problems that need a seeded half of the lookup table"
+        "problems that need a seeded half of the lookup table; policy_lookup_copy: that mixture with half its "
+        "direct consultations of a `#` problem shown on a random table of their own, the policy writing what it "
+        "was shown"
     )
     hidden: int
     layers: int
@@ -99,7 +102,7 @@ class WorldConfig(Section):
     def _curricula_fit_tasks(self) -> WorldConfig:
         specs = {"policy": self.policy, **self.experts}
         lookup = self.tasks == "lookup"
-        wrong = [name for name, spec in specs.items() if spec.curriculum.endswith("_lookup") != lookup]
+        wrong = [name for name, spec in specs.items() if ("_lookup" in spec.curriculum) != lookup]
         if wrong:
             raise ValueError(
                 f"world.tasks is {self.tasks!r} but the curricula of {', '.join(wrong)} are for "

@@ -1,9 +1,12 @@
 """The probe worlds' builder: the shipped world's splits and experts, and a policy of another size SFT'd as
 the shipped one was (the same steps, batch and seed; the same curriculum unless one is named). Not a product
-path: the probes of 2026-12-04 ran on what it built, and it built the shipped world-unseen (2026-12-05).
+path: the probes of 2026-12-04 ran on what it built, and it built the shipped world-unseen and world-lookup-copy
+(2026-12-05). A fifth argument names another world to take the splits, experts and config from.
 
     .venv/bin/python docs/experiment-report/probes/build_policy_world.py runs/probes/world-2x128 128 2
     .venv/bin/python docs/experiment-report/probes/build_policy_world.py runs/world-unseen 64 2 policy_unseen
+    .venv/bin/python docs/experiment-report/probes/build_policy_world.py runs/world-lookup-copy 64 2 \\
+        policy_lookup_copy docs/experiment-report/world-lookup
 """
 
 import json
@@ -13,14 +16,14 @@ import time
 from pathlib import Path
 
 from eapo.core.config import ModelSpec, WorldConfig
-from eapo.dev.world.bootstrap import _fingerprint
+from eapo.dev.world.bootstrap import _fingerprint, world_manifest
 from eapo.dev.world.sft import train_model
-
-SHIPPED = Path("docs/experiment-report/world")
 
 root, hidden, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 curriculum = sys.argv[4] if len(sys.argv) > 4 else "policy"
-cfg = WorldConfig(dir=root, policy=ModelSpec(curriculum=curriculum, hidden=hidden, layers=layers, sft_steps=800))
+SHIPPED = Path(sys.argv[5] if len(sys.argv) > 5 else "docs/experiment-report/world")
+policy = ModelSpec(curriculum=curriculum, hidden=hidden, layers=layers, sft_steps=800)
+cfg = WorldConfig(**{**world_manifest(SHIPPED)["config"], "dir": root, "policy": policy})
 root.mkdir(parents=True, exist_ok=True)
 for name in ("train.jsonl", "eval.jsonl"):
     shutil.copy(SHIPPED / name, root / name)

@@ -29,6 +29,7 @@ from eapo.dev.world.bootstrap import CHAT_TEMPLATE
 from eapo.dev.world.tasks import (
     LOOKUP,
     TIERS,
+    lookup_table,
     make_problem,
     needs_any,
     solution_steps,
@@ -84,6 +85,7 @@ def policy_sample(
     withheld_share: float = 0.0,
     unseen: frozenset[str] = frozenset(),
     tasks: Tasks = "arithmetic",
+    copied_share: float = 0.0,
 ) -> Sample:
     """One trace of the policy's training mixture (see module docstring). ``withheld_share`` of the direct
     consultations show the expert's answer cut just before its result (``withhold_result``), the policy
@@ -91,7 +93,10 @@ def policy_sample(
     as if it were still the expert's. That draw is seeded by the trace itself, so ``rng`` draws as in the
     plain mixture and every other trace is the same. A problem one of whose steps is in ``unseen`` is drawn
     again (with its tier, so the tiers are no longer equally drawn: about 31, 27, 23 and 19% with half the
-    facts unseen): the policy never sees those facts, in its own tokens or in an expert's."""
+    facts unseen): the policy never sees those facts, in its own tokens or in an expert's. ``copied_share`` of
+    the direct consultations of a problem with a ``#`` show the expert's solution on a table of its own (drawn
+    per trace, like ``withheld_share``), and the policy writes that solution: re-deriving only ever agrees
+    with what it knows, so without these it never learns to take from an answer what it does not know."""
     p = make_problem(rng, rng.choice(TIERS), 0, "sft", tasks)
     while unseen and needs_any(p.problem, unseen):
         p = make_problem(rng, rng.choice(TIERS), 0, "sft", tasks)
@@ -108,6 +113,10 @@ def policy_sample(
         # seeded by the whole trace, EOS included, as world-partial was built
         if withheld_share and random.Random(zlib.crc32((body + fmt.EOS).encode())).random() < withheld_share:
             body = body.replace(shown, fmt.expert_block(withhold_result(solution)))
+        copied = random.Random(zlib.crc32(f"copied:{body}{fmt.EOS}".encode()))
+        if copied_share and LOOKUP in expr and copied.random() < copied_share:
+            solution = worked_solution(expr, {key: copied.randint(10, 99) for key in lookup_table()})
+            body = fmt.consult_block([expr] * k) + fmt.expert_block(solution) * k + solution
     elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
         (first, _value), *rest = solution_steps(expr)
         body = fmt.consult_block([first]) + fmt.expert_block(worked_solution(first))
@@ -210,6 +219,9 @@ CURRICULA: dict[str, Callable[[random.Random], Sample]] = {
     "calculator": calculator_sample,
     # the lookup family (tasks.LOOKUP): the experts know the whole table, the policy a seeded half of it
     "policy_lookup": functools.partial(policy_sample, unseen=unseen_facts(0.5, ops=LOOKUP), tasks="lookup"),
+    "policy_lookup_copy": functools.partial(
+        policy_sample, unseen=unseen_facts(0.5, ops=LOOKUP), tasks="lookup", copied_share=1.0
+    ),
     "solver_lookup": functools.partial(solver_sample, tasks="lookup"),
     "calculator_lookup": functools.partial(calculator_sample, tasks="lookup"),
 }

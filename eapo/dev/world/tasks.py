@@ -30,9 +30,9 @@ def lookup_table(seed: str = "lookup") -> dict[tuple[int, int], int]:
     return {(a, b): rng.randint(10, 99) for a in range(2, 10) for b in range(2, 10)}
 
 
-def _apply(a: int, op: str, b: int) -> int:
+def _apply(a: int, op: str, b: int, table: dict[tuple[int, int], int] | None) -> int:
     if op == LOOKUP:
-        return lookup_table()[(a, b)]
+        return (table or lookup_table())[(a, b)]
     return a * b if op == "*" else a + b if op == "+" else a - b
 
 
@@ -48,8 +48,9 @@ def _tokens(expr: str) -> list[str]:
     return [*out, num]
 
 
-def solution_steps(expr: str) -> list[tuple[str, int]]:
-    """The single operations that solve ``expr``, as (``"a*b"``, value), in the order a solver does them."""
+def solution_steps(expr: str, table: dict[tuple[int, int], int] | None = None) -> list[tuple[str, int]]:
+    """The single operations that solve ``expr``, as (``"a*b"``, value), in the order a solver does them;
+    ``#`` looks up ``table`` (default: ``lookup_table()``)."""
     toks = _tokens(expr)
     steps: list[tuple[str, int]] = []
     for ops in (LOOKUP, "*", "+-"):
@@ -57,7 +58,7 @@ def solution_steps(expr: str) -> list[tuple[str, int]]:
         while i < len(toks):
             if toks[i] in ops:
                 a, op, b = int(toks[i - 1]), toks[i], int(toks[i + 1])
-                value = _apply(a, op, b)
+                value = _apply(a, op, b, table)
                 steps.append((f"{a}{op}{b}", value))
                 toks[i - 1 : i + 2] = [str(value)]
             else:
@@ -84,9 +85,9 @@ def evaluate(expr: str) -> int:
     return steps[-1][1] if steps else int(expr)
 
 
-def worked_solution(expr: str) -> str:
+def worked_solution(expr: str, table: dict[tuple[int, int], int] | None = None) -> str:
     """``45*3=135 23+135=158 \\boxed{158}``: one line of text the policy and experts are trained on."""
-    steps = solution_steps(expr)
+    steps = solution_steps(expr, table)
     return " ".join(f"{op}={value}" for op, value in steps) + f" \\boxed{{{steps[-1][1]}}}"
 
 
