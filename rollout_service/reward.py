@@ -18,6 +18,9 @@ from math_verify import parse, verify
 from proto.schemas import AnswerKind
 
 INTEGER = re.compile(r"[+-]?\d+")
+# math-verify reads an answer up to the first of these and drops the rest (``6#3`` is 6, ``6$3`` ends our
+# ``$…$``): never part of a math answer, so an answer holding one is wrong, not its prefix.
+NOT_MATH = re.compile(r"[#&$?]")
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES = frozenset({"a", "an", "the"})
 
@@ -84,6 +87,8 @@ def score(answer: str | None, gold: str) -> float:
         return 1.0
     if INTEGER.fullmatch(answer) and INTEGER.fullmatch(gold):  # so do two integers (most wrong answers)
         return float(int(answer) == int(gold))
+    if NOT_MATH.search(answer):
+        return 0.0
     try:
         return float(verify(_parsed_gold(gold), parse(f"${answer}$")))
     except Exception:  # math-verify can fail on arbitrary model text; a wrong answer, not a crash

@@ -45,7 +45,8 @@ def test_extract_answer_falls_back_to_the_tasks_format(text, pattern, answer):
 @pytest.mark.parametrize(
     "answer, gold, expected",
     [("0.5", "\\frac{1}{2}", 1.0), ("1/2", "0.5", 1.0), ("14", "14", 1.0), (" 14 ", "14", 1.0), ("15", "14", 0.0),
-     (None, "14", 0.0), ("", "14", 0.0), ("not math {{", "14", 0.0)],
+     (None, "14", 0.0), ("", "14", 0.0), ("not math {{", "14", 0.0),
+     ("6#3", "6", 0.0), ("6&3", "6", 0.0), ("6$3", "6", 0.0), ("6?3", "6", 0.0)],  # math-verify: 6
 )  # fmt: skip
 def test_math_answers_are_judged_by_equivalence(answer, gold, expected):
     assert score(answer, gold) == expected
