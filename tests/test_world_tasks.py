@@ -44,6 +44,8 @@ def test_lookup_comes_before_products_and_sums():
     assert solution_steps("2*4*7#5") == [("7#5", t[7, 5]), ("2*4", 8), (f"8*{t[7, 5]}", 8 * t[7, 5])]
     assert worked_solution("9-2#3") == f"2#3={t[2, 3]} 9-{t[2, 3]}={9 - t[2, 3]} \\boxed{{{9 - t[2, 3]}}}"
     assert worked_solution("9-2#3", {**t, (2, 3): 50}) == "2#3=50 9-50=-41 \\boxed{-41}"  # another table
+    assert (t[2, 3], t[3, 2]) == (69, 58)  # the shipped worlds' table: a reseed would orphan them
+    assert worked_solution("9-2#3") == "2#3=69 9-69=-60 \\boxed{-60}" and evaluate("3#2*2-9") == 107
 
 
 def test_lookup_problems_are_half_lookups_never_two_in_a_row():
@@ -59,13 +61,14 @@ def test_lookup_problems_are_half_lookups_never_two_in_a_row():
 def test_the_lookup_policy_mixtures_never_show_an_unseen_entry_anywhere_in_a_trace(curriculum):
     unseen = unseen_facts(0.5, ops="#")
     assert len(unseen) == 32 and all(f[1] == "#" for f in unseen)
-    written = re.compile(r"(?<!\d)(\d#\d)=")  # an entry, in the policy's tokens or an expert's
+    written = re.compile(r"(?<!\d)(\d#\d)=")  # an entry with its value, in the policy's tokens or an expert's
+    anywhere = re.compile(r"(?<!\d)\d#\d(?!\d)")  # … or only asked: in the prompt, a query
     seen_written, tiers = set(), set()
     for i in range(2000):
         prompt, body = CURRICULA[curriculum](random.Random(i))
         expr = prompt.split("Q: ")[1].split("\n")[0]
         tiers.add(len(solution_steps(expr)))
-        assert not unseen & set(written.findall(body)), body
+        assert not unseen & set(anywhere.findall(prompt + body)), body
         seen_written |= set(written.findall(body))
     assert len(seen_written) == 32 and tiers == {1, 2, 3, 4}  # the other half is all taught
 
@@ -82,7 +85,10 @@ def test_the_copy_mixture_has_the_policy_write_the_value_the_expert_showed_not_t
         changed += 1
         shown, written = direct.fullmatch(body).groups()  # only a direct consultation changes …
         assert "#" in prompt and shown == written  # … of a `#` problem, the policy writing what it was shown
-        assert written != direct.fullmatch(plain).group(2)  # a table of its own: not what the policy knows
+        expr = prompt.split("Q: ")[1].split("\n")[0]
+        entries = {(int(a), int(b)): int(v) for a, b, v in re.findall(r"(?<!\d)(\d)#(\d)=(\d+)", shown)}
+        assert worked_solution(expr, {**lookup_table(), **entries}) == shown  # a consistent solution …
+        assert any(lookup_table()[key] != v for key, v in entries.items())  # … on a table that is not the real one
     assert 150 < changed < 350  # direct consultations (a quarter of 3/4), those of a `#` problem, all copied
 
 

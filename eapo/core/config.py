@@ -12,7 +12,7 @@ import os
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -44,26 +44,20 @@ class RedisConfig(Section):
         return os.environ.get("REDIS_URL") or self.url
 
 
+ArithmeticCurriculum = Literal["policy", "policy_partial", "policy_unseen", "solver", "calculator"]
+LookupCurriculum = Literal["policy_lookup", "policy_lookup_copy", "solver_lookup", "calculator_lookup"]
+
+
 class ModelSpec(Section):
     """One tiny-world model: its size, and how long it is trained on which curriculum."""
 
-    curriculum: Literal[
-        "policy",
-        "policy_partial",
-        "policy_unseen",
-        "solver",
-        "calculator",
-        "policy_lookup",
-        "policy_lookup_copy",
-        "solver_lookup",
-        "calculator_lookup",
-    ] = Field(
+    curriculum: ArithmeticCurriculum | LookupCurriculum = Field(
         description="policy: the EAPO trace mixture; policy_partial: the same with half its direct "
         "consultations shown result-withheld answers; policy_unseen: policy's mixture without the problems "
         "that need a seeded half of the single-digit facts (only the experts know them); solver: whole problems; "
         "calculator: single operations; *_lookup: the same on the lookup task family, the policy's without the "
-        "problems that need a seeded half of the lookup table; policy_lookup_copy: that mixture with half its "
-        "direct consultations of a `#` problem shown on a random table of their own, the policy writing what it "
+        "problems that need a seeded half of the lookup table; policy_lookup_copy: that mixture with every "
+        "direct consultation of a `#` problem shown on a random table of their own, the policy writing what it "
         "was shown"
     )
     hidden: int
@@ -102,7 +96,7 @@ class WorldConfig(Section):
     def _curricula_fit_tasks(self) -> WorldConfig:
         specs = {"policy": self.policy, **self.experts}
         lookup = self.tasks == "lookup"
-        wrong = [name for name, spec in specs.items() if ("_lookup" in spec.curriculum) != lookup]
+        wrong = [name for name, spec in specs.items() if (spec.curriculum in get_args(LookupCurriculum)) != lookup]
         if wrong:
             raise ValueError(
                 f"world.tasks is {self.tasks!r} but the curricula of {', '.join(wrong)} are for "

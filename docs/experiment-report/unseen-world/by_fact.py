@@ -17,6 +17,8 @@ from eapo.core.data import read_jsonl
 from eapo.dev.world.tasks import needs_any, unseen_facts
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/experiment-report/unseen-world/eval")
+if len(sys.argv) == 3:
+    sys.exit("by_fact.py: give the world's operators after its directory (+-* for world-unseen, # for world-lookup)")
 world, ops = sys.argv[2:4] if len(sys.argv) > 3 else ("docs/experiment-report/world-unseen", "+-*")
 facts = unseen_facts(0.5, ops=ops)
 problems = read_jsonl(Path(world) / "eval.jsonl")

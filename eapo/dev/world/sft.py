@@ -93,10 +93,13 @@ def policy_sample(
     as if it were still the expert's. That draw is seeded by the trace itself, so ``rng`` draws as in the
     plain mixture and every other trace is the same. A problem one of whose steps is in ``unseen`` is drawn
     again (with its tier, so the tiers are no longer equally drawn: about 31, 27, 23 and 19% with half the
-    facts unseen): the policy never sees those facts, in its own tokens or in an expert's. ``copied_share`` of
-    the direct consultations of a problem with a ``#`` show the expert's solution on a table of its own (drawn
-    per trace, like ``withheld_share``), and the policy writes that solution: re-deriving only ever agrees
-    with what it knows, so without these it never learns to take from an answer what it does not know."""
+    arithmetic facts unseen): the policy never sees those facts, in its own tokens or in an expert's.
+    ``copied_share`` of the direct consultations of a problem with a ``#`` show the expert's solution on a
+    table of its own (drawn per trace, like ``withheld_share``), and the policy writes that solution:
+    re-deriving only ever agrees with what it knows, so without these it never learns to take from an answer
+    what it does not know. Not with ``withheld_share``: a withheld answer shows no value to take."""
+    if withheld_share and copied_share:
+        raise ValueError("policy_sample: withheld_share and copied_share exclude each other")
     p = make_problem(rng, rng.choice(TIERS), 0, "sft", tasks)
     while unseen and needs_any(p.problem, unseen):
         p = make_problem(rng, rng.choice(TIERS), 0, "sft", tasks)
@@ -108,15 +111,17 @@ def policy_sample(
         body = worked_solution(expr)
     elif r < 0.6:  # direct consultation, the same question to 1..K experts, then re-derived in its own tokens
         k, solution = rng.randint(1, max_queries), worked_solution(expr)
+        query = fmt.consult_block([expr] * k)
+        if copied_share and LOOKUP in expr:  # seeded by the plain trace, like the withheld draw below
+            plain = f"copied:{query}{fmt.expert_block(solution) * k}{solution}{fmt.EOS}"
+            copied = random.Random(zlib.crc32(plain.encode()))
+            if copied.random() < copied_share:
+                solution = worked_solution(expr, {key: copied.randint(10, 99) for key in lookup_table()})
         shown = fmt.expert_block(solution)
-        body = fmt.consult_block([expr] * k) + shown * k + solution
+        body = query + shown * k + solution
         # seeded by the whole trace, EOS included, as world-partial was built
         if withheld_share and random.Random(zlib.crc32((body + fmt.EOS).encode())).random() < withheld_share:
             body = body.replace(shown, fmt.expert_block(withhold_result(solution)))
-        copied = random.Random(zlib.crc32(f"copied:{body}{fmt.EOS}".encode()))
-        if copied_share and LOOKUP in expr and copied.random() < copied_share:
-            solution = worked_solution(expr, {key: copied.randint(10, 99) for key in lookup_table()})
-            body = fmt.consult_block([expr] * k) + fmt.expert_block(solution) * k + solution
     elif r < 0.85 and len(solution_steps(expr)) > 1:  # decomposition: the first operation to an expert
         (first, _value), *rest = solution_steps(expr)
         body = fmt.consult_block([first]) + fmt.expert_block(worked_solution(first))

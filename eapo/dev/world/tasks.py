@@ -1,4 +1,4 @@
-"""The bundled synthetic task family: multi-step integer arithmetic with exact, verifiable answers.
+"""The bundled synthetic task families: multi-step integer arithmetic with exact, verifiable answers.
 
 Difficulty is graded by tier: tier t has t operators on single-digit operands, so tier 1 is one
 table lookup and the top tier chains four operations with products carried into multi-digit
@@ -7,14 +7,17 @@ operations) helps. Evaluation follows normal precedence (× before +/−, then l
 worked solution rewrites one operation per step.
 
 The ``lookup`` family adds ``#``: a seeded table of two-digit values on single-digit operands, applied
-before everything else. Unlike arithmetic, an unseen entry cannot be guessed from the others, so a
-policy that never saw it finds it by sampling about once in ninety tries, and an expert can show it.
+before everything else (``#``, then ×, then +/−). Unlike arithmetic, an unseen entry cannot be guessed
+from the others, so a policy that never saw it finds it by sampling about once in ninety tries, and an
+expert can show it.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from eapo.core.config import Tasks
 from eapo.core.data import Problem
@@ -23,16 +26,19 @@ TIERS = (1, 2, 3, 4)
 LOOKUP = "#"
 
 
+Table = Mapping[tuple[int, int], int]
+
+
 @functools.cache
-def lookup_table(seed: str = "lookup") -> dict[tuple[int, int], int]:
-    """``a#b`` for operands 2–9: arbitrary values 10–99, not commutative."""
+def lookup_table(seed: str = "lookup") -> Table:
+    """``a#b`` for operands 2–9: arbitrary values 10–99, not commutative. Read-only: it is cached."""
     rng = random.Random(seed)
-    return {(a, b): rng.randint(10, 99) for a in range(2, 10) for b in range(2, 10)}
+    return MappingProxyType({(a, b): rng.randint(10, 99) for a in range(2, 10) for b in range(2, 10)})
 
 
-def _apply(a: int, op: str, b: int, table: dict[tuple[int, int], int] | None) -> int:
+def _apply(a: int, op: str, b: int, table: Table | None) -> int:
     if op == LOOKUP:
-        return (table or lookup_table())[(a, b)]
+        return (lookup_table() if table is None else table)[(a, b)]
     return a * b if op == "*" else a + b if op == "+" else a - b
 
 
@@ -48,7 +54,7 @@ def _tokens(expr: str) -> list[str]:
     return [*out, num]
 
 
-def solution_steps(expr: str, table: dict[tuple[int, int], int] | None = None) -> list[tuple[str, int]]:
+def solution_steps(expr: str, table: Table | None = None) -> list[tuple[str, int]]:
     """The single operations that solve ``expr``, as (``"a*b"``, value), in the order a solver does them;
     ``#`` looks up ``table`` (default: ``lookup_table()``)."""
     toks = _tokens(expr)
@@ -67,8 +73,8 @@ def solution_steps(expr: str, table: dict[tuple[int, int], int] | None = None) -
 
 
 def unseen_facts(share: float, seed: str = "unseen", ops: str = "+-*") -> frozenset[str]:
-    """A seeded ``share`` of the single-digit operations of ``ops`` (``"7*8"``, operands 2–9), a fact and its
-    commutative twin together: what a policy SFT'd without them cannot know, and the experts do."""
+    """A seeded ``share`` of the single-digit operations of ``ops`` (``"7*8"``, operands 2–9), a fact of ``+`` or
+    ``*`` and its commutative twin together: what a policy SFT'd without them cannot know, and the experts do."""
     rng = random.Random(seed)
     facts = [(a, op, b) for op in ops for a in range(2, 10) for b in range(2, 10) if op not in "+*" or a <= b]
     chosen = rng.sample(facts, round(share * len(facts)))
@@ -85,15 +91,15 @@ def evaluate(expr: str) -> int:
     return steps[-1][1] if steps else int(expr)
 
 
-def worked_solution(expr: str, table: dict[tuple[int, int], int] | None = None) -> str:
+def worked_solution(expr: str, table: Table | None = None) -> str:
     """``45*3=135 23+135=158 \\boxed{158}``: one line of text the policy and experts are trained on."""
     steps = solution_steps(expr, table)
     return " ".join(f"{op}={value}" for op, value in steps) + f" \\boxed{{{steps[-1][1]}}}"
 
 
 def make_problem(rng: random.Random, tier: int, index: int, split: str, tasks: Tasks = "arithmetic") -> Problem:
-    """In the lookup family half the operators are ``#``, never two in a row: ``2#3#4`` would look up 2#3's
-    two-digit value. Arithmetic problems draw as they always did."""
+    """In the lookup family each operator is ``#`` with odds 1/2 unless the one before is (about 38% of them):
+    ``2#3#4`` would look up 2#3's two-digit value. Arithmetic problems draw as they always did."""
     operands = [str(rng.randint(2, 9)) for _ in range(tier + 1)]
     ops: list[str] = []
     for _ in range(tier):
