@@ -15,9 +15,9 @@ import time
 import pytest
 from helpers import wait_for
 
-from eapo.core.config import SupervisionConfig
+from eapo.core.config import EAPOConfig, SupervisionConfig
 from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child
-from eapo.dev.up import config_changes, pinned_cores
+from eapo.dev.up import config_changes, pinned_cores, trained_steps
 
 
 def exits(code: int) -> subprocess.Popen[bytes]:
@@ -154,3 +154,16 @@ def test_a_child_gets_its_death_signal_when_its_parent_is_killed(tmp_path):
         parent.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)  # a failed test leaves no child sleeping
+
+
+def test_a_learner_is_done_by_its_checkpoint_not_its_metrics_line(tmp_path):
+    """A learner killed between step 14's checkpoint and its metrics line (Redis killed as it published,
+    beside stress-ng) resumes at 14 and exits 0 with metrics.jsonl ending at 13: the run is finished."""
+    cfg = EAPOConfig(run_dir=tmp_path, learner={"steps": 14})
+    assert trained_steps(cfg) == 0  # nothing trained yet
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 14)))
+    cfg.checkpoint_dir.mkdir()
+    (cfg.checkpoint_dir / "latest").write_text("step000013")
+    assert trained_steps(cfg) == 13
+    (cfg.checkpoint_dir / "latest").write_text("step000014")
+    assert trained_steps(cfg) == cfg.learner.steps

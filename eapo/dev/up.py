@@ -256,6 +256,16 @@ def _last_step(metrics: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def trained_steps(cfg: EAPOConfig) -> int:
+    """The learner's durable progress: the step of its newest complete checkpoint (``latest``). Not the
+    metrics file: a learner killed between its checkpoint and its log line resumes past that line, and a
+    run that finished so was restarted until its budget was spent (seen beside stress-ng, Redis killed)."""
+    try:
+        return int((cfg.checkpoint_dir / "latest").read_text().strip().removeprefix("step"))
+    except (OSError, ValueError):
+        return 0
+
+
 class _Stack:
     """The supervised processes of one ``eapo up``, and the record of them in the run directory."""
 
@@ -332,7 +342,7 @@ def run_stack(
     # The learner is finished when it exits 0 after its last step; a replica when it exits 0 after that
     # step (it saw the learner's done flag, possibly before the learner itself exited). Any other exit —
     # a crash, or a stop from outside before the end — is restarted.
-    finished = lambda code: code == 0 and _last_step(metrics) >= cfg.learner.steps  # noqa: E731
+    finished = lambda code: code == 0 and trained_steps(cfg) >= cfg.learner.steps  # noqa: E731
     code = 1
     try:
         if redis_server is not None:
