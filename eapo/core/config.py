@@ -100,7 +100,7 @@ class WorldConfig(Section):
         if wrong:
             raise ValueError(
                 f"world.tasks is {self.tasks!r} but the curricula of {', '.join(wrong)} are for "
-                f"{'arithmetic' if self.tasks == 'lookup' else 'lookup'} problems: use the *_lookup curricula "
+                f"{'arithmetic' if lookup else 'lookup'} problems: use the *_lookup curricula "
                 "exactly when tasks is lookup"
             )
         return self
