@@ -7,6 +7,11 @@ consultation's last turn, the policy's own solution after the last shown answer,
 as if it had followed the prompt alone, with the episode's advantage: what the expert showed becomes
 something the policy writes unaided. Such a sample was never sampled in that context, so it is trained
 on-policy (``TrainSample.behaviour`` None: ratio 1 at the step's start, a plain policy gradient).
+
+``learner.internalize_weight`` multiplies these samples' advantage, so their gradient: a larger step on what
+the experts showed, confined to these rows. A rote fact shown some twenty times in a run moved its
+log-probability by under 2 nats at weight 1 (world-lookup-copy, ``docs/experiment.md``), and a larger lr
+for the whole learner collapsed outcome-only RL.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from proto import episode_format as fmt
 Decode = Callable[[Sequence[int]], str]  # token ids to text, special tokens kept (the policy's tokenizer)
 
 
-def distilled_sample(trajectory: Trajectory, problem: str, advantage: float, decode: Decode) -> TrainSample | None:
+def distilled_sample(
+    trajectory: Trajectory, problem: str, advantage: float, decode: Decode, weight: float = 1.0
+) -> TrainSample | None:
     """The sample that trains ``trajectory``'s answer without the expert, or None where there is none to
     distil. Only a right, positively credited direct consultation whose last query's answer was shown, and
     whose answer is the one turn right after it, with no consult block in its text (in the budget's last
     turn a block is not executed and stays in the text; a malformed one is answered "unavailable" after
-    the last query, so the answer no longer follows it)."""
+    the last query, so the answer no longer follows it). Its advantage is the episode's times ``weight``."""
     consults, turns = trajectory.consults, trajectory.turns
     if advantage <= 0 or trajectory.score < 1 or not consults or not turns:
         return None
@@ -43,11 +50,14 @@ def distilled_sample(trajectory: Trajectory, problem: str, advantage: float, dec
         ids=torch.from_numpy(trajectory.token_ids[keep].astype("int64")),
         mask=torch.from_numpy(trajectory.loss_mask[keep]),  # indexing copies: the message's arrays are read-only
         behaviour=None,
-        advantage=advantage,
+        advantage=advantage * weight,
     )
 
 
-def distilled_samples(group: TrajectoryGroup, advantages: list[float], decode: Decode) -> list[TrainSample]:
+def distilled_samples(
+    group: TrajectoryGroup, advantages: list[float], decode: Decode, weight: float = 1.0
+) -> list[TrainSample]:
     """Every sample of ``group`` that distils (see ``distilled_sample``), in sample order."""
-    out = (distilled_sample(s, group.prompt.problem, a, decode) for s, a in zip(group.samples, advantages, strict=True))
+    samples = zip(group.samples, advantages, strict=True)
+    out = (distilled_sample(s, group.prompt.problem, a, decode, weight) for s, a in samples)
     return [s for s in out if s is not None]

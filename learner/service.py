@@ -186,16 +186,20 @@ class Learner:
             with self.timeline.span("wait", step=step):
                 batch, streaks, seen_groups, stale = await self._collect(consumer, feeder, step)
             t_data = time.monotonic() - t0
-            samples, sizes, distilled = [], [], 0  # sizes: samples per group, the unit updates split on
+            samples, sizes, distilled = [], [], []  # sizes: samples per group, the unit updates split on
             for entry, advantages in batch:
                 group = [TrainSample.of(s, a) for s, a in zip(entry.message.samples, advantages, strict=True)]
-                extra = distilled_samples(entry.message, advantages, decode) if lc.internalize else []
+                extra = (
+                    distilled_samples(entry.message, advantages, decode, lc.internalize_weight)
+                    if lc.internalize
+                    else []
+                )
                 samples += group + extra
                 sizes.append(len(group) + len(extra))
-                distilled += len(extra)
+                distilled += [entry.message.prompt.prompt_id] * len(extra)
             with self.timeline.span("train", step=step):
                 stats = await asyncio.to_thread(ranks.call, "step", samples, sizes)
-            stats["distilled_samples"] = float(distilled)
+            stats["distilled_samples"] = float(len(distilled))
             trained = [entry.message for entry, _ in batch]
             group_ids = [g.group_id for g in trained]
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
@@ -223,7 +227,18 @@ class Learner:
             times = StepTimes(run_s=now - t_start, wait_s=t_data, step_s=now - t0)
             advantages = [adv for _, adv in batch]
             record = step_record(
-                step, anneal, trained, advantages, seen_groups, stale, self.dropped, feeder.skipped, stats, times, lc
+                step,
+                anneal,
+                trained,
+                advantages,
+                seen_groups,
+                stale,
+                self.dropped,
+                feeder.skipped,
+                stats,
+                times,
+                lc,
+                distilled,
             )
             self.step_log.write(step + 1, record)
             log.info(

@@ -107,11 +107,13 @@ def step_record(
     train_stats: dict[str, float],
     times: StepTimes,
     lc: LearnerConfig,
+    distilled: list[str],
 ) -> dict[str, object]:
     """The record of step ``step`` (0-based; it produced version ``step + 1``): ``trained`` are the groups
     it trained on and ``advantages`` their samples' advantages as trained, ``seen`` every group it read,
     ``stale`` those past ``max_version_lag``, ``dropped`` the run's drop counts by reason, ``skipped`` the
-    prompts the feeder skipped so far, ``train_stats`` what the trainer returned."""
+    prompts the feeder skipped so far, ``train_stats`` what the trainer returned, ``distilled`` the prompt id of
+    each sample ``learner.internalize`` added (which facts a run distilled, and how often, is read from them)."""
     compute_s = times.step_s - times.wait_s
     return {
         "step": step + 1,
@@ -128,6 +130,7 @@ def step_record(
         **token_lags(trained, step),
         "stale_calls_per_episode": calls_per_episode(stale) if stale else None,
         "group_ids": [g.group_id for g in trained],
+        "distilled_prompts": distilled,
         "dropped": dict(dropped),
         "prompts_skipped": skipped,
         **train_stats,

@@ -113,3 +113,7 @@ def test_a_group_distils_its_qualifying_samples_in_order():
     assert [s.advantage for s in out] == [0.5, 0.25]
     expected = [distilled_sample(samples[i], PROBLEM, a, TOK.decode) for i, a in ((0, 0.5), (2, 0.25))]
     assert [s.ids.tolist() for s in out] == [s.ids.tolist() for s in expected]
+    # learner.internalize_weight scales the distilled samples' credit, and only theirs
+    weighted = distilled_samples(group, [0.5, 0.5, 0.25], TOK.decode, weight=8.0)
+    assert [s.advantage for s in weighted] == [4.0, 2.0]
+    assert [s.ids.tolist() for s in weighted] == [s.ids.tolist() for s in out]

@@ -28,6 +28,7 @@ def test_a_step_record_tells_what_was_read_from_what_was_trained():
         train_stats={"loss": 0.5, "policy_tokens": 40.0},
         times=StepTimes(run_s=12.3456, wait_s=1.0, step_s=5.0),
         lc=LearnerConfig(),
+        distilled=["p-7", "p-7"],
     )
     assert record["step"] == 4 and record["acceptance"] == 0.5 and "budget" in record
     assert record["groups_read"] == 3 and record["accuracy"] == pytest.approx(0.5)  # over all six samples
@@ -35,7 +36,7 @@ def test_a_step_record_tells_what_was_read_from_what_was_trained():
     assert record["groups_trained"] == 1 and record["group_ids"] == [mixed.group_id]
     assert record["reward"] == 0.5 and record["penalty_trained"] == 0.0  # the groups' own anneal state
     assert record["stale_calls_per_episode"] == 0.0 and record["dropped"] == {"zero_signal": 1, "stale": 1}
-    assert record["prompts_skipped"] == 5
+    assert record["prompts_skipped"] == 5 and record["distilled_prompts"] == ["p-7", "p-7"]
     assert (record["time_s"], record["wait_s"], record["step_s"]) == (12.35, 1.0, 4.0)
     assert record["idle_ratio"] == 0.2 and record["tokens_per_s"] == 10.0 and record["loss"] == 0.5
     assert record["accuracy_alone"] == pytest.approx(0.5) and record["accuracy_consulting"] is None
@@ -72,6 +73,7 @@ def test_mode_accuracies_cover_every_group_read_and_mode_advantages_only_those_t
         train_stats={"loss": 0.0, "policy_tokens": 4.0},
         times=StepTimes(run_s=1.0, wait_s=0.0, step_s=1.0),
         lc=LearnerConfig(),
+        distilled=[],
     )
     assert record["accuracy_alone"] == 0.5 and record["accuracy_consulting"] == 0.5  # both groups
     assert record["advantage_alone"] == pytest.approx(-1.0, abs=1e-5)  # the trained group only

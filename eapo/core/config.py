@@ -373,6 +373,12 @@ class LearnerConfig(Section):
         description="context distillation beyond the paper (learner/distill.py): a right direct consultation's "
         "answer is also trained after the prompt alone, without the expert's answers",
     )
+    internalize_weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="the distilled samples' advantage multiplier (learner.internalize): a larger step on what the "
+        "experts showed, confined to those rows",
+    )
     overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
     overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs; verl's ppo_epochs)")
