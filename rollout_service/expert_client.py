@@ -15,10 +15,11 @@ from typing import Protocol
 import aiohttp
 
 from eapo.core.config import EAPOConfig
+from eapo.inference.model import prompt_ids
 from eapo.inference.sampling import SampleRequest
 from proto import ConsultRequest, ConsultResponse, ConsultResult
 from rollout_service.engine import PolicyEngine
-from rollout_service.transcript import prompt_ids, token_text
+from rollout_service.transcript import token_text
 
 log = logging.getLogger(__name__)
 

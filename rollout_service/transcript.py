@@ -14,9 +14,9 @@ from typing import Literal
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
+from eapo.inference.model import prompt_ids
 from eapo.inference.sampling import SampleResult
 from proto import TurnRecord
-from proto import episode_format as fmt
 
 TurnFinish = Literal["consult", "eos", "length", "context"]  # ``TurnRecord.finish``
 
@@ -37,16 +37,6 @@ def _encoded(tok: PreTrainedTokenizerFast, text: str) -> tuple[int, ...]:
 def token_text(tok: PreTrainedTokenizerFast, ids: list[int], skip_special_tokens: bool = False) -> str:
     """The text of ``ids``, straight from the Rust tokenizer (the wrapper re-walks the list in Python)."""
     return tok.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-@functools.lru_cache(maxsize=256)  # a replica's groups in flight share prompts; past them a miss costs one render
-def prompt_ids(tok: PreTrainedTokenizerFast, problem: str, max_queries: int | None) -> tuple[int, ...]:
-    """The prompt under the policy's own chat template: the training prompt (the consult instruction
-    with K = ``max_queries``) or, with None, the minimal evaluation prompt. The template writes any BOS
-    itself, so no special tokens are added (as vLLM's chat endpoint does). Cached: a group's G episodes
-    share a prompt, and rendering a template costs more than the encoding."""
-    messages = fmt.eval_messages(problem) if max_queries is None else fmt.training_messages(problem, max_queries)
-    return tuple(tok.backend_tokenizer.encode(fmt.render_prompt(tok, messages), add_special_tokens=False).ids)
 
 
 @dataclass(slots=True)

@@ -1,13 +1,16 @@
-"""Loading a causal LM checkpoint, and swapping weights into one: shared by the policy engine, the
-CPU expert server and the learner."""
+"""Loading a causal LM checkpoint, swapping weights into one, and its prompts' token ids: shared by the
+policy engine, the CPU expert server, the rollout and the learner."""
 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from proto import episode_format as fmt
 
 
 def with_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -38,3 +41,13 @@ def load_model(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@functools.lru_cache(maxsize=256)  # a replica's groups in flight share prompts; past them a miss costs one render
+def prompt_ids(tok: PreTrainedTokenizerFast, problem: str, max_queries: int | None) -> tuple[int, ...]:
+    """The prompt under the policy's own chat template: the training prompt (the consult instruction
+    with K = ``max_queries``) or, with None, the minimal evaluation prompt. The template writes any BOS
+    itself, so no special tokens are added (as vLLM's chat endpoint does). Cached: a group's G episodes
+    share a prompt, and rendering a template costs more than the encoding."""
+    messages = fmt.eval_messages(problem) if max_queries is None else fmt.training_messages(problem, max_queries)
+    return tuple(tok.backend_tokenizer.encode(fmt.render_prompt(tok, messages), add_special_tokens=False).ids)
