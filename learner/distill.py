@@ -8,6 +8,11 @@ as if it had followed the prompt alone, with the episode's advantage: what the e
 something the policy writes unaided. Such a sample was never sampled in that context, so it is trained
 on-policy (``TrainSample.behaviour`` None: ratio 1 at the step's start, a plain policy gradient).
 
+``learner.internalize_prompt`` picks the prompt the answer is trained after. ``training`` (the episode's own,
+with the consult instruction) also credits answering at once under that prompt, so it pushes the consult
+decision down, the more the larger the weight. ``evaluation`` (the prompt the policy is judged alone on)
+leaves the consult decision to RL and trains the answer where it is needed.
+
 ``learner.internalize_weight`` multiplies these samples' advantage, so their gradient: a larger step on what
 the experts showed, confined to these rows. A rote fact shown some twenty times in a run moved its
 log-probability by under 2 nats at weight 1 (world-lookup-copy, ``docs/experiment.md``), and a larger lr
@@ -20,7 +25,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerFast
 
+from eapo.core.config import LearnerConfig
+from eapo.inference.model import prompt_ids
 from learner.trainer import TrainSample
 from proto import Trajectory, TrajectoryGroup
 from proto import episode_format as fmt
@@ -29,13 +37,19 @@ Decode = Callable[[Sequence[int]], str]  # token ids to text, special tokens kep
 
 
 def distilled_sample(
-    trajectory: Trajectory, problem: str, advantage: float, decode: Decode, weight: float = 1.0
+    trajectory: Trajectory,
+    problem: str,
+    advantage: float,
+    decode: Decode,
+    weight: float = 1.0,
+    prompt: Sequence[int] | None = None,
 ) -> TrainSample | None:
     """The sample that trains ``trajectory``'s answer without the expert, or None where there is none to
     distil. Only a right, positively credited direct consultation whose last query's answer was shown, and
     whose answer is the one turn right after it, with no consult block in its text (in the budget's last
     turn a block is not executed and stays in the text; a malformed one is answered "unavailable" after
-    the last query, so the answer no longer follows it). Its advantage is the episode's times ``weight``."""
+    the last query, so the answer no longer follows it). The answer follows ``prompt`` (default: the
+    episode's own), and its advantage is the episode's times ``weight``."""
     consults, turns = trajectory.consults, trajectory.turns
     if advantage <= 0 or trajectory.score < 1 or not consults or not turns:
         return None
@@ -45,19 +59,23 @@ def distilled_sample(
     shown = any(c.accepted and c.injected_end == end for c in consults)
     if not shown or turns[-1].start != end or fmt.CONSULT_OPEN in decode(trajectory.token_ids[end:].tolist()):
         return None
-    keep = np.r_[0 : trajectory.prompt_len, end : len(trajectory.token_ids)]
+    head = trajectory.token_ids[: trajectory.prompt_len] if prompt is None else np.asarray(prompt)
+    answer = slice(end, len(trajectory.token_ids))
     return TrainSample(
-        ids=torch.from_numpy(trajectory.token_ids[keep].astype("int64")),
-        mask=torch.from_numpy(trajectory.loss_mask[keep]),  # indexing copies: the message's arrays are read-only
+        ids=torch.from_numpy(np.concatenate([head, trajectory.token_ids[answer]]).astype("int64")),
+        mask=torch.from_numpy(np.r_[np.zeros(len(head), bool), trajectory.loss_mask[answer]]),
         behaviour=None,
         advantage=advantage * weight,
     )
 
 
 def distilled_samples(
-    group: TrajectoryGroup, advantages: list[float], decode: Decode, weight: float = 1.0
+    group: TrajectoryGroup, advantages: list[float], tok: PreTrainedTokenizerFast, lc: LearnerConfig
 ) -> list[TrainSample]:
-    """Every sample of ``group`` that distils (see ``distilled_sample``), in sample order."""
+    """Every sample of ``group`` that distils (see ``distilled_sample``), in sample order, after the prompt and
+    with the weight ``lc`` names."""
+    problem = group.prompt.problem
+    prompt = prompt_ids(tok, problem, None) if lc.internalize_prompt == "evaluation" else None
     samples = zip(group.samples, advantages, strict=True)
-    out = (distilled_sample(s, group.prompt.problem, a, decode, weight) for s, a in samples)
+    out = (distilled_sample(s, problem, a, tok.decode, lc.internalize_weight, prompt) for s, a in samples)
     return [s for s in out if s is not None]

@@ -178,7 +178,7 @@ class Learner:
         if lc.broadcast.servers:
             await self.broadcaster.start()
         await self._publish(ranks, start, start, anneal_state(cfg.anneal, start))
-        decode = ranks.trainer.tokenizer.decode  # learner.internalize reads the answers' text
+        tok = ranks.trainer.tokenizer  # learner.internalize reads the answers' text
         t_start = time.monotonic()
         for step in range(start, lc.steps):
             anneal = anneal_state(cfg.anneal, step)
@@ -189,11 +189,7 @@ class Learner:
             samples, sizes, distilled = [], [], []  # sizes: samples per group, the unit updates split on
             for entry, advantages in batch:
                 group = [TrainSample.of(s, a) for s, a in zip(entry.message.samples, advantages, strict=True)]
-                extra = (
-                    distilled_samples(entry.message, advantages, decode, lc.internalize_weight)
-                    if lc.internalize
-                    else []
-                )
+                extra = distilled_samples(entry.message, advantages, tok, lc) if lc.internalize else []
                 samples += group + extra
                 sizes.append(len(group) + len(extra))
                 distilled += [entry.message.prompt.prompt_id] * len(extra)

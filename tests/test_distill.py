@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from eapo.core.config import LearnerConfig
 from eapo.dev.world.sft import build_tokenizer
 from learner.distill import distilled_sample, distilled_samples
 from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
@@ -60,6 +61,17 @@ def episode(
     )
 
 
+def group_of(samples: list[Trajectory]) -> TrajectoryGroup:
+    return TrajectoryGroup(
+        group_id="g",
+        prompt=PromptTask(prompt_id="p", problem=PROBLEM, answer="56"),
+        anneal=AnnealState(step=0, acceptance=1, budget=3, penalty=0),
+        samples=samples,
+        rollout_replica="r",
+        created_at=0,
+    )
+
+
 def test_a_right_direct_consultation_is_trained_again_after_the_prompt_alone():
     sample = distilled_sample(episode([[PROBLEM]], [True]), PROBLEM, advantage=0.75, decode=TOK.decode)
     assert sample is not None
@@ -101,19 +113,24 @@ def test_nothing_is_distilled_but_a_right_answer_straight_after_a_shown_one(why,
 def test_a_group_distils_its_qualifying_samples_in_order():
     samples = [episode([[PROBLEM]], [True]), episode([], []), episode([[PROBLEM], [PROBLEM]], [True, True])]
 
-    group = TrajectoryGroup(
-        group_id="g",
-        prompt=PromptTask(prompt_id="p", problem=PROBLEM, answer="56"),
-        anneal=AnnealState(step=0, acceptance=1, budget=3, penalty=0),
-        samples=samples,
-        rollout_replica="r",
-        created_at=0,
-    )
-    out = distilled_samples(group, [0.5, 0.5, 0.25], TOK.decode)
+    group = group_of(samples)
+    out = distilled_samples(group, [0.5, 0.5, 0.25], TOK, LearnerConfig(internalize=True))
     assert [s.advantage for s in out] == [0.5, 0.25]
     expected = [distilled_sample(samples[i], PROBLEM, a, TOK.decode) for i, a in ((0, 0.5), (2, 0.25))]
     assert [s.ids.tolist() for s in out] == [s.ids.tolist() for s in expected]
     # learner.internalize_weight scales the distilled samples' credit, and only theirs
-    weighted = distilled_samples(group, [0.5, 0.5, 0.25], TOK.decode, weight=8.0)
+    heavy = LearnerConfig(internalize=True, internalize_weight=8.0)
+    weighted = distilled_samples(group, [0.5, 0.5, 0.25], TOK, heavy)
     assert [s.advantage for s in weighted] == [4.0, 2.0]
     assert [s.ids.tolist() for s in weighted] == [s.ids.tolist() for s in out]
+
+
+def test_the_evaluation_prompt_replaces_the_training_prompt_when_asked():
+    group = group_of([episode([[PROBLEM]], [True])])
+    lc = LearnerConfig(internalize=True, internalize_prompt="evaluation")
+    (sample,) = distilled_samples(group, [1.0], TOK, lc)
+    # the prompt the policy is judged alone on, under its own chat template, with no consult instruction
+    assert TOK.decode(sample.ids.tolist()) == fmt.eval_prompt(PROBLEM) + SOLUTION + fmt.EOS
+    prompt_len = len(TOK.encode(fmt.eval_prompt(PROBLEM)))
+    assert not sample.mask[:prompt_len].any() and sample.mask[prompt_len:].all()
+    assert sample.mask.sum() == len(TOK.encode(SOLUTION + fmt.EOS))

@@ -379,6 +379,11 @@ class LearnerConfig(Section):
         description="the distilled samples' advantage multiplier (learner.internalize): a larger step on what the "
         "experts showed, confined to those rows",
     )
+    internalize_prompt: Literal["training", "evaluation"] = Field(
+        "training",
+        description="the prompt a distilled answer follows (learner.internalize): the episode's own training prompt "
+        "(which also credits not consulting under it), or the evaluation prompt the policy is judged alone on",
+    )
     overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
     overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs; verl's ppo_epochs)")
