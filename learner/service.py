@@ -144,6 +144,8 @@ class Learner:
         self.dropped = Counter({k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("dropped:")})
         await feeder.restore(counters)
         step = int(state.get("step", 0))
+        if self.step_log.recover(state.get("record")):
+            log.info("step %d's metrics line was lost with the learner; logged from its checkpoint", step)
         if step:
             log.info("resuming at step %d (%d trained group ids remembered)", step, remembered)
         return step
@@ -198,27 +200,6 @@ class Learner:
             stats["distilled_samples"] = float(len(distilled))
             trained = [entry.message for entry, _ in batch]
             group_ids = [g.group_id for g in trained]
-            # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
-            # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice.
-            with self.timeline.span("checkpoint", step=step):
-                await asyncio.to_thread(
-                    ranks.call,
-                    "save_checkpoint",
-                    cfg.checkpoint_dir,
-                    step + 1,
-                    {"step": step + 1, "group_ids": group_ids},
-                    lc.keep_checkpoints,
-                )
-            with self.timeline.span("publish", step=step):
-                await self._publish(ranks, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
-            async with self.client.pipeline(transaction=True) as pipe:
-                self.ledger.record_trained(pipe, group_ids)
-                if streaks:
-                    pipe.hset(self.names.prompt_streaks, mapping=streaks)
-                pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
-                await pipe.execute()
-            for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs
-                await trim_acknowledged(self.client, stream)
             now = time.monotonic()
             times = StepTimes(run_s=now - t_start, wait_s=t_data, step_s=now - t0)
             advantages = [adv for _, adv in batch]
@@ -236,6 +217,28 @@ class Learner:
                 lc,
                 distilled,
             )
+            # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
+            # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice;
+            # its copy of the step's record is logged then if the kill came before the log line.
+            with self.timeline.span("checkpoint", step=step):
+                await asyncio.to_thread(
+                    ranks.call,
+                    "save_checkpoint",
+                    cfg.checkpoint_dir,
+                    step + 1,
+                    {"step": step + 1, "group_ids": group_ids, "record": record},
+                    lc.keep_checkpoints,
+                )
+            with self.timeline.span("publish", step=step):
+                await self._publish(ranks, step + 1, step + 1, anneal_state(cfg.anneal, step + 1))
+            async with self.client.pipeline(transaction=True) as pipe:
+                self.ledger.record_trained(pipe, group_ids)
+                if streaks:
+                    pipe.hset(self.names.prompt_streaks, mapping=streaks)
+                pipe.xack(consumer.stream, consumer.group, *[entry.id for entry, _ in batch])
+                await pipe.execute()
+            for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs
+                await trim_acknowledged(self.client, stream)
             self.step_log.write(step + 1, record)
             log.info(
                 "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",

@@ -23,7 +23,8 @@ from proto import episode_format as fmt
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Seconds since the run started, spent waiting for groups this step, and in the whole step."""
+    """Seconds since the run started, spent waiting for groups this step, and in the step up to its
+    checkpoint (waiting and training; the checkpoint, publication and acknowledgement are in the timeline)."""
 
     run_s: float
     wait_s: float
@@ -153,6 +154,22 @@ class StepLog:
             f.write(json.dumps(record) + "\n")
         self.tracker.log(record, step)
         self.gauges.update(record)
+
+    def recover(self, record: dict[str, object] | None) -> bool:
+        """On resume, with the record the checkpoint holds of its own step: a learner killed between its
+        checkpoint and its log line trained that step but never logged it, so the record is appended now,
+        marked ``recovered``. Whether it was written is told by the log's last step."""
+        if record is None or self.last_step() >= int(record["step"]):
+            return False
+        self.write(int(record["step"]), record | {"recovered": True})
+        return True
+
+    def last_step(self) -> int:
+        """The step of the log's last line; 0 before the first."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
 
     def close(self) -> None:
         self.tracker.close()

@@ -1,5 +1,6 @@
 """A learner step's metrics record: rollout statistics over every group read, the rest over those trained."""
 
+import json
 import math
 from collections import Counter
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 from helpers import consult_group, group
 
-from eapo.core.config import LearnerConfig
+from eapo.core.config import EAPOConfig, LearnerConfig
 from learner.loss import sample_advantages
-from learner.step_stats import StepTimes, advantage_by_mode, step_record, token_lags
+from learner.step_stats import StepLog, StepTimes, advantage_by_mode, step_record, token_lags
 from proto import AnnealState, TrajectoryGroup, TurnRecord
 
 
@@ -102,3 +103,16 @@ def test_advantage_by_mode_against_hand_computed_values():
     no_consult = group(np.random.default_rng(0), [1, 0])
     by_mode = advantage_by_mode([no_consult], as_trained([no_consult]))
     assert by_mode == {"advantage_alone": 0.0, "advantage_consulting": None}
+
+
+def test_a_step_lost_between_checkpoint_and_log_line_is_logged_on_resume(tmp_path):
+    log = StepLog(EAPOConfig(run_dir=tmp_path))
+    assert log.last_step() == 0 and not log.recover(None)  # a fresh run: no checkpoint, nothing to recover
+    for step in (1, 2):
+        log.write(step, {"step": step, "loss": 0.1 * step})
+    assert not log.recover({"step": 2, "loss": 0.2})  # the checkpoint's step was logged: not twice
+    assert log.recover({"step": 3, "loss": 0.3})  # killed after checkpointing step 3, before its line
+    assert not log.recover({"step": 3, "loss": 0.3})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[2] == {"step": 3, "loss": 0.3, "recovered": True} and "recovered" not in records[1]
