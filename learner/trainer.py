@@ -22,6 +22,7 @@ from eapo.core.config import LearnerConfig
 from eapo.core.files import write_atomic
 from eapo.core.net import free_port
 from eapo.inference.model import load_model
+from learner.checkpoints import LATEST, PREFIX, checkpoint_tag
 from learner.loss import dapo_loss, kl_penalty, token_logprobs
 from learner.ops import build_deepspeed_ops
 from proto import Trajectory
@@ -266,17 +267,17 @@ class Trainer:
         """Model, optimizer and lr-scheduler state under ``root/step…``. The ``latest`` file naming it is
         replaced atomically once the tag is complete (DeepSpeed's own write truncates it first, and a
         kill in that instant left no loadable checkpoint), so a kill mid-save resumes from the previous one."""
-        tag = f"step{step:06d}"
+        tag = checkpoint_tag(step)
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         torch.distributed.barrier()  # every rank's shard of the tag is written
         if torch.distributed.get_rank() == 0:
-            write_atomic(Path(root) / "latest", tag)
-            for old in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
+            write_atomic(Path(root) / LATEST, tag)
+            for old in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith(PREFIX))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, root: Path) -> dict | None:
         """Restore the newest complete checkpoint; returns its client state, or None if there is none."""
-        if not (Path(root) / "latest").exists():
+        if not (Path(root) / LATEST).exists():
             return None
         path, client_state = self.engine.load_checkpoint(str(root))
         if path is None:

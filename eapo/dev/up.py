@@ -35,6 +35,7 @@ from eapo.core.net import free_port
 from eapo.dev.redis_server import RedisServer
 from eapo.dev.supervise import Component, RestartBudgetSpent, Supervisor, popen_child, terminate
 from eapo.dev.world.bootstrap import bootstrap
+from learner.checkpoints import latest_step
 from proto.weights import version_dir
 
 log = logging.getLogger(__name__)
@@ -257,13 +258,10 @@ def _last_step(metrics: Path) -> int:
 
 
 def trained_steps(cfg: EAPOConfig) -> int:
-    """The learner's durable progress: the step of its newest complete checkpoint (``latest``). Not the
-    metrics file: a learner killed between its checkpoint and its log line resumes past that line, and a
-    run that finished so was restarted until its budget was spent (seen beside stress-ng, Redis killed)."""
-    try:
-        return int((cfg.checkpoint_dir / "latest").read_text().strip().removeprefix("step"))
-    except (OSError, ValueError):
-        return 0
+    """The learner's durable progress: the step of its newest complete checkpoint. Not the metrics file,
+    which is written after the checkpoint (a run that finished between the two was once restarted until its
+    budget was spent: seen beside stress-ng, Redis killed)."""
+    return latest_step(cfg.checkpoint_dir)
 
 
 class _Stack:
