@@ -37,7 +37,9 @@ def resp_commands(buf: bytes) -> Iterator[list[bytes]]:
         yield args
 
 
-def distilled_problems(run: Path, metrics: list[dict], tok: PreTrainedTokenizerFast, train: dict[str, str]) -> list[str]:
+def distilled_problems(
+    run: Path, metrics: list[dict], tok: PreTrainedTokenizerFast, train: dict[str, str]
+) -> list[str]:
     """The problem of every distilled sample of the run, in step order (``train``: problem id to problem)."""
     if all("distilled_prompts" in m for m in metrics):
         return [train[pid.rpartition("@")[0] or pid] for m in metrics for pid in m["distilled_prompts"]]
