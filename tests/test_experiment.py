@@ -20,9 +20,10 @@ from eapo.cli import main
 from eapo.core.config import ExperimentConfig, derive_seed, load_experiment
 from eapo.dev.supervise import terminate
 from eapo.dev.world.bootstrap import bootstrap, world_digest, world_manifest
-from eapo.experiment.harness import check_world, eval_steps, run_experiment
+from eapo.experiment.harness import check_world, eval_steps, prune_judged, run_experiment
 from eapo.experiment.report import RECORD_METRICS, headline_text, spread, step_value, summarize, write_report
 from learner.anneal import anneal_state
+from proto.weights import published_versions, write_version
 
 
 def test_eval_steps_always_include_the_start_and_the_last_step():
@@ -68,6 +69,14 @@ def test_the_fixed_rate_confirmation_reruns_the_ablations_arms_unchanged():
     assert confirm.run == ablations.run and not set(confirm.seeds) & set(ablations.seeds)
     assert confirm.arms["eapo-fixed-rate"] == ablations.arms["eapo-fixed-rate"]
     assert confirm.arms["self-exploratory-rl"] == load_experiment("configs/experiment.yaml").arms["self-exploratory-rl"]
+
+
+@pytest.mark.parametrize(("keep", "left"), [("final", [7]), ("judged", [0, 4, 7])])
+def test_a_judged_run_keeps_its_final_weights_or_every_judged_version(keep, left, tmp_path):
+    for v in range(8):
+        write_version(tmp_path, v, v, lambda path: (path / "model.safetensors").write_bytes(b"weights"))
+    prune_judged(tmp_path, eval_steps(7, 4), keep)
+    assert published_versions(tmp_path) == left
 
 
 def test_arm_overrides_merge_into_the_shared_run_without_touching_it(tmp_path):

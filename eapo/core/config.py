@@ -567,6 +567,11 @@ class ExperimentConfig(Section):
     eval_samples: int = Field(4, ge=1, description="N samples per held-out problem (mean@N, variance)")
     eval_every: int = Field(10, ge=1, description="learner steps between held-out evaluations")
     eval_limit: int | None = Field(None, ge=1, description="only the first problems of the held-out split")
+    keep_weights: Literal["final", "judged"] = Field(
+        "final",
+        description="weight versions a trained run keeps once its curve is judged: the final one, or every one "
+        "judged (each eval_every steps, for exact measures of the policy along the curve afterwards)",
+    )
     run: dict[str, Any] = Field(default_factory=dict, description="the run config every arm shares")
     arms: dict[str, ArmConfig] = Field(min_length=1)
     compare: tuple[str, str] = Field(("eapo", "self-exploratory-rl"), description="the headline: first minus second")

@@ -47,6 +47,11 @@ def eval_steps(steps: int, every: int) -> list[int]:
     return sorted({*range(0, steps, every), steps})
 
 
+def prune_judged(weights: Path, judged: list[int], keep: str) -> None:
+    """Once the curve is judged: keep the final version (``keep`` "final"), or every judged one ("judged")."""
+    prune(weights, keep=1, in_use=set(judged) if keep == "judged" else set())
+
+
 def per_tier(report: dict, tiers: dict[str, int]) -> dict[str, float]:
     scores: dict[int, list[float]] = defaultdict(list)
     for problem_id, values in report["scores"].items():
@@ -96,11 +101,9 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
             raise KeyboardInterrupt(f"{arm} seed {seed}")
         if code != 0:
             raise RuntimeError(f"{arm} seed {seed}: training failed; see {cfg.run_dir}/logs")
-        evals = [
-            judge(cfg, exp, version_dir(cfg.weights_dir, step), spec.eval_mode, step)
-            for step in eval_steps(cfg.learner.steps, exp.eval_every)
-        ]
-        prune(cfg.weights_dir, keep=1)  # the curve is judged: only the final policy is kept
+        judged = eval_steps(cfg.learner.steps, exp.eval_every)
+        evals = [judge(cfg, exp, version_dir(cfg.weights_dir, step), spec.eval_mode, step) for step in judged]
+        prune_judged(cfg.weights_dir, judged, exp.keep_weights)
     else:
         bootstrap(cfg.world)  # `eapo up` builds it for the arms that train
         cfg.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """What a run's policy knows alone, step by step, without sampling noise: the mean log-probability of the
 single-digit facts' results (``Q: 7*8`` / ``A: 7*8=`` → ``56 ``), the facts world-unseen's policy never saw
 and those it did, and of the held-out problems' worked solutions (``<eos>`` included), those that need an
-unseen fact and those that need none; all under the evaluation prompt. Reads every 25th weight version of
-each run (a run made with ``learner.keep_versions`` past its steps) and the SFT policy as step 0.
+unseen fact and those that need none; all under the evaluation prompt. Reads every weight version a run
+kept (an experiment with ``keep_weights: judged`` keeps those its curve judged); step 0 is the SFT policy.
 
     .venv/bin/python docs/experiment-report/unseen-world/fact_curve.py WORLD RUN_DIR [RUN_DIR ...]   # repo root
 """
@@ -18,10 +18,9 @@ from eapo.core.data import read_jsonl
 from eapo.dev.world.tasks import needs_any, solution_steps, unseen_facts, worked_solution
 from eapo.inference.model import load_model, with_weights
 from proto import episode_format as fmt
-from proto.weights import load_tensors, version_dir
+from proto.weights import load_tensors, published_versions, version_dir
 
 FACTS = [f"{a}{op}{b}" for op in "+-*" for a in range(2, 10) for b in range(2, 10)]
-EVERY = 25
 
 
 def scores(model: torch.nn.Module, tok, held_out: list, unseen: frozenset[str]) -> dict[str, float]:
@@ -53,7 +52,7 @@ def main() -> None:
     held_out, unseen = read_jsonl(world / "eval.jsonl"), unseen_facts(0.5, ops="+-*")
     for run in runs:
         print(f"\n{run}")
-        steps = [0] + [s for s in range(EVERY, 401, EVERY) if version_dir(run / "weights", s).exists()]
+        steps = sorted({0, *published_versions(run / "weights")})
         rows = {}
         for step in steps:
             model = base if step == 0 else with_weights(base, load_tensors(version_dir(run / "weights", step)))
