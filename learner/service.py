@@ -30,7 +30,7 @@ from learner.distill import distilled_samples
 from learner.feeder import PromptFeeder
 from learner.ledger import Ledger
 from learner.loss import has_signal, sample_advantages
-from learner.step_stats import StepLog, StepTimes, step_record
+from learner.step_stats import StepLog, StepTimes, step_record, step_timing
 from learner.trainer import Ranks, Trainer, TrainSample
 from proto import AnnealState, Names, TrajectoryGroup, encode
 from proto.streams import Entry, StreamConsumer, ensure_group, trim_acknowledged
@@ -219,7 +219,7 @@ class Learner:
             )
             # Durable first (checkpoint, then weights), acknowledged last: a kill anywhere in between
             # re-reads these groups on restart, and the checkpoint's group ids keep them from training twice;
-            # its copy of the step's record is logged then if the kill came before the log line.
+            # its copy of the step's record (times up to here) is logged then if the kill came before the log line.
             with self.timeline.span("checkpoint", step=step):
                 await asyncio.to_thread(
                     ranks.call,
@@ -239,6 +239,8 @@ class Learner:
                 await pipe.execute()
             for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs
                 await trim_acknowledged(self.client, stream)
+            times = StepTimes(run_s=time.monotonic() - t_start, wait_s=t_data, step_s=time.monotonic() - t0)
+            record |= step_timing(times, stats["policy_tokens"])  # the whole step's, checkpoint and ack included
             self.step_log.write(step + 1, record)
             log.info(
                 "step %d/%d loss %.4f acc %.3f calls/ep %.2f accepted %.2f (p=%.2f) version lag %.1f",

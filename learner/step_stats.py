@@ -23,8 +23,7 @@ from proto import episode_format as fmt
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Seconds since the run started, spent waiting for groups this step, and in the step up to its
-    checkpoint (waiting and training; the checkpoint, publication and acknowledgement are in the timeline)."""
+    """Seconds since the run started, spent waiting for groups this step, and in the whole step."""
 
     run_s: float
     wait_s: float
@@ -96,6 +95,18 @@ def advantage_by_mode(groups: list[TrajectoryGroup], advantages: list[list[float
     }
 
 
+def step_timing(times: StepTimes, policy_tokens: float) -> dict[str, float]:
+    """The record's time fields: ``step_s`` is the step's own time past waiting for groups."""
+    compute_s = times.step_s - times.wait_s
+    return {
+        "time_s": round(times.run_s, 2),
+        "wait_s": round(times.wait_s, 3),
+        "step_s": round(compute_s, 3),
+        "idle_ratio": round(times.wait_s / max(times.step_s, 1e-9), 4),
+        "tokens_per_s": policy_tokens / max(compute_s, 1e-9),
+    }
+
+
 def step_record(
     step: int,
     anneal: AnnealState,
@@ -115,17 +126,12 @@ def step_record(
     ``stale`` those past ``max_version_lag``, ``dropped`` the run's drop counts by reason, ``skipped`` the
     prompts the feeder skipped so far, ``train_stats`` what the trainer returned, ``distilled`` the prompt id of
     each sample ``learner.internalize`` added (which facts a run distilled, and how often, is read from them)."""
-    compute_s = times.step_s - times.wait_s
     return {
         "step": step + 1,
-        "time_s": round(times.run_s, 2),
-        "wait_s": round(times.wait_s, 3),
-        "step_s": round(compute_s, 3),
+        **step_timing(times, train_stats["policy_tokens"]),
         **anneal.model_dump(exclude={"step"}),
         **rollout_stats(seen, step),
         "groups_trained": len(trained),
-        "idle_ratio": round(times.wait_s / max(times.step_s, 1e-9), 4),
-        "tokens_per_s": train_stats["policy_tokens"] / max(compute_s, 1e-9),
         "kept_calls_per_episode": calls_per_episode(trained),
         **advantage_by_mode(trained, advantages),
         **token_lags(trained, step),
@@ -156,20 +162,34 @@ class StepLog:
         self.gauges.update(record)
 
     def recover(self, record: dict[str, object] | None) -> bool:
-        """On resume, with the record the checkpoint holds of its own step: a learner killed between its
-        checkpoint and its log line trained that step but never logged it, so the record is appended now,
-        marked ``recovered``. Whether it was written is told by the log's last step."""
+        """On resume, with the record the checkpoint holds of its own step (its times up to the checkpoint):
+        a learner killed between its checkpoint and its log line trained that step but never logged it, so
+        the record is appended now, marked ``recovered``. A line the kill cut short is dropped first."""
+        self._drop_partial_line()
         if record is None or self.last_step() >= int(record["step"]):
             return False
         self.write(int(record["step"]), record | {"recovered": True})
         return True
 
     def last_step(self) -> int:
-        """The step of the log's last line; 0 before the first."""
+        """The step of the log's last whole record; 0 before the first."""
         if not self.path.exists():
             return 0
-        lines = self.path.read_text().splitlines()
-        return int(json.loads(lines[-1])["step"]) if lines else 0
+        for line in reversed(self.path.read_text().splitlines()):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def _drop_partial_line(self) -> None:
+        """Cut the log back to its last newline: every line ``write`` finished ends with one."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
     def close(self) -> None:
         self.tracker.close()

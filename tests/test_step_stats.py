@@ -113,6 +113,18 @@ def test_a_step_lost_between_checkpoint_and_log_line_is_logged_on_resume(tmp_pat
     assert not log.recover({"step": 2, "loss": 0.2})  # the checkpoint's step was logged: not twice
     assert log.recover({"step": 3, "loss": 0.3})  # killed after checkpointing step 3, before its line
     assert not log.recover({"step": 3, "loss": 0.3})
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in log.path.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[2] == {"step": 3, "loss": 0.3, "recovered": True} and "recovered" not in records[1]
+
+    # killed halfway through step 4's line: the fragment goes, the checkpoint's record takes its place
+    with open(log.path, "a") as f:
+        f.write('{"step": 4, "lo')
+    assert log.last_step() == 3
+    assert log.recover({"step": 4, "loss": 0.4})
+    records = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[3]["recovered"]
+    # a blank line does not hide the last record
+    with open(log.path, "a") as f:
+        f.write("\n")
+    assert log.last_step() == 4 and not log.recover({"step": 4, "loss": 0.4})

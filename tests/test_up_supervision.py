@@ -20,6 +20,7 @@ from helpers import running, wait_for
 from stack import Stack, ping
 
 from eapo.dev.redis_server import RedisServer
+from learner.checkpoints import latest_step
 
 pytestmark = pytest.mark.e2e
 
@@ -75,6 +76,8 @@ def test_a_run_outlives_its_own_kill_a_spent_budget_and_killed_processes_and_fin
     wait_for(lambda: not any(map(running, children.values())), 60, "every child of the killed eapo up gone")
     stopped_at = stack.last_step()
     assert stopped_at < steps
+    durable = latest_step(run_dir / "checkpoints")  # what a resume says it continues from
+    assert durable in (stopped_at, stopped_at + 1)  # the log line of the newest checkpoint may be lost
 
     again = subprocess.run(
         [sys.executable, "-m", "eapo.cli", "up", "--config", str(stack.config)],
@@ -99,7 +102,7 @@ def test_a_run_outlives_its_own_kill_a_spent_budget_and_killed_processes_and_fin
         os.kill(pids(run_dir)["learner"], signal.SIGKILL)
         assert strict.wait(timeout=120) == 3, stack.output(strict, 4000)
     out = stack.output(strict)  # the log holds every launch so far; a SIGKILLed one printed no hint
-    assert f"resuming {run_dir} after step {stopped_at}" in out
+    assert f"resuming {run_dir} after step {durable}" in out
     assert "resuming with a changed setting: supervision.max_restarts: 5 -> 0" in out
     assert "learner exited with code -9 after 0 restarts: restart budget spent" in out
     assert out.count(f"resume with: eapo up --resume {run_dir}") == 1

@@ -117,7 +117,8 @@ def _stop(children: list[Child], timeout_s: float = 30.0) -> None:
 def _print_progress(metrics: Path, shown: int, total: int) -> int:
     if not metrics.exists():
         return shown
-    lines = metrics.read_text().splitlines()
+    text = metrics.read_text()
+    lines = text.splitlines()[: text.count("\n")]  # a line still being written is shown once it is whole
     for line in lines[shown:]:
         m = json.loads(line)
         print(
@@ -250,13 +251,6 @@ def _is_eapo_up(pid: int) -> bool:
     return b"up" in cmdline and any(b"eapo" in part for part in cmdline)
 
 
-def _last_step(metrics: Path) -> int:
-    if not metrics.exists():
-        return 0
-    lines = metrics.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
 def trained_steps(cfg: EAPOConfig) -> int:
     """The learner's durable progress: the step of its newest complete checkpoint. Not the metrics file,
     which is written after the checkpoint (a run that finished between the two was once restarted until its
@@ -321,7 +315,7 @@ def run_stack(
         with open(up_log, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
-    say(f"resuming {run_dir} after step {_last_step(metrics)}" if resume else f"run directory {run_dir}")
+    say(f"resuming {run_dir} after step {trained_steps(cfg)}" if resume else f"run directory {run_dir}")
     if cfg.uses_world:  # model.policy, data.train and absolute expert checkpoints need no tiny world
         say("bootstrapping the tiny world (cached after the first run)…")
         bootstrap(cfg.world)
