@@ -143,6 +143,15 @@ def test_role_seeds_derive_from_the_root_seed_unless_set():
     assert a.world.seed == b.world.seed == 1234
 
 
+def test_internalize_settings_without_internalize_are_refused():
+    with pytest.raises(ValidationError, match=r"learner\.internalize_weight, learner\.internalize_prompt set, but"):
+        LearnerConfig(internalize_weight=4.0, internalize_prompt="evaluation")
+    on = LearnerConfig(internalize=True, internalize_weight=4.0, internalize_prompt="evaluation")
+    assert LearnerConfig.model_validate(on.model_dump()) == on  # a resolved config loads back
+    off = LearnerConfig()
+    assert LearnerConfig.model_validate(off.model_dump()) == off  # every field named, all at their defaults
+
+
 def test_mini_batches_must_split_the_batch_into_whole_groups():
     assert LearnerConfig(batch_groups=8, mini_batches=4).mini_batches == 4
     with pytest.raises(ValidationError, match=r"mini_batches=3 must divide learner\.batch_groups=8"):

@@ -411,6 +411,15 @@ class LearnerConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _internalize_settings_need_internalize(self) -> LearnerConfig:
+        # by value, not by what was set: a resolved config (config.yaml) names every field
+        defaults = {"internalize_weight": 1.0, "internalize_prompt": "training"}
+        changed = [f"learner.{k}" for k, v in defaults.items() if getattr(self, k) != v]
+        if changed and not self.internalize:
+            raise ValueError(f"{', '.join(changed)} set, but learner.internalize is off: it would do nothing")
+        return self
+
 
 class SupervisionConfig(Section):
     """``eapo up``'s process policy: a process that dies is restarted after a back-off, within a budget;
@@ -559,6 +568,9 @@ class ArmConfig(Section):
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged into the shared `run` config")
 
 
+KeepWeights = Literal["final", "judged"]
+
+
 class ExperimentConfig(Section):
     """``eapo experiment``: arms × seeds on one task suite and learner-step budget."""
 
@@ -567,7 +579,7 @@ class ExperimentConfig(Section):
     eval_samples: int = Field(4, ge=1, description="N samples per held-out problem (mean@N, variance)")
     eval_every: int = Field(10, ge=1, description="learner steps between held-out evaluations")
     eval_limit: int | None = Field(None, ge=1, description="only the first problems of the held-out split")
-    keep_weights: Literal["final", "judged"] = Field(
+    keep_weights: KeepWeights = Field(
         "final",
         description="weight versions a trained run keeps once its curve is judged: the final one, or every one "
         "judged (each eval_every steps, for exact measures of the policy along the curve afterwards)",

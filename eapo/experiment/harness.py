@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from eapo.core.config import EAPOConfig, EvalMode, ExperimentConfig
+from eapo.core.config import EAPOConfig, EvalMode, ExperimentConfig, KeepWeights
 from eapo.core.data import read_jsonl
 from eapo.core.logs import setup_logging
 from eapo.core.tracking import Tracker
@@ -47,7 +47,7 @@ def eval_steps(steps: int, every: int) -> list[int]:
     return sorted({*range(0, steps, every), steps})
 
 
-def prune_judged(weights: Path, judged: list[int], keep: str) -> None:
+def prune_judged(weights: Path, judged: list[int], keep: KeepWeights) -> None:
     """Once the curve is judged: keep the final version (``keep`` "final"), or every judged one ("judged")."""
     prune(weights, keep=1, in_use=set(judged) if keep == "judged" else set())
 
