@@ -239,7 +239,8 @@ class Learner:
                 await pipe.execute()
             for stream in (self.names.trajectories, self.names.prompts):  # bounded streams in long runs
                 await trim_acknowledged(self.client, stream)
-            times = StepTimes(run_s=time.monotonic() - t_start, wait_s=t_data, step_s=time.monotonic() - t0)
+            now = time.monotonic()
+            times = StepTimes(run_s=now - t_start, wait_s=t_data, step_s=now - t0)
             record |= step_timing(times, stats["policy_tokens"])  # the whole step's, checkpoint and ack included
             self.step_log.write(step + 1, record)
             log.info(
