@@ -414,8 +414,8 @@ class LearnerConfig(Section):
     @model_validator(mode="after")
     def _internalize_settings_need_internalize(self) -> LearnerConfig:
         # by value, not by what was set: a resolved config (config.yaml) names every field
-        defaults = {"internalize_weight": 1.0, "internalize_prompt": "training"}
-        changed = [f"learner.{k}" for k, v in defaults.items() if getattr(self, k) != v]
+        fields = ("internalize_weight", "internalize_prompt")
+        changed = [f"learner.{k}" for k in fields if getattr(self, k) != type(self).model_fields[k].default]
         if changed and not self.internalize:
             raise ValueError(f"{', '.join(changed)} set, but learner.internalize is off: it would do nothing")
         return self
