@@ -23,7 +23,8 @@ from benchmarks.common import named_path, print_table, write_result
 from eapo.dev.world.tasks import solution_steps, worked_solution
 from eapo.inference.model import load_model
 from proto import episode_format as fmt
-from rollout_service.reward import extract_boxed, score
+from proto.episode_format import extract_boxed
+from rollout_service.reward import score
 
 
 def wrong_solution(expr: str, answer: str) -> tuple[str, str]:

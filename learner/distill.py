@@ -17,39 +17,47 @@ leaves the consult decision to RL and trains the answer where it is needed.
 the experts showed, confined to these rows. A rote fact shown some twenty times in a run moved its
 log-probability by under 2 nats at weight 1 (world-lookup-copy, ``docs/experiment.md``), and a larger lr
 for the whole learner collapsed outcome-only RL.
+
+``learner.internalize_source`` picks whose text is trained. ``policy``: the policy's own answer. But the
+reward judges only the final answer, and after a shown answer the policy can copy the box below a chain of
+its own that is wrong: on world-unseen a fifth of these answers were such chains, and trained after the
+evaluation prompt they taught it to write chains that do not lead to their box (``docs/experiment.md``).
+``expert``: the shown answer itself, where its final answer is the policy's right one, so the chain trained
+is the expert's: the reasoning the paper wants internalized.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from eapo.core.config import LearnerConfig
+from eapo.core.config import InternalizeSource, LearnerConfig
 from eapo.inference.model import prompt_ids
 from learner.trainer import TrainSample
 from proto import Trajectory, TrajectoryGroup
 from proto import episode_format as fmt
-
-Decode = Callable[[Sequence[int]], str]  # token ids to text, special tokens kept (the policy's tokenizer)
 
 
 def distilled_sample(
     trajectory: Trajectory,
     problem: str,
     advantage: float,
-    decode: Decode,
+    tok: PreTrainedTokenizerFast,
     weight: float = 1.0,
     prompt: Sequence[int] | None = None,
+    source: InternalizeSource = "policy",
 ) -> TrainSample | None:
     """The sample that trains ``trajectory``'s answer without the expert, or None where there is none to
     distil. Only a right, positively credited direct consultation whose last query's answer was shown, and
-    whose answer is the one turn right after it, with no consult block in its text (in the budget's last
-    turn a block is not executed and stays in the text; a malformed one is answered "unavailable" after
-    the last query, so the answer no longer follows it). The answer follows ``prompt`` (default: the
-    episode's own), and its advantage is the episode's times ``weight``."""
+    whose answer is the one turn right after it, with no consult or expert block in its text (in the budget's
+    last turn a block is not executed and stays in the text; a malformed one is answered "unavailable" after
+    the last query, so the answer no longer follows it; an expert block the policy wrote itself is no answer).
+    The answer follows ``prompt`` (default: the episode's own), and its advantage is the episode's times
+    ``weight``. ``source`` "expert" trains, instead of the policy's answer, the first answer shown for the last
+    consult block whose final answer is the policy's right one (None if no shown answer agrees)."""
     consults, turns = trajectory.consults, trajectory.turns
     if advantage <= 0 or trajectory.score < 1 or not consults or not turns:
         return None
@@ -57,16 +65,32 @@ def distilled_sample(
         return None
     end = max(c.injected_end for c in consults)
     shown = any(c.accepted and c.injected_end == end for c in consults)
-    if not shown or turns[-1].start != end or fmt.CONSULT_OPEN in decode(trajectory.token_ids[end:].tolist()):
+    if not shown or turns[-1].start != end:
+        return None
+    text = tok.decode(trajectory.token_ids[end:].tolist())
+    if fmt.CONSULT_OPEN in text or fmt.EXPERT_OPEN in text:
         return None
     head = trajectory.token_ids[: trajectory.prompt_len] if prompt is None else np.asarray(prompt)
-    answer = slice(end, len(trajectory.token_ids))
+    if source == "policy":
+        answer, mask = trajectory.token_ids[end:], trajectory.loss_mask[end:]
+    else:
+        last_block = [c for c in consults if c.turn == consults[-1].turn and c.accepted]
+        agreeing = [c.detail for c in last_block if _same_answer(c.detail, trajectory.final_answer)]
+        if not agreeing:
+            return None
+        answer = np.array([*tok.encode(agreeing[0], add_special_tokens=False), tok.eos_token_id])
+        mask = np.ones(len(answer), bool)
     return TrainSample(
-        ids=torch.from_numpy(np.concatenate([head, trajectory.token_ids[answer]]).astype("int64")),
-        mask=torch.from_numpy(np.r_[np.zeros(len(head), bool), trajectory.loss_mask[answer]]),
+        ids=torch.from_numpy(np.concatenate([head, answer]).astype("int64")),
+        mask=torch.from_numpy(np.r_[np.zeros(len(head), bool), mask]),
         behaviour=None,
         advantage=advantage * weight,
     )
+
+
+def _same_answer(shown: str, final: str | None) -> bool:
+    boxed = fmt.extract_boxed(shown)
+    return boxed is not None and final is not None and boxed.strip() == final.strip()
 
 
 def distilled_samples(
@@ -77,5 +101,6 @@ def distilled_samples(
     problem = group.prompt.problem
     prompt = prompt_ids(tok, problem, None) if lc.internalize_prompt == "evaluation" else None
     samples = zip(group.samples, advantages, strict=True)
-    out = (distilled_sample(s, problem, a, tok.decode, lc.internalize_weight, prompt) for s, a in samples)
+    weight, source = lc.internalize_weight, lc.internalize_source
+    out = (distilled_sample(s, problem, a, tok, weight, prompt, source) for s, a in samples)
     return [s for s in out if s is not None]

@@ -111,3 +111,16 @@ def paradigm(queries: list[str], problem: str) -> str:
     if all(q.replace(" ", "") == normalized for q in queries):
         return "direct_consultation"
     return "decomposition"
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{…}``, braces balanced; None if there is none or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None

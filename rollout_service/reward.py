@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from math_verify import parse, verify
 
+from proto.episode_format import extract_boxed
 from proto.schemas import AnswerKind
 
 INTEGER = re.compile(r"[+-]?\d+")
@@ -23,19 +24,6 @@ INTEGER = re.compile(r"[+-]?\d+")
 NOT_MATH = re.compile(r"[#&$?]")
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES = frozenset({"a", "an", "the"})
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{…}``, braces balanced; None if there is none or it is unclosed."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
 
 
 def extract_answer(text: str, pattern: str | None = None) -> str | None:

@@ -146,7 +146,11 @@ def test_role_seeds_derive_from_the_root_seed_unless_set():
 def test_internalize_settings_without_internalize_are_refused():
     with pytest.raises(ValidationError, match=r"learner\.internalize_weight, learner\.internalize_prompt set, but"):
         LearnerConfig(internalize_weight=4.0, internalize_prompt="evaluation")
-    on = LearnerConfig(internalize=True, internalize_weight=4.0, internalize_prompt="evaluation")
+    with pytest.raises(ValidationError, match=r"learner\.internalize_source set, but learner\.internalize is off"):
+        LearnerConfig(internalize_source="expert")
+    on = LearnerConfig(
+        internalize=True, internalize_weight=4.0, internalize_prompt="evaluation", internalize_source="expert"
+    )
     assert LearnerConfig.model_validate(on.model_dump()) == on  # a resolved config loads back
     off = LearnerConfig()
     assert LearnerConfig.model_validate(off.model_dump()) == off  # every field named, all at their defaults

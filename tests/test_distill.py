@@ -15,11 +15,17 @@ UNEXECUTED = fmt.consult_block([PROBLEM])
 
 
 def episode(
-    blocks: list[list[str]], shown: list[bool], score: float = 1.0, answer: str = SOLUTION, malformed: bool = False
+    blocks: list[list[str]],
+    shown: list[bool],
+    score: float = 1.0,
+    answer: str = SOLUTION,
+    malformed: bool = False,
+    expert_answers: list[str] | None = None,
 ) -> Trajectory:
     """As the rollout writes it: the training prompt, then per block a consult turn (policy) and one expert
-    block per query (injected: the solver's answer where ``shown``, else "unavailable"), then, if
-    ``malformed``, a block without queries answered "unavailable", then the answer turn."""
+    block per query (injected: the next of ``expert_answers``, default the solver's, where ``shown``, else
+    "unavailable"), then, if ``malformed``, a block without queries answered "unavailable", then the answer
+    turn."""
     ids, consults, turns = TOK.encode(fmt.training_prompt(PROBLEM)), [], []
     mask = [False] * len(ids)
 
@@ -33,14 +39,15 @@ def episode(
         start, end = add(text, policy=True)
         turns.append(TurnRecord(start=start, end=end, policy_version=0, finish=finish))
 
-    prompt_len, answers = len(ids), iter(shown)
+    prompt_len, answers, texts = len(ids), iter(shown), iter(expert_answers or [SOLUTION] * len(shown))
     for block in blocks:
         turn(fmt.consult_block(block), "consult")
         for query in block:
-            accepted = next(answers)
-            start, end = add(fmt.expert_block(SOLUTION if accepted else None), policy=False)
+            accepted, text = next(answers), next(texts)
+            start, end = add(fmt.expert_block(text if accepted else None), policy=False)
             outcome = "answer" if accepted else "not_asked"
             record = dict(query=query, outcome=outcome, draw=0.1 if accepted else 0.9, accepted=accepted)
+            record["detail"] = text if accepted else ""
             consults.append(ConsultRecord(turn=len(turns) - 1, injected_start=start, injected_end=end, **record))
     if malformed:
         turn(fmt.CONSULT_OPEN + fmt.CONSULT_CLOSE, "consult")
@@ -56,6 +63,7 @@ def episode(
         consults=consults,
         rejected_blocks=int(malformed),
         score=score,
+        final_answer=fmt.extract_boxed(answer),
         finish="answer",
         seed=0,
     )
@@ -73,7 +81,7 @@ def group_of(samples: list[Trajectory]) -> TrajectoryGroup:
 
 
 def test_a_right_direct_consultation_is_trained_again_after_the_prompt_alone():
-    sample = distilled_sample(episode([[PROBLEM]], [True]), PROBLEM, advantage=0.75, decode=TOK.decode)
+    sample = distilled_sample(episode([[PROBLEM]], [True]), PROBLEM, advantage=0.75, tok=TOK)
     assert sample is not None
     # exactly the training prompt and the policy's own answer: the consult and the expert's answer cut out
     assert TOK.decode(sample.ids.tolist()) == fmt.training_prompt(PROBLEM) + SOLUTION + fmt.EOS
@@ -87,7 +95,7 @@ def test_a_right_direct_consultation_is_trained_again_after_the_prompt_alone():
     [([[PROBLEM], [PROBLEM]], [True, True]), ([[PROBLEM, PROBLEM]], [False, True]), ([[PROBLEM]] * 2, [False, True])],
 )
 def test_after_several_queries_only_the_answer_after_the_last_one_is_kept(blocks, shown):
-    sample = distilled_sample(episode(blocks, shown), PROBLEM, advantage=1.0, decode=TOK.decode)
+    sample = distilled_sample(episode(blocks, shown), PROBLEM, advantage=1.0, tok=TOK)
     assert TOK.decode(sample.ids.tolist()) == fmt.training_prompt(PROBLEM) + SOLUTION + fmt.EOS
 
 
@@ -104,10 +112,12 @@ def test_after_several_queries_only_the_answer_after_the_last_one_is_kept(blocks
         ("a malformed block after the answer", episode([[PROBLEM]], [True], malformed=True), 1.0),
         # in the budget's last turn a consult block is not executed: it stays in the answer's text
         ("a consult block in the answer", episode([[PROBLEM]], [True], answer=UNEXECUTED + SOLUTION), 1.0),
+        # an expert block the policy wrote itself: trained after the prompt alone, it would teach faking one
+        ("a written expert block", episode([[PROBLEM]], [True], answer=fmt.expert_block("7*8=9") + SOLUTION), 1.0),
     ],
 )
 def test_nothing_is_distilled_but_a_right_answer_straight_after_a_shown_one(why, trajectory, advantage):
-    assert distilled_sample(trajectory, PROBLEM, advantage, TOK.decode) is None, why
+    assert distilled_sample(trajectory, PROBLEM, advantage, TOK) is None, why
 
 
 def test_a_group_distils_its_qualifying_samples_in_order():
@@ -116,7 +126,7 @@ def test_a_group_distils_its_qualifying_samples_in_order():
     group = group_of(samples)
     out = distilled_samples(group, [0.5, 0.5, 0.25], TOK, LearnerConfig(internalize=True))
     assert [s.advantage for s in out] == [0.5, 0.25]
-    expected = [distilled_sample(samples[i], PROBLEM, a, TOK.decode) for i, a in ((0, 0.5), (2, 0.25))]
+    expected = [distilled_sample(samples[i], PROBLEM, a, TOK) for i, a in ((0, 0.5), (2, 0.25))]
     assert [s.ids.tolist() for s in out] == [s.ids.tolist() for s in expected]
     # learner.internalize_weight scales the distilled samples' credit, and only theirs
     heavy = LearnerConfig(internalize=True, internalize_weight=8.0)
@@ -134,3 +144,44 @@ def test_the_evaluation_prompt_replaces_the_training_prompt_when_asked():
     prompt_len = len(TOK.encode(fmt.eval_prompt(PROBLEM)))
     assert not sample.mask[:prompt_len].any() and sample.mask[prompt_len:].all()
     assert sample.mask.sum() == len(TOK.encode(SOLUTION + fmt.EOS))
+
+
+# a right final answer below a chain that is wrong: the reward judges the box only
+COPIED_BOX = "7*8=54 \\boxed{56}"
+
+
+def test_the_expert_source_trains_the_shown_answer_that_agrees_with_the_policys():
+    # two answers shown for the last block, the first one wrong: the agreeing one is trained, not the
+    # policy's own chain (which copied the box below a wrong step)
+    wrong = "7*8=54 \\boxed{54}"
+    trajectory = episode([[PROBLEM, PROBLEM]], [True, True], answer=COPIED_BOX, expert_answers=[wrong, SOLUTION])
+    lc = LearnerConfig(internalize=True, internalize_prompt="evaluation", internalize_source="expert")
+    (sample,) = distilled_samples(group_of([trajectory]), [0.5], TOK, lc)
+    assert TOK.decode(sample.ids.tolist()) == fmt.eval_prompt(PROBLEM) + SOLUTION + fmt.EOS
+    prompt_len = len(TOK.encode(fmt.eval_prompt(PROBLEM)))
+    assert not sample.mask[:prompt_len].any() and sample.mask[prompt_len:].all()
+    assert sample.behaviour is None and sample.advantage == 0.5
+    # the policy source keeps the policy's own text, whatever its chain
+    (own,) = distilled_samples(
+        group_of([trajectory]), [0.5], TOK, lc.model_copy(update={"internalize_source": "policy"})
+    )
+    assert TOK.decode(own.ids.tolist()) == fmt.eval_prompt(PROBLEM) + COPIED_BOX + fmt.EOS
+
+
+@pytest.mark.parametrize(
+    ("why", "expert_answers", "shown"),
+    [
+        ("no shown answer agrees", ["7*8=54 \\boxed{54}"], [True]),
+        ("the agreeing answer was cut before its box", ["7*8=56"], [True]),
+    ],
+)
+def test_the_expert_source_distils_nothing_without_an_agreeing_shown_answer(why, expert_answers, shown):
+    trajectory = episode([[PROBLEM]], shown, expert_answers=expert_answers)
+    assert distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert") is None, why
+
+
+def test_the_expert_source_reads_only_the_last_block():
+    # the first block's answer agrees, the last block's does not: nothing, as the policy answered after the last
+    trajectory = episode([[PROBLEM], [PROBLEM]], [True, True], expert_answers=[SOLUTION, "7*8=54 \\boxed{54}"])
+    assert distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert") is None
+    assert distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="policy") is not None

@@ -10,8 +10,9 @@ from eapo.core.data import Problem
 from eapo.inference.model import load_model
 from learner.step_stats import rollout_stats
 from proto import PromptTask
+from proto.episode_format import extract_boxed
 from rollout_service.episode import run_episode
-from rollout_service.reward import extract_answer, extract_boxed, judge, normalize, score, token_f1
+from rollout_service.reward import extract_answer, judge, normalize, score, token_f1
 
 
 @pytest.mark.parametrize(

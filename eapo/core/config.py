@@ -321,6 +321,9 @@ class BroadcastConfig(Section):
     timeout_s: float = Field(300.0, gt=0, description="a join or a broadcast that takes longer ends the path")
 
 
+InternalizeSource = Literal["policy", "expert"]
+
+
 class LearnerConfig(Section):
     steps: int = 20
     batch_groups: int = Field(4, description="informative groups per learner step (one weight version)")
@@ -384,6 +387,11 @@ class LearnerConfig(Section):
         description="the prompt a distilled answer follows (learner.internalize): the episode's own training prompt "
         "(which also credits not consulting under it), or the evaluation prompt the policy is judged alone on",
     )
+    internalize_source: InternalizeSource = Field(
+        "policy",
+        description="whose text is distilled (learner.internalize): the policy's own answer after the expert's, or "
+        "the expert's shown answer that agrees with the policy's right final answer",
+    )
     overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
     overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs; verl's ppo_epochs)")
@@ -414,7 +422,7 @@ class LearnerConfig(Section):
     @model_validator(mode="after")
     def _internalize_settings_need_internalize(self) -> LearnerConfig:
         # by value, not by what was set: a resolved config (config.yaml) names every field
-        fields = ("internalize_weight", "internalize_prompt")
+        fields = ("internalize_weight", "internalize_prompt", "internalize_source")
         changed = [f"learner.{k}" for k in fields if getattr(self, k) != type(self).model_fields[k].default]
         if changed and not self.internalize:
             raise ValueError(f"{', '.join(changed)} set, but learner.internalize is off: it would do nothing")
