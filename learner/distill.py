@@ -78,7 +78,10 @@ def distilled_sample(
         agreeing = [c.detail for c in last_block if _same_answer(c.detail, trajectory.final_answer)]
         if not agreeing:
             return None
-        answer = np.array([*tok.encode(agreeing[0], add_special_tokens=False), tok.eos_token_id])
+        # ended as the policy's own answer was: with its turn's closing special token, else the tokenizer's EOS
+        last = int(trajectory.token_ids[-1])
+        closing = last if last in tok.all_special_ids else tok.eos_token_id
+        answer = np.array([*tok.encode(agreeing[0], add_special_tokens=False), closing])
         mask = np.ones(len(answer), bool)
     return TrainSample(
         ids=torch.from_numpy(np.concatenate([head, answer]).astype("int64")),
