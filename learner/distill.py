@@ -20,8 +20,8 @@ for the whole learner collapsed outcome-only RL.
 
 ``learner.internalize_source`` picks whose text is trained. ``policy``: the policy's own answer. But the
 reward judges only the final answer, and after a shown answer the policy can copy the box below a chain of
-its own that is wrong: on world-unseen a fifth of these answers were such chains, and trained after the
-evaluation prompt they taught it to write chains that do not lead to their box (``docs/experiment.md``).
+its own that is wrong: on world-unseen a fifth of these answers were not the worked solution, and trained
+after the evaluation prompt they taught it chains that do not lead to their box (``docs/experiment.md``).
 ``expert``: the shown answer itself, where its final answer is the policy's right one, so the chain trained
 is the expert's: the reasoning the paper wants internalized.
 """
@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerFast
 from eapo.core.config import InternalizeSource, LearnerConfig
 from eapo.inference.model import prompt_ids
 from learner.trainer import TrainSample
-from proto import Trajectory, TrajectoryGroup
+from proto import ConsultRecord, Trajectory, TrajectoryGroup
 from proto import episode_format as fmt
 
 
@@ -57,7 +57,8 @@ def distilled_sample(
     the last query, so the answer no longer follows it; an expert block the policy wrote itself is no answer).
     The answer follows ``prompt`` (default: the episode's own), and its advantage is the episode's times
     ``weight``. ``source`` "expert" trains, instead of the policy's answer, the first answer shown for the last
-    consult block whose final answer is the policy's right one (None if no shown answer agrees)."""
+    consult block whose final answer is the policy's right one (None if none agrees, or that one holds a block),
+    ended with the policy's own stop token."""
     consults, turns = trajectory.consults, trajectory.turns
     if advantage <= 0 or trajectory.score < 1 or not consults or not turns:
         return None
@@ -67,20 +68,19 @@ def distilled_sample(
     shown = any(c.accepted and c.injected_end == end for c in consults)
     if not shown or turns[-1].start != end:
         return None
-    text = tok.decode(trajectory.token_ids[end:].tolist())
-    if fmt.CONSULT_OPEN in text or fmt.EXPERT_OPEN in text:
+    if _holds_block(tok.decode(trajectory.token_ids[end:].tolist())):
         return None
     head = trajectory.token_ids[: trajectory.prompt_len] if prompt is None else np.asarray(prompt)
     if source == "policy":
         answer, mask = trajectory.token_ids[end:], trajectory.loss_mask[end:]
     else:
         last_block = [c for c in consults if c.turn == consults[-1].turn and c.accepted]
-        agreeing = [c.detail for c in last_block if _same_answer(c.detail, trajectory.final_answer)]
-        if not agreeing:
+        texts = [_shown(trajectory, c, tok) for c in last_block]
+        agreeing = [text for text in texts if _agrees(text, trajectory.final_answer)]
+        if not agreeing or _holds_block(agreeing[0]):
             return None
-        # ended as the policy's own answer was: with its turn's closing special token, else the tokenizer's EOS
-        last = int(trajectory.token_ids[-1])
-        closing = last if last in tok.all_special_ids else tok.eos_token_id
+        # ended as the policy's own turn was (its stop token), else with the tokenizer's EOS
+        closing = int(trajectory.token_ids[-1]) if turns[-1].finish == "eos" else tok.eos_token_id
         answer = np.array([*tok.encode(agreeing[0], add_special_tokens=False), closing])
         mask = np.ones(len(answer), bool)
     return TrainSample(
@@ -91,7 +91,21 @@ def distilled_sample(
     )
 
 
-def _same_answer(shown: str, final: str | None) -> bool:
+def _holds_block(text: str) -> bool:
+    """A consult or expert block in an answer: never trained after the prompt alone (see distilled_sample)."""
+    return fmt.CONSULT_OPEN in text or fmt.EXPERT_OPEN in text
+
+
+def _shown(trajectory: Trajectory, consult: ConsultRecord, tok: PreTrainedTokenizerFast) -> str:
+    """The answer as the policy saw it, read from the injected tokens (``ConsultRecord.detail`` is cut short)."""
+    block = tok.decode(trajectory.token_ids[consult.injected_start : consult.injected_end].tolist())
+    return block.removeprefix(fmt.EXPERT_OPEN).removesuffix(fmt.EXPERT_CLOSE)
+
+
+def _agrees(shown: str, final: str | None) -> bool:
+    """Whether a shown answer's last box is the policy's right final answer, as text: the learner has no
+    verifier (the reward is the rollout's), so an equivalent form (``0.5`` for ``1/2``) or an answer without
+    a closed box does not agree, which only drops a sample."""
     boxed = fmt.extract_boxed(shown)
     return boxed is not None and final is not None and boxed.strip() == final.strip()
 

@@ -21,11 +21,12 @@ def episode(
     answer: str = SOLUTION,
     malformed: bool = False,
     expert_answers: list[str] | None = None,
+    ending: str | None = fmt.EOS,
 ) -> Trajectory:
     """As the rollout writes it: the training prompt, then per block a consult turn (policy) and one expert
     block per query (injected: the next of ``expert_answers``, default the solver's, where ``shown``, else
     "unavailable"), then, if ``malformed``, a block without queries answered "unavailable", then the answer
-    turn."""
+    turn, stopped on ``ending`` (None: cut at the length limit)."""
     ids, consults, turns = TOK.encode(fmt.training_prompt(PROBLEM)), [], []
     mask = [False] * len(ids)
 
@@ -47,12 +48,12 @@ def episode(
             start, end = add(fmt.expert_block(text if accepted else None), policy=False)
             outcome = "answer" if accepted else "not_asked"
             record = dict(query=query, outcome=outcome, draw=0.1 if accepted else 0.9, accepted=accepted)
-            record["detail"] = text if accepted else ""
+            record["detail"] = text[:1000] if accepted else ""  # as the rollout records it: cut short
             consults.append(ConsultRecord(turn=len(turns) - 1, injected_start=start, injected_end=end, **record))
     if malformed:
         turn(fmt.CONSULT_OPEN + fmt.CONSULT_CLOSE, "consult")
         add(fmt.expert_block(None), policy=False)
-    turn(answer + fmt.EOS, "eos")
+    turn(answer + (ending or ""), "eos" if ending else "length")
     return Trajectory(
         sample_index=0,
         token_ids=np.array(ids, np.int32),
@@ -178,6 +179,44 @@ def test_the_expert_source_trains_the_shown_answer_that_agrees_with_the_policys(
 def test_the_expert_source_distils_nothing_without_an_agreeing_shown_answer(why, expert_answers, shown):
     trajectory = episode([[PROBLEM]], shown, expert_answers=expert_answers)
     assert distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert") is None, why
+
+
+@pytest.mark.parametrize(
+    ("shown_answers", "trained"),
+    [
+        ([SOLUTION, "7*8=54 \\boxed{54}"], SOLUTION),  # the agreeing one, wherever it is in the block
+        (["8*7=56 \\boxed{56}", SOLUTION], "8*7=56 \\boxed{56}"),  # two agree: the first
+    ],
+)
+def test_the_expert_source_takes_the_first_agreeing_answer_of_the_block(shown_answers, trained):
+    trajectory = episode([[PROBLEM, PROBLEM]], [True, True], expert_answers=shown_answers)
+    sample = distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert")
+    assert TOK.decode(sample.ids.tolist()) == fmt.training_prompt(PROBLEM) + trained + fmt.EOS
+
+
+def test_the_expert_source_reads_the_answer_as_shown_not_the_records_cut_copy():
+    # an answer longer than the 1000 characters ConsultRecord.detail keeps, its box past the cut
+    long = "7*8=56 " * 150 + "\\boxed{56}"
+    trajectory = episode([[PROBLEM]], [True], expert_answers=[long])
+    assert len(trajectory.consults[0].detail) == 1000
+    sample = distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert")
+    assert TOK.decode(sample.ids.tolist()) == fmt.training_prompt(PROBLEM) + long + fmt.EOS
+
+
+@pytest.mark.parametrize(
+    ("ending", "closing"),
+    [(fmt.PAD, fmt.PAD), (None, fmt.EOS)],  # the policy's own stop token; a turn cut at the limit: EOS
+)
+def test_the_expert_answer_ends_as_the_policys_turn_did(ending, closing):
+    trajectory = episode([[PROBLEM]], [True], ending=ending)
+    sample = distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert")
+    assert TOK.decode(sample.ids.tolist()) == fmt.training_prompt(PROBLEM) + SOLUTION + closing
+
+
+def test_the_expert_source_never_trains_an_answer_holding_a_block():
+    shown = fmt.expert_block("7*8=9") + SOLUTION
+    trajectory = episode([[PROBLEM]], [True], expert_answers=[shown])
+    assert distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert") is None
 
 
 def test_the_expert_source_reads_only_the_last_block():

@@ -15,7 +15,7 @@ from eapo.core.data import read_jsonl
 from eapo.dev.world.tasks import LOOKUP, lookup_table, needs_any, unseen_facts
 from eapo.inference.model import load_model
 from proto import episode_format as fmt
-from rollout_service.reward import extract_boxed, score
+from rollout_service.reward import score
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     def right(expr: str, gold: str) -> float:
         ids = torch.tensor([tok.encode(fmt.eval_prompt(expr))])
         out = model.generate(ids, max_new_tokens=80, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-        return score(extract_boxed(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)), gold)
+        return score(fmt.extract_boxed(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)), gold)
 
     unseen = unseen_facts(0.5, ops=LOOKUP)
     rows: dict[str, list[float]] = {"unseen entries": [], "seen entries": []}
