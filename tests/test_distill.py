@@ -186,6 +186,7 @@ def test_the_expert_source_distils_nothing_without_an_agreeing_shown_answer(why,
     [
         ([SOLUTION, "7*8=54 \\boxed{54}"], SOLUTION),  # the agreeing one, wherever it is in the block
         (["8*7=56 \\boxed{56}", SOLUTION], "8*7=56 \\boxed{56}"),  # two agree: the first
+        (["7*8=54 \\boxed{54}", "7*8=56 \\boxed{ 56 }"], "7*8=56 \\boxed{ 56 }"),  # the box read as the reward reads it
     ],
 )
 def test_the_expert_source_takes_the_first_agreeing_answer_of_the_block(shown_answers, trained):
