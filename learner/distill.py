@@ -98,8 +98,7 @@ def _holds_block(text: str) -> bool:
 
 def _shown(trajectory: Trajectory, consult: ConsultRecord, tok: PreTrainedTokenizerFast) -> str:
     """The answer as the policy saw it, read from the injected tokens (``ConsultRecord.detail`` is cut short)."""
-    block = tok.decode(trajectory.token_ids[consult.injected_start : consult.injected_end].tolist())
-    return block.removeprefix(fmt.EXPERT_OPEN).removesuffix(fmt.EXPERT_CLOSE)
+    return fmt.block_answer(tok.decode(trajectory.token_ids[consult.injected_start : consult.injected_end].tolist()))
 
 
 def _agrees(shown: str, final: str | None) -> bool:

@@ -101,6 +101,11 @@ def expert_block(answer: str | None) -> str:
     return f"{EXPERT_OPEN}{answer if answer is not None else UNAVAILABLE}{EXPERT_CLOSE}"
 
 
+def block_answer(block: str) -> str:
+    """The text an expert block showed (``expert_block``'s inverse, given the block's decoded tokens)."""
+    return block.removeprefix(EXPERT_OPEN).removesuffix(EXPERT_CLOSE)
+
+
 def paradigm(queries: list[str], problem: str) -> str:
     """The paper's three rollout paradigms, by a simple rule on what was asked:
     no query → self-resolution; only the problem itself → direct consultation; anything else →

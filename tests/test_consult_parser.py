@@ -42,3 +42,18 @@ def test_paradigm_rule(queries, expected):
     from proto.episode_format import paradigm
 
     assert paradigm(queries, "2+3*4") == expected
+
+
+@pytest.mark.parametrize(
+    ("block", "answer"),
+    [
+        ("<expert>7*8=56 \\boxed{56}</expert>", "7*8=56 \\boxed{56}"),
+        ("<expert>unavailable</expert>", "unavailable"),
+        ("<expert><expert>x</expert></expert>", "<expert>x</expert>"),  # only the block's own tags go
+    ],
+)
+def test_block_answer_reads_back_what_an_expert_block_showed(block, answer):
+    from proto.episode_format import block_answer, expert_block
+
+    assert block_answer(block) == answer
+    assert expert_block(answer) == block
