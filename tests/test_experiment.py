@@ -131,6 +131,7 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
         out=tmp_path / "exp",
         seeds=[0],
         eval_samples=2,
+        final_eval_samples=3,  # the final version (and an untrained arm's only one) with more samples
         eval_every=2,
         eval_limit=8,
         run={
@@ -154,9 +155,17 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
         "step-000003.json",
     ]
     assert [p.name for p in (exp.out / "eapo" / "seed-0" / "weights").glob("v*")] == ["v000003"]
+    assert [c["samples"] for c in eapo["curve"]] == [2, 2, 3]
     base = json.loads((exp.out / "base" / "seed-0" / "result.json").read_text())
-    # step 0 of a trained arm is the untouched SFT policy, judged with the same seeds: the base arm
-    assert eapo["curve"][0]["mean_score"] == base["curve"][0]["mean_score"]
+    assert [c["samples"] for c in base["curve"]] == [3]
+
+    def scores(arm: str) -> dict[str, list[float]]:
+        return json.loads((exp.out / arm / "seed-0" / "eval" / "step-000000.json").read_text())["scores"]
+
+    # step 0 of a trained arm is the untouched SFT policy, judged with the same seeded draws as the base arm,
+    # whose third sample per problem extends them
+    assert len(scores("base")) == 8 and all(len(v) == 3 for v in scores("base").values())
+    assert scores("eapo") == {p: v[:2] for p, v in scores("base").items()}
 
     # resumable: a finished arm x seed is skipped, an interrupted one starts over with its remains set aside
     (exp.out / "base" / "seed-0" / "result.json").unlink()
@@ -177,7 +186,8 @@ def test_experiment_runs_resumes_and_reports_from_run_directories(tiny_world, tm
 
     summary = write_report(exp.out)
     report = (exp.out / "report.md").read_text()
-    assert "**eapo − base**" in report and "| base | alone | 0 |" in report
+    assert "**eapo − base**" in report and "| base | alone | 0 | 3 |" in report
+    assert "2 samples per problem along the curve and 3 for the final version" in report
     for image in ("heldout_vs_step.png", "heldout_vs_time.png", "training.png", "paradigms.png"):
         assert (exp.out / image).stat().st_size > 1000 and f"]({image})" in report
     gap = summary["headline"]["gap"]["mean"]
@@ -217,7 +227,7 @@ def test_headline_targets_by_hand():
         "eapo": [run("eapo", s, score, 0.1, calls, acceptance) for s, score in ((0, 0.40), (1, 0.36))],
         "rl": [run("rl", s, score, 0.2, [0.0] * 10, [0.0] * 10) for s, score in ((0, 0.30), (1, 0.32))],
     }
-    h = summarize(runs, ("eapo", "rl"))["headline"]
+    h = summarize(runs, ("eapo", "rl"), 4)["headline"]
     # gaps 0.10 and 0.04: mean 0.07, sample std 0.0424 → every seed positive, mean above the std
     assert h["gap"]["mean"] == pytest.approx(0.07) and h["gap"]["std"] == pytest.approx(0.0424264, abs=1e-6)
     # early = first 2 steps: 1.0; late high-p = the last of the 6 p ≥ 0.5 steps: 0.8 ≥ 0.5; end = last 2: 0.1
@@ -237,7 +247,7 @@ def test_headline_targets_by_hand():
     # a collapse while p is high (calls 0.3 at step 6, under half of the early 1.0) fails the phases target
     collapsed = [1.0] * 5 + [0.3] + [0.1] * 4
     runs["eapo"] = [run("eapo", s, score, 0.3, collapsed, acceptance) for s, score in ((0, 0.40), (1, 0.29))]
-    h = summarize(runs, ("eapo", "rl"))["headline"]
+    h = summarize(runs, ("eapo", "rl"), 4)["headline"]
     assert h["targets"] == {
         "gap_positive_every_seed": False,  # seed 1: 0.29 − 0.32
         "gap_mean_exceeds_seed_std": False,  # gaps 0.10, −0.03: mean 0.035 < std 0.0919
@@ -246,7 +256,7 @@ def test_headline_targets_by_hand():
     }
     # an arm never trained at p ≥ 0.5 (a fixed rate of 0.376) has no high-p phase to judge: None, not NaN
     runs["eapo"] = [run("eapo", s, score, 0.3, calls, [0.376] * 10) for s, score in ((0, 0.40), (1, 0.29))]
-    report = summarize(runs, ("eapo", "rl"))
+    report = summarize(runs, ("eapo", "rl"), 4)
     phases = report["headline"]["calls_phases"]
     assert phases["late_high_p"] is None and phases["holds_while_p_high"] is None
     assert report["headline"]["targets"]["calls_hold_then_fall"] is None
@@ -266,7 +276,7 @@ def test_paired_gaps_against_every_arm_and_the_curve_low_by_hand():
         "control": [run("control", 0, [0.20, 0.18, 0.25]), run("control", 1, [0.20, 0.20, 0.21])],
         "other-seed": [run("other-seed", 5, [0.2, 0.2, 0.2])],  # no seed in common: no gap
     }
-    s = summarize(runs, ("eapo", "rl"))
+    s = summarize(runs, ("eapo", "rl"), 4)
     # gaps +0.05 (seed 0) and +0.05 (seed 1): mean 0.05, std 0
     assert set(s["against"]) == {"control"}
     assert s["against"]["control"]["mean"] == pytest.approx(0.05) and s["against"]["control"]["std"] == pytest.approx(0)
@@ -276,7 +286,7 @@ def test_paired_gaps_against_every_arm_and_the_curve_low_by_hand():
     assert s["arms"]["control"]["lowest"] == pytest.approx({"step": 50, "mean_score": 0.19, "below_start": 0.01})
     # a seed judged at fewer steps (an interrupted curve): only the points every seed has, 0.20 and 0.12
     runs["eapo"][1]["curve"] = runs["eapo"][1]["curve"][:2]
-    low = summarize(runs, ("eapo", "rl"))["arms"]["eapo"]["lowest"]
+    low = summarize(runs, ("eapo", "rl"), 4)["arms"]["eapo"]["lowest"]
     assert low == pytest.approx({"step": 50, "mean_score": 0.12, "below_start": 0.08})
 
 

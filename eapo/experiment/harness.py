@@ -3,11 +3,12 @@
 Every arm × seed runs with the real services (``eapo up`` for the arms that train), one after another
 or ``jobs`` at once, and gets its own run directory under ``out/ARM/seed-S``. A trained arm's weight
 versions are kept, and every ``eval_every``-th is judged on the held-out split, alone, N samples per
-problem: the learning curve. ``result.json`` marks an arm × seed as finished and a rerun skips it, as it
-skips one with a record (``out/records``, written by the report, perhaps on another machine); an
-interrupted one starts over (its partial directory is moved aside). Every run names its world by digest,
-and an experiment whose finished runs were made on another world is refused before anything runs. The
-report (``eapo.experiment.report``) is then rebuilt from the run directories and records alone.
+problem: the learning curve (its final point, which the report judges, with ``final_eval_samples``).
+``result.json`` marks an arm × seed as finished and a rerun skips it, as it skips one with a record
+(``out/records``, written by the report, perhaps on another machine); an interrupted one starts over
+(its partial directory is moved aside). Every run names its world by digest, and an experiment whose
+finished runs were made on another world is refused before anything runs. The report
+(``eapo.experiment.report``) is then rebuilt from the run directories and records alone.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ def per_tier(report: dict, tiers: dict[str, int]) -> dict[str, float]:
     return {str(t): sum(v) / len(v) for t, v in sorted(scores.items())}
 
 
-def judge(cfg: EAPOConfig, exp: ExperimentConfig, model: Path, mode: EvalMode, step: int) -> dict:
-    """One held-out evaluation, written to ``run_dir/eval/step-NNNNNN.json``."""
+def judge(cfg: EAPOConfig, exp: ExperimentConfig, model: Path, mode: EvalMode, step: int, final: bool) -> dict:
+    """One held-out evaluation, written to ``run_dir/eval/step-NNNNNN.json``; the final version's with
+    ``final_eval_samples``."""
     dataset = cfg.world.dir / "eval.jsonl"
-    report = asyncio.run(evaluate(cfg, model, dataset, "world", exp.eval_samples, exp.eval_limit, mode))
-    report["step"] = step
+    samples = exp.final_samples if final else exp.eval_samples
+    report = asyncio.run(evaluate(cfg, model, dataset, "world", samples, exp.eval_limit, mode))
+    report["step"], report["samples"] = step, samples
     report["per_tier"] = per_tier(report, {p.id: p.tier for p in read_jsonl(dataset)})
     out = cfg.run_dir / "eval" / f"step-{step:06d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +105,10 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
         if code != 0:
             raise RuntimeError(f"{arm} seed {seed}: training failed; see {cfg.run_dir}/logs")
         judged = eval_steps(cfg.learner.steps, exp.eval_every)
-        evals = [judge(cfg, exp, version_dir(cfg.weights_dir, step), spec.eval_mode, step) for step in judged]
+        evals = [
+            judge(cfg, exp, version_dir(cfg.weights_dir, step), spec.eval_mode, step, final=step == judged[-1])
+            for step in judged
+        ]
         prune_judged(cfg.weights_dir, judged, exp.keep_weights)
     else:
         bootstrap(cfg.world)  # `eapo up` builds it for the arms that train
@@ -110,10 +116,10 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
         cfg.dump_yaml(cfg.run_dir / "config.yaml")
         model = cfg.world.dir / "policy"
         if spec.eval_mode == "alone":
-            evals = [judge(cfg, exp, model, spec.eval_mode, 0)]
+            evals = [judge(cfg, exp, model, spec.eval_mode, 0, final=True)]
         else:
             with expert_pool(cfg) as served:
-                evals = [judge(served, exp, model, spec.eval_mode, 0)]
+                evals = [judge(served, exp, model, spec.eval_mode, 0, final=True)]
     track(cfg, evals)
     result = {
         "arm": arm,
@@ -125,6 +131,7 @@ def run_arm(exp: ExperimentConfig, arm: str, seed: int) -> dict:
         "curve": [
             {
                 "step": e["step"],
+                "samples": e["samples"],
                 **{k: e["summary"][k] for k in ("mean_score", "variance", "pass@1")},
                 "per_tier": e["per_tier"],
                 "expert_calls_per_episode": e["expert_calls_per_episode"],

@@ -118,7 +118,8 @@ def step_value(metrics: dict, key: str) -> float:
     return metrics[key]
 
 
-def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
+def summarize(runs: dict[str, list[dict]], compare: tuple[str, str], eval_samples: int) -> dict:
+    """``eval_samples``: what a record from before curve points named their sample count was judged with."""
     arms = {}
     for arm, results in runs.items():
         finals = [r["curve"][-1] for r in results]
@@ -128,6 +129,7 @@ def summarize(runs: dict[str, list[dict]], compare: tuple[str, str]) -> dict:
             "train": results[0]["train"],
             "eval_mode": results[0]["eval_mode"],
             "steps": results[0]["steps"],
+            "samples": sorted({f.get("samples", eval_samples) for f in finals}),  # mixed where records were copied in
             "mean_score": spread([f["mean_score"] for f in finals]),
             "variance": spread([f["variance"] for f in finals]),
             "per_tier": {t: fmean(f["per_tier"].get(t, 0.0) for f in finals) for t in tiers},
@@ -304,15 +306,16 @@ def table(summary: dict) -> str:
     arms = summary["arms"]
     tiers = sorted({t for a in arms.values() for t in a["per_tier"]})
     head = (
-        f"| arm | judged | steps | mean@{summary['eval_samples']} (± seed std [min, max]) | variance | "
+        "| arm | judged | steps | samples per problem | final mean score (± seed std [min, max]) | variance | "
         + " | ".join(f"tier {t}" for t in tiers)
         + " | calls/ep (eval) | lowest on the curve (step) |"
     )
-    lines = [head, "|" + "---|" * (7 + len(tiers))]
+    lines = [head, "|" + "---|" * (8 + len(tiers))]
     for arm, a in arms.items():
         low = f"{a['lowest']['mean_score']:.4f} ({a['lowest']['step']})" if "lowest" in a else "—"
         lines.append(
-            f"| {arm} | {a['eval_mode']} | {a['steps']} | {_pm(a['mean_score'])} | {a['variance']['mean']:.4f} | "
+            f"| {arm} | {a['eval_mode']} | {a['steps']} | {', '.join(map(str, a['samples']))} | "
+            f"{_pm(a['mean_score'])} | {a['variance']['mean']:.4f} | "
             + " | ".join(f"{a['per_tier'].get(t, 0.0):.3f}" for t in tiers)
             + f" | {a['eval_calls_per_episode']:.2f} | {low} |"
         )
@@ -373,7 +376,12 @@ def write_report(out: Path) -> dict:
         raise SystemExit(f"{out}: no finished runs (ARM/seed-S/result.json or records/ARM/seed-S.json)")
     order = [arm for arm in exp["arms"] if arm in runs]
     runs = {arm: sorted(runs[arm], key=lambda r: r["seed"]) for arm in order}
-    summary = {"eval_samples": exp["eval_samples"], **summarize(runs, tuple(exp["compare"]))}
+    final_samples = exp.get("final_eval_samples") or exp["eval_samples"]
+    summary = {
+        "eval_samples": exp["eval_samples"],
+        "final_eval_samples": final_samples,
+        **summarize(runs, tuple(exp["compare"]), exp["eval_samples"]),
+    }
     images = plot_curves(runs, out) + plot_training(runs, out)
     write_records(runs, out)
     missing = [
@@ -390,7 +398,8 @@ def write_report(out: Path) -> dict:
         "",
         f"Regenerate with `eapo report {out}`. Held-out split: `eval.jsonl` of the world; every policy is "
         f"judged alone (minimal prompt, no consult action) unless the arm says otherwise, "
-        f"{exp['eval_samples']} samples per problem.",
+        f"{exp['eval_samples']} samples per problem along the curve and {final_samples} for the final version "
+        "(the table's column says what each arm's records hold).",
         "",
         "## Result",
         "",
