@@ -161,6 +161,9 @@ class TurnRecord(Message):
     finish: Literal["consult", "eos", "length", "context"]
 
 
+DETAIL_CHARS = 1000  # what a ConsultRecord keeps of an answer or error: enough to read it, not to re-read it
+
+
 class ConsultRecord(Message):
     """One query of a consult block and what became of it. ``draw`` < p means an expert was asked, and
     its answer, if one came, shown (``accepted``); otherwise no expert was asked (``not_asked``)."""
@@ -172,7 +175,13 @@ class ConsultRecord(Message):
     accepted: bool
     injected_start: int
     injected_end: int
-    detail: str = Field("", description="expert answer or error text")
+    detail: str = Field("", description=f"the expert's answer or error text, cut at {DETAIL_CHARS} characters")
+
+    @field_validator("detail")
+    @classmethod
+    def _cut(cls, text: str) -> str:
+        """The stream carries a record per query; the shown tokens (``injected_start:end``) hold it whole."""
+        return text[:DETAIL_CHARS]
 
 
 class Trajectory(Message):

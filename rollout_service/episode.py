@@ -135,5 +135,5 @@ def _show(transcript: Transcript, query: str, res: ConsultResult | None, draw: f
         accepted=accepted,
         injected_start=start,
         injected_end=end,
-        detail="" if res is None else (res.answer if res.answer is not None else res.error or "")[:1000],
+        detail="" if res is None else (res.answer if res.answer is not None else res.error or ""),
     )

@@ -8,6 +8,7 @@ from eapo.dev.world.sft import build_tokenizer
 from learner.distill import distilled_sample, distilled_samples
 from proto import AnnealState, ConsultRecord, PromptTask, Trajectory, TrajectoryGroup, TurnRecord
 from proto import episode_format as fmt
+from proto.schemas import DETAIL_CHARS
 
 TOK = build_tokenizer()
 PROBLEM, SOLUTION = "7*8", "7*8=56 \\boxed{56}"
@@ -48,7 +49,7 @@ def episode(
             start, end = add(fmt.expert_block(text if accepted else None), policy=False)
             outcome = "answer" if accepted else "not_asked"
             record = dict(query=query, outcome=outcome, draw=0.1 if accepted else 0.9, accepted=accepted)
-            record["detail"] = text[:1000] if accepted else ""  # as the rollout records it: cut short
+            record["detail"] = text if accepted else ""  # the record cuts it short, as on the stream
             consults.append(ConsultRecord(turn=len(turns) - 1, injected_start=start, injected_end=end, **record))
     if malformed:
         turn(fmt.CONSULT_OPEN + fmt.CONSULT_CLOSE, "consult")
@@ -196,10 +197,10 @@ def test_the_expert_source_takes_the_first_agreeing_answer_of_the_block(shown_an
 
 
 def test_the_expert_source_reads_the_answer_as_shown_not_the_records_cut_copy():
-    # an answer longer than the 1000 characters ConsultRecord.detail keeps, its box past the cut
+    # an answer longer than what ConsultRecord.detail keeps, its box past the cut
     long = "7*8=56 " * 150 + "\\boxed{56}"
     trajectory = episode([[PROBLEM]], [True], expert_answers=[long])
-    assert len(trajectory.consults[0].detail) == 1000
+    assert len(long) > DETAIL_CHARS and trajectory.consults[0].detail == long[:DETAIL_CHARS]
     sample = distilled_sample(trajectory, PROBLEM, 1.0, TOK, source="expert")
     assert TOK.decode(sample.ids.tolist()) == fmt.training_prompt(PROBLEM) + long + fmt.EOS
 
