@@ -51,9 +51,10 @@ def main(a: Path, b: Path, step: int | None) -> None:
             raise SystemExit(f"seed {s}: {ta.shape} against {tb.shape} (problems × samples); judge both alike")
         gap, err = ta.mean() - tb.mean(), paired_stderr(ta, tb)
         gap4 = ta[:, :4].mean() - tb[:, :4].mean()
-        gaps.append(gap), gaps4.append(gap4), errs.append(err)
-        n = f"{ta.shape[1]}, {tb.shape[1]}"
-        print(f"| {s} | {n} | {ta.mean():.4f} | {tb.mean():.4f} | {gap:+.4f} ± {err:.4f} | {gap4:+.4f} |")
+        gaps.append(gap)
+        gaps4.append(gap4)
+        errs.append(err)
+        print(f"| {s} | {ta.shape[1]} | {ta.mean():.4f} | {tb.mean():.4f} | {gap:+.4f} ± {err:.4f} | {gap4:+.4f} |")
     if len(gaps) > 1:
         g, g4 = np.array(gaps), np.array(gaps4)
         print(
