@@ -39,13 +39,14 @@ class PromptFeeder:
         batch_groups: int,
         max_staleness: int,
         skip_explore: float | None = None,
+        check_work: bool = False,
     ):
         self.client, self.names = client, names
         self.problems, self.seed = problems, seed
         self.order = list(range(len(problems)))
         random.Random(seed).shuffle(self.order)
         self.batch_groups, self.max_staleness = batch_groups, max_staleness
-        self.skip_explore = skip_explore
+        self.skip_explore, self.check_work = skip_explore, check_work  # signal as the learner rewards it
         # restored from the run's counters and streaks on resume (``restore``)
         self.position = 0  # problems walked in the order, skipped ones included
         self.admitted = 0
@@ -83,7 +84,7 @@ class PromptFeeder:
         if self.skip_explore is None:
             return {}
         problem_id = group.prompt.prompt_id.rpartition("@")[0] or group.prompt.prompt_id
-        streak = 0 if has_signal(group) else self.streaks.get(problem_id, 0) + 1
+        streak = 0 if has_signal(group, self.check_work) else self.streaks.get(problem_id, 0) + 1
         self.streaks[problem_id] = streak
         return {problem_id: streak}
 

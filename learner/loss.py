@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from eapo.core.config import LearnerConfig
-from proto import TrajectoryGroup
+from proto import Trajectory, TrajectoryGroup
 
 
 def overlong_penalty(policy_tokens: int, max_tokens: int, buffer: int) -> float:
@@ -20,22 +20,29 @@ def overlong_penalty(policy_tokens: int, max_tokens: int, buffer: int) -> float:
     return max(-1.0, (max_tokens - buffer - policy_tokens) / buffer)
 
 
+def correctness(sample: Trajectory, check_work: bool) -> float:
+    """The score the learner rewards: the rollout's, or 0 where ``check_work`` and the answer's own written
+    equations do not all hold (``learner.check_work``)."""
+    return 0.0 if check_work and sample.work_holds is False else sample.score
+
+
 def outcome_rewards(group: TrajectoryGroup, cfg: LearnerConfig) -> list[float]:
     """The outcome part of each sample's reward: correctness [+ DAPO's overlong shaping]. No consult
     penalty here: it enters the advantage at its own scale (``group_advantages``)."""
     rewards = []
     for s in group.samples:
-        r = s.score
+        r = correctness(s, cfg.check_work)
         if cfg.overlong_max_tokens is not None:
             r += overlong_penalty(s.policy_tokens, cfg.overlong_max_tokens, cfg.overlong_buffer)
         rewards.append(r)
     return rewards
 
 
-def has_signal(group: TrajectoryGroup, eps: float = 1e-9) -> bool:
-    """Dynamic sampling as in DAPO, whose code filters on accuracy: a group whose correctness scores are
-    all equal carries no outcome signal and is dropped, whatever its consult counts or lengths."""
-    scores = [s.score for s in group.samples]
+def has_signal(group: TrajectoryGroup, check_work: bool = False, eps: float = 1e-9) -> bool:
+    """Dynamic sampling as in DAPO, whose code filters on accuracy: a group whose correctness scores (as
+    rewarded, ``correctness``) are all equal carries no outcome signal and is dropped, whatever its consult
+    counts or lengths."""
+    scores = [correctness(s, check_work) for s in group.samples]
     return max(scores) - min(scores) > eps
 
 

@@ -57,6 +57,11 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     f1s = [s.f1 for s in samples if s.f1 is not None]  # short-answer tasks only
     alone = [s.score for s in samples if not s.consults]
     consulting = [s.score for s in samples if s.consults]
+    # right answers below written work that does not hold (a copied box, say), by whether they consulted
+    unworked = {
+        mode: [s.work_holds is False for s in samples if s.score == 1 and bool(s.consults) == consulted]
+        for mode, consulted in (("alone", False), ("consulting", True))
+    }
     return {
         "groups_read": len(groups),
         "accuracy": sum(s.score for s in samples) / n,
@@ -65,6 +70,7 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
         "accuracy_alone": fmean(alone) if alone else None,
         "accuracy_consulting": fmean(consulting) if consulting else None,
+        **{f"right_unworked_{mode}": fmean(flags) if flags else None for mode, flags in unworked.items()},
         "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
         "answered_rate": sum(c.outcome == "answer" for c in asked) / len(asked) if asked else None,
         "response_tokens": sum(s.policy_tokens for s in samples) / n,

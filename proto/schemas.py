@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 2  # 2: PromptTask.answer_kind/answer_pattern, Trajectory.f1
+SCHEMA_VERSION = 3  # 2: PromptTask.answer_kind/answer_pattern, Trajectory.f1; 3: Trajectory.work_holds
 
 
 def _array(dtype: str) -> BeforeValidator:
@@ -198,6 +198,9 @@ class Trajectory(Message):
     final_answer: str | None = None
     score: float = Field(ge=0.0, le=1.0, description="correctness against the verified answer")
     f1: float | None = Field(None, ge=0.0, le=1.0, description="token F1 against the answer (short answers)")
+    work_holds: bool | None = Field(
+        None, description="every integer equation in the answer's turn holds; None: it writes none (reward.work_holds)"
+    )
     finish: Literal["answer", "eos", "budget", "length", "context"]
     seed: int
 

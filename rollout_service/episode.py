@@ -24,7 +24,7 @@ from rollout_service.consult import parse_consult
 from rollout_service.engine import PolicyEngine
 from rollout_service.expert_client import Experts
 from rollout_service.metrics import CONSULTS, EPISODES, PARSE_ISSUES
-from rollout_service.reward import extract_answer, judge
+from rollout_service.reward import extract_answer, judge, work_holds
 from rollout_service.transcript import Transcript
 
 
@@ -95,9 +95,10 @@ async def run_episode(
         transcript.add_turn(result, version, finish)
         break
     last = transcript.turns[-1] if transcript.turns else None
-    answer = None
+    answer, work = None, None
     if last is not None and last.finish != "consult":
-        answer = extract_answer(transcript.text(last, skip_special_tokens=True), task.answer_pattern)
+        text = transcript.text(last, skip_special_tokens=True)
+        answer, work = extract_answer(text, task.answer_pattern), work_holds(text)
     if answer is not None and finish == "eos":
         finish = "answer"
     correct, f1 = judge(answer, task.answer, task.answer_kind)
@@ -115,6 +116,7 @@ async def run_episode(
         final_answer=answer,
         score=correct,
         f1=f1,
+        work_holds=work,
         finish=finish,
         seed=seed,
     )

@@ -8,6 +8,8 @@ facts into a reward is the learner's business.
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
 import string
 from collections import Counter
@@ -22,6 +24,11 @@ INTEGER = re.compile(r"[+-]?\d+")
 # math-verify reads an answer up to the first of these and drops the rest (``6#3`` is 6, ``6$3`` ends our
 # ``$…$``): never part of a math answer, so an answer holding one is wrong, not its prefix.
 NOT_MATH = re.compile(r"[#&$?]")
+# An integer equation as worked solutions write them, one operation or a chain, no spaces: ``56-27=29``,
+# ``-3+5=2``, ``2+3*4=14``; it starts the text or follows a space or an opening bracket, so ``5+3=8`` inside
+# ``4#5+3=8`` or ``x=2+3=5`` is no equation. Operands of up to 9 digits and at most 8 operators keep it bounded.
+EQUATION = re.compile(r"(?<![^\s({\[])(-?\d{1,9}(?:[-+*]-?\d{1,9}){1,8})=(-?\d{1,18})(?![\w.])")
+OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES = frozenset({"a", "an", "the"})
 
@@ -58,6 +65,29 @@ def judge(answer: str | None, gold: str, kind: AnswerKind = "math") -> tuple[flo
             return 0.0, 0.0
         return float(normalize(answer) == normalize(gold)), token_f1(answer, gold)
     return score(answer, gold), None
+
+
+def work_holds(text: str) -> bool | None:
+    """Whether every integer equation written in ``text`` (``7*8=56``, ``56-27=29``) holds; None if it writes
+    none. A fact about the shown work, beside the answer's correctness: after an expert's answer a policy can
+    copy the right box below a chain of its own that is wrong, and an outcome reward credits that chain
+    (``learner.check_work`` can refuse the credit). Other equations (``4#5=47``, ``x=3``) are not judged."""
+    found = [(lhs, int(rhs)) for lhs, rhs in EQUATION.findall(text)]
+    return all(_arithmetic(lhs) == rhs for lhs, rhs in found) if found else None
+
+
+def _arithmetic(expr: str) -> int:
+    """The value of an integer ``+ - *`` expression with the usual precedence (``EQUATION``'s left side)."""
+
+    def value(node: ast.expr) -> int:
+        if isinstance(node, ast.BinOp):
+            return OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp):  # a negative operand: EQUATION admits no other unary operator
+            return -value(node.operand)
+        assert isinstance(node, ast.Constant)
+        return node.value
+
+    return value(ast.parse(expr, mode="eval").body)
 
 
 @lru_cache(maxsize=65_536)

@@ -67,6 +67,15 @@ async def test_a_streak_grows_on_signal_free_groups_and_restarts_on_signal(redis
     assert feeder.observe(outcome("q1", 1, [0, 0, 0, 0])) == {} and feeder.streaks["q1"] == 0
 
 
+async def test_with_check_work_a_streak_counts_the_signal_as_rewarded(redis_client, prefix):
+    # both right, one below written work that does not hold: no signal by score, signal as rewarded
+    right_unworked = outcome("q0", 0, [1, 1])
+    right_unworked.samples[1].work_holds = False
+    plain = PromptFeeder(redis_client, Names(prefix), problems(1), 3, 1, 0, skip_explore=0.5)
+    checking = PromptFeeder(redis_client, Names(prefix), problems(1), 3, 1, 0, skip_explore=0.5, check_work=True)
+    assert plain.observe(right_unworked) == {"q0": 1} and checking.observe(right_unworked) == {"q0": 0}
+
+
 async def test_skipped_prompts_are_counted_and_a_resumed_feeder_walks_on_alike(redis_client, prefix):
     names = Names(prefix)
     feeder = PromptFeeder(redis_client, names, problems(4), 7, 2, 0, skip_explore=0.5)

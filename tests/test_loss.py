@@ -78,6 +78,25 @@ def test_the_penalty_is_the_one_recorded_with_the_group():
     assert sample_advantages(group, LearnerConfig()) == pytest.approx([1.0, -1.0], abs=1e-5)
 
 
+def test_check_work_takes_the_credit_from_a_right_answer_below_work_that_does_not_hold():
+    # right and worked, right below a wrong chain, wrong below none, wrong and worked
+    group = consult_group([(1.0, 1), (1.0, 1), (0.0, 0), (0.0, 0)], penalty=0.0)
+    for sample, holds in zip(group.samples, (True, False, None, True), strict=True):
+        sample.work_holds = holds
+    assert sample_advantages(group, LearnerConfig()) == pytest.approx([1, 1, -1, -1], abs=1e-5)
+    # rewarded 1, 0, 0, 0: mean 1/4, std sqrt(3)/4 → +sqrt(3), then −1/sqrt(3) for each of the others
+    adv = sample_advantages(group, LearnerConfig(check_work=True))
+    assert adv == pytest.approx([3**0.5, -(3**-0.5), -(3**-0.5), -(3**-0.5)], abs=1e-5)
+    # the filter reads the same rewarded correctness: two right answers, one unworked, carry signal
+    pair = consult_group([(1.0, 0), (1.0, 1)], penalty=0.0)
+    pair.samples[1].work_holds = False
+    assert not has_signal(pair) and has_signal(pair, check_work=True)
+    pair.samples[0].work_holds = None  # an answer that writes no equation keeps its score
+    assert has_signal(pair, check_work=True)
+    pair.samples[0].score = 0.0  # wrong, and right-but-unworked: both 0 as rewarded
+    assert not has_signal(pair, check_work=True)
+
+
 def test_outcome_rewards_add_overlong_shaping_on_policy_tokens_only():
     group = consult_group([(1.0, 0), (1.0, 3), (0.0, 1)], penalty=0.1)
     assert outcome_rewards(group, LearnerConfig()) == pytest.approx([1.0, 1.0, 0.0])  # no penalty in here

@@ -12,7 +12,7 @@ from learner.step_stats import rollout_stats
 from proto import PromptTask
 from proto.episode_format import extract_boxed
 from rollout_service.episode import run_episode
-from rollout_service.reward import extract_answer, judge, normalize, score, token_f1
+from rollout_service.reward import extract_answer, judge, normalize, score, token_f1, work_holds
 
 
 @pytest.mark.parametrize(
@@ -98,3 +98,43 @@ def test_the_learners_step_metrics_average_f1_over_short_answer_samples_only():
                                                  zip(group.samples, (1.0, 0.5, 0.0), strict=True)]})  # fmt: skip
     assert rollout_stats([short], learner_version=4)["f1"] == pytest.approx(0.5)
     assert "f1" not in rollout_stats([group], learner_version=4)  # math answers have no F1
+
+
+@pytest.mark.parametrize(
+    "text, holds",
+    [
+        ("7*8=56 3*9=27 56-27=29 29+6=35 \\boxed{35}", True),
+        ("4-7=-3 -3+5=2 \\boxed{2}", True),  # negative results and operands
+        ("2+3*4=14", True),  # precedence
+        ("2+3*4=20", False),
+        ("4-7=-4 -4+5=1 \\boxed{2}", False),  # a box below a chain that does not lead to it
+        ("6*7=42 42+1=44 \\boxed{43}", False),  # one wrong step of two
+        ("\\boxed{35}", None),  # no equation written
+        ("4#5=47 \\boxed{47}", None),  # a table lookup is no arithmetic
+        ("4#5+3=50", None),  # nor the arithmetic tail of one
+        ("x=2+3=9", None),
+        ("2+3=5.5", None),
+    ],
+)
+def test_work_holds_judges_every_written_integer_equation(text, holds):
+    assert work_holds(text) is holds
+
+
+async def test_an_episode_records_whether_its_written_work_holds(world_dir):
+    tokenizer = load_model(world_dir / "policy")[1]
+    task = PromptTask(prompt_id="m", problem="4-7+5", answer="2")
+    for text, holds in (("4-7=-3 -3+5=2 \\boxed{2}<eos>", True), ("4-7=-4 -4+5=1 \\boxed{2}<eos>", False)):
+        traj = await run_episode(ScriptedEngine(tokenizer, [text]), None, task, anneal(1.0), RolloutConfig(), 0)
+        assert traj.score == 1.0 and traj.work_holds is holds  # the score alone cannot tell them apart
+
+
+def test_the_learners_step_metrics_count_right_answers_below_unworked_work_by_mode():
+    from helpers import consult_group
+
+    # alone: right+holds, right+fails, wrong+fails (not a right answer); consulting: right+fails, right+None
+    g = consult_group([(1.0, 0), (1.0, 0), (0.0, 0), (1.0, 1), (1.0, 2)], penalty=0.0)
+    for sample, holds in zip(g.samples, (True, False, False, False, None), strict=True):
+        sample.work_holds = holds
+    stats = rollout_stats([g], learner_version=0)
+    assert stats["right_unworked_alone"] == 0.5 and stats["right_unworked_consulting"] == 0.5
+    assert rollout_stats([consult_group([(0.0, 0)], penalty=0.0)], 0)["right_unworked_alone"] is None

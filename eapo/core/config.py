@@ -392,6 +392,12 @@ class LearnerConfig(Section):
         description="whose text is distilled (learner.internalize): the policy's own answer after the expert's, or "
         "the expert's shown answer that agrees with the policy's right final answer",
     )
+    check_work: bool = Field(
+        False,
+        description="beyond the paper: in training a right answer whose own written equations do not all hold "
+        "(Trajectory.work_holds) scores 0, so a box copied from an expert below a wrong chain earns nothing; "
+        "judging is unchanged",
+    )
     overlong_max_tokens: int | None = Field(None, description="DAPO overlong shaping: response limit")
     overlong_buffer: int = Field(64, description="DAPO overlong shaping: soft-penalty window")
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch (PPO epochs; verl's ppo_epochs)")

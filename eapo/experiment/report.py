@@ -30,7 +30,14 @@ import matplotlib.pyplot as plt
 
 PARADIGMS = ("self_resolution", "direct_consultation", "decomposition")
 # Statistics of one mode (answering alone, consulting): absent from records made before they were kept.
-OPTIONAL_METRICS = ("accuracy_alone", "accuracy_consulting", "advantage_alone", "advantage_consulting")
+OPTIONAL_METRICS = (
+    "accuracy_alone",
+    "accuracy_consulting",
+    "advantage_alone",
+    "advantage_consulting",
+    "right_unworked_alone",
+    "right_unworked_consulting",
+)
 # What a record keeps of ``metrics.jsonl``: the learner metrics the report reads, and the per-mode ones.
 RECORD_METRICS = (
     "step",
