@@ -585,6 +585,12 @@ class ArmConfig(Section):
 KeepWeights = Literal["final", "judged"]
 
 
+def final_samples(eval_samples: int, final_eval_samples: int | None) -> int:
+    """Samples per problem for a run's final version; a function of the two values, not of a whole config, so
+    the report applies the same rule to an experiment file older than ``ExperimentConfig`` accepts."""
+    return final_eval_samples or eval_samples
+
+
 class ExperimentConfig(Section):
     """``eapo experiment``: arms × seeds on one task suite and learner-step budget."""
 
@@ -615,7 +621,7 @@ class ExperimentConfig(Section):
 
     @property
     def final_samples(self) -> int:
-        return self.final_eval_samples or self.eval_samples
+        return final_samples(self.eval_samples, self.final_eval_samples)
 
     @model_validator(mode="after")
     def _one_world(self) -> ExperimentConfig:

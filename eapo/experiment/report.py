@@ -23,6 +23,7 @@ from statistics import fmean, stdev
 import matplotlib
 import yaml
 
+from eapo.core.config import final_samples
 from eapo.core.files import write_atomic
 
 matplotlib.use("Agg")  # files only, no display
@@ -383,10 +384,10 @@ def write_report(out: Path) -> dict:
         raise SystemExit(f"{out}: no finished runs (ARM/seed-S/result.json or records/ARM/seed-S.json)")
     order = [arm for arm in exp["arms"] if arm in runs]
     runs = {arm: sorted(runs[arm], key=lambda r: r["seed"]) for arm in order}
-    final_samples = exp.get("final_eval_samples") or exp["eval_samples"]
+    final = final_samples(exp["eval_samples"], exp.get("final_eval_samples"))
     summary = {
         "eval_samples": exp["eval_samples"],
-        "final_eval_samples": final_samples,
+        "final_eval_samples": final,
         **summarize(runs, tuple(exp["compare"]), exp["eval_samples"]),
     }
     images = plot_curves(runs, out) + plot_training(runs, out)
@@ -405,7 +406,7 @@ def write_report(out: Path) -> dict:
         "",
         f"Regenerate with `eapo report {out}`. Held-out split: `eval.jsonl` of the world; every policy is "
         f"judged alone (minimal prompt, no consult action) unless the arm says otherwise, "
-        f"{exp['eval_samples']} samples per problem along the curve and {final_samples} for the final version "
+        f"{exp['eval_samples']} samples per problem along the curve and {final} for the final version "
         "(the table's column says what each arm's records hold).",
         "",
         "## Result",
