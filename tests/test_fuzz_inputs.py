@@ -1,6 +1,6 @@
 """Seeded property-based fuzzing (hypothesis, ``derandomize``) of what reads untrusted bytes and text:
-the stream codec and the consult-block parser. Every input gets an answer or a ``ProtoError`` with a
-reason — never another exception, never a hang."""
+the stream codec, the consult-block parser and the reward's work check. Every input gets an answer or a
+``ProtoError`` with a reason — never another exception, never a hang."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +10,7 @@ from test_codec import make_group
 from proto import PromptTask, ProtoError, TrajectoryGroup, decode, encode
 from proto import episode_format as fmt
 from rollout_service.consult import parse_consult
+from rollout_service.reward import work_holds
 
 FUZZ = settings(max_examples=400, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 PAYLOAD = bytes(encode(make_group(n_samples=3, length=40)))
@@ -75,3 +76,18 @@ def test_consult_parser_always_answers_by_its_rules(text, k):
     assert len(parsed.queries) <= k
     assert all(q and q == q.strip() and len(q) <= 256 for q in parsed.queries)
     assert bool(parsed.queries) != ("no_query" in parsed.issues or "unopened" in parsed.issues)
+
+
+@FUZZ
+@given(text=st.text(alphabet="0123456789+-*= ({[#x", max_size=40))
+def test_the_work_check_answers_any_text(text):
+    assert work_holds(text) in (True, False, None)  # leading zeros, runs of signs: never an exception
+
+
+@FUZZ
+@given(
+    operands=st.lists(st.integers(-999, 999), min_size=2, max_size=5), ops=st.lists(st.sampled_from("+-*"), min_size=4)
+)
+def test_the_work_check_accepts_every_true_equation(operands, ops):
+    expr = str(operands[0]) + "".join(op + str(x) for op, x in zip(ops, operands[1:], strict=False))
+    assert work_holds(f"{expr}={eval(expr)} \\boxed{{0}}") is True  # eval of digits and + - * only

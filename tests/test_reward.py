@@ -114,6 +114,8 @@ def test_the_learners_step_metrics_average_f1_over_short_answer_samples_only():
         ("4#5+3=50", None),  # nor the arithmetic tail of one
         ("x=2+3=9", None),
         ("2+3=5.5", None),
+        ("010-9=1 \\boxed{1}", True),  # leading zeros, as sampled text may write them
+        ("007*2=15", False),
     ],
 )
 def test_work_holds_judges_every_written_integer_equation(text, holds):
