@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerFast
 
 from eapo.core.config import InternalizeSource, LearnerConfig
 from eapo.inference.model import prompt_ids
+from learner.loss import correctness
 from learner.trainer import TrainSample
 from proto import ConsultRecord, Trajectory, TrajectoryGroup
 from proto import episode_format as fmt
@@ -49,6 +50,7 @@ def distilled_sample(
     weight: float = 1.0,
     prompt: Sequence[int] | None = None,
     source: InternalizeSource = "policy",
+    check_work: bool = False,
 ) -> TrainSample | None:
     """The sample that trains ``trajectory``'s answer without the expert, or None where there is none to
     distil. Only a right, positively credited direct consultation whose last query's answer was shown, and
@@ -58,9 +60,10 @@ def distilled_sample(
     The answer follows ``prompt`` (default: the episode's own), and its advantage is the episode's times
     ``weight``. ``source`` "expert" trains, instead of the policy's answer, the first answer shown for the last
     consult block whose final answer is the policy's right one (None if none agrees, or that one holds a block),
-    ended with the policy's own stop token."""
+    ended with the policy's own stop token. Right means right as rewarded (``correctness``, ``check_work``): a
+    consult penalty alone can give an unrewarded answer a positive advantage."""
     consults, turns = trajectory.consults, trajectory.turns
-    if advantage <= 0 or trajectory.score < 1 or not consults or not turns:
+    if advantage <= 0 or correctness(trajectory, check_work) < 1 or not consults or not turns:
         return None
     if fmt.paradigm([c.query for c in consults], problem) != "direct_consultation":
         return None
@@ -118,5 +121,5 @@ def distilled_samples(
     prompt = prompt_ids(tok, problem, None) if lc.internalize_prompt == "evaluation" else None
     samples = zip(group.samples, advantages, strict=True)
     weight, source = lc.internalize_weight, lc.internalize_source
-    out = (distilled_sample(s, problem, a, tok, weight, prompt, source) for s, a in samples)
+    out = (distilled_sample(s, problem, a, tok, weight, prompt, source, lc.check_work) for s, a in samples)
     return [s for s in out if s is not None]

@@ -39,6 +39,7 @@ class PromptFeeder:
         batch_groups: int,
         max_staleness: int,
         skip_explore: float | None = None,
+        *,
         check_work: bool = False,
     ):
         self.client, self.names = client, names
@@ -84,7 +85,7 @@ class PromptFeeder:
         if self.skip_explore is None:
             return {}
         problem_id = group.prompt.prompt_id.rpartition("@")[0] or group.prompt.prompt_id
-        streak = 0 if has_signal(group, self.check_work) else self.streaks.get(problem_id, 0) + 1
+        streak = 0 if has_signal(group, check_work=self.check_work) else self.streaks.get(problem_id, 0) + 1
         self.streaks[problem_id] = streak
         return {problem_id: streak}
 

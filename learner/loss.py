@@ -38,7 +38,7 @@ def outcome_rewards(group: TrajectoryGroup, cfg: LearnerConfig) -> list[float]:
     return rewards
 
 
-def has_signal(group: TrajectoryGroup, check_work: bool = False, eps: float = 1e-9) -> bool:
+def has_signal(group: TrajectoryGroup, *, check_work: bool, eps: float = 1e-9) -> bool:
     """Dynamic sampling as in DAPO, whose code filters on accuracy: a group whose correctness scores (as
     rewarded, ``correctness``) are all equal carries no outcome signal and is dropped, whatever its consult
     counts or lengths."""

@@ -107,7 +107,9 @@ class Learner:
                     stale.append(group)  # counted and reported: dropping biases against slow (consulting) groups
                     await self._drop(consumer, entry, "stale", streak)
                     continue
-                if lc.dynamic_sampling and not has_signal(group, lc.check_work):  # all right or all wrong as rewarded
+                if lc.dynamic_sampling and not has_signal(
+                    group, check_work=lc.check_work
+                ):  # all right or all wrong as rewarded
                     dropped_now += 1
                     if not batch and dropped_now % lc.max_dropped_per_step == 0:
                         log.warning(
@@ -174,7 +176,7 @@ class Learner:
             lc.batch_groups,
             lc.max_staleness,
             lc.prompt_skip_explore,
-            lc.check_work,
+            check_work=lc.check_work,
         )
         await self.client.delete(self.names.done)
         start = await self._resume(ranks, feeder)

@@ -57,9 +57,10 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     f1s = [s.f1 for s in samples if s.f1 is not None]  # short-answer tasks only
     alone = [s.score for s in samples if not s.consults]
     consulting = [s.score for s in samples if s.consults]
-    # right answers below written work that does not hold (a copied box, say), by whether they consulted
-    unworked = {
-        mode: [s.work_holds is False for s in samples if s.score == 1 and bool(s.consults) == consulted]
+    # of the right answers, by whether they consulted: those below written work that does not hold (a copied
+    # box, say), and those that write none (learner.check_work credits these, so it may teach leaving work out)
+    right = {
+        mode: [s.work_holds for s in samples if s.score == 1 and bool(s.consults) == consulted]
         for mode, consulted in (("alone", False), ("consulting", True))
     }
     return {
@@ -70,7 +71,8 @@ def rollout_stats(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         "consulting_episodes": sum(bool(s.consults) for s in samples) / n,
         "accuracy_alone": fmean(alone) if alone else None,
         "accuracy_consulting": fmean(consulting) if consulting else None,
-        **{f"right_unworked_{mode}": fmean(flags) if flags else None for mode, flags in unworked.items()},
+        **{f"right_wrong_work_{mode}": fmean(w is False for w in ws) if ws else None for mode, ws in right.items()},
+        **{f"right_no_work_{mode}": fmean(w is None for w in ws) if ws else None for mode, ws in right.items()},
         "accepted_rate": sum(c.accepted for c in consults) / max(len(consults), 1),
         "answered_rate": sum(c.outcome == "answer" for c in asked) / len(asked) if asked else None,
         "response_tokens": sum(s.policy_tokens for s in samples) / n,

@@ -26,8 +26,9 @@ INTEGER = re.compile(r"[+-]?\d+")
 NOT_MATH = re.compile(r"[#&$?]")
 # An integer equation as worked solutions write them, one operation or a chain, no spaces: ``56-27=29``,
 # ``-3+5=2``, ``2+3*4=14``; it starts the text or follows a space or an opening bracket, so ``5+3=8`` inside
-# ``4#5+3=8`` or ``x=2+3=5`` is no equation. Operands of up to 9 digits and at most 8 operators keep it bounded.
-EQUATION = re.compile(r"(?<![^\s({\[])(-?\d{1,9}(?:[-+*]-?\d{1,9}){1,8})=(-?\d{1,18})(?![\w.])")
+# ``4#5+3=8`` or ``x=2+3=5`` is no equation, and it ends at a number (``7*8=50+6`` and ``2+3=5.5`` are not judged,
+# ``7*8=55.`` is). Operands of up to 9 digits and at most 8 operators keep it bounded.
+EQUATION = re.compile(r"(?<![^\s({\[])(-?\d{1,9}(?:[-+*]-?\d{1,9}){1,8})=(-?\d{1,18})(?![\w*/^+\-=]|\.\d)")
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES = frozenset({"a", "an", "the"})

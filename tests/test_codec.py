@@ -50,6 +50,7 @@ def make_group(n_samples: int = 2, length: int = 50, vocab: int = 100, seed: int
                 ],
                 final_answer="6",
                 score=1.0,
+                work_holds=False,
                 finish="answer",
                 seed=99,
             )
@@ -72,6 +73,8 @@ def test_group_round_trip_is_exact():
         np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
         np.testing.assert_array_equal(a.behaviour_logprobs, b.behaviour_logprobs)
         assert a.turns == b.turns and a.consults == b.consults
+        arrays = {"token_ids", "loss_mask", "behaviour_logprobs"}
+        assert a.model_dump(exclude=arrays) == b.model_dump(exclude=arrays)  # score, f1, work_holds, …
     assert back.prompt == group.prompt and back.anneal == group.anneal
     assert back.min_policy_version == 3
 

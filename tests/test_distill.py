@@ -137,6 +137,17 @@ def test_a_group_distils_its_qualifying_samples_in_order():
     assert [s.ids.tolist() for s in weighted] == [s.ids.tolist() for s in out]
 
 
+def test_with_check_work_a_right_answer_below_wrong_work_is_not_distilled():
+    # the box copied below a wrong step: right by the score, unrewarded under check_work, whatever its
+    # advantage (a consult penalty alone can make one positive)
+    copied = episode([[PROBLEM]], [True], answer="7*8=54 \\boxed{56}")
+    copied.work_holds = False
+    assert distilled_sample(copied, PROBLEM, 0.05, TOK) is not None
+    assert distilled_sample(copied, PROBLEM, 0.05, TOK, check_work=True) is None
+    lc = LearnerConfig(internalize=True, check_work=True)
+    assert distilled_samples(group_of([copied]), [0.05], TOK, lc) == []  # the config reaches the gate
+
+
 def test_the_evaluation_prompt_replaces_the_training_prompt_when_asked():
     group = group_of([episode([[PROBLEM]], [True])])
     lc = LearnerConfig(internalize=True, internalize_prompt="evaluation")

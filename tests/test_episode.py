@@ -232,3 +232,20 @@ async def test_only_the_queries_the_draw_accepts_are_sent_and_they_keep_their_pl
     assert experts.asked == [(["2+3*4"], [1])]
     assert [c.outcome for c in traj.consults] == ["not_asked", "answer"]
     assert [c.detail for c in traj.consults] == ["", "answer 2+3*4"]
+
+
+class WrongExperts:
+    """Answers every query with a wrong equation: the expert's work, not the policy's."""
+
+    async def consult(self, queries: list[str], episode_id: str, slots: list[int] | None = None):
+        from proto import ConsultResult
+
+        return [ConsultResult(index=i, answer="3*4=11 \\boxed{11}") for i, _ in enumerate(queries)]
+
+
+async def test_an_episode_records_whether_the_work_of_its_answer_turn_holds(tokenizer):
+    for answer, holds in ((ANSWER_TURN, True), ("2+12=15 \\boxed{14}<eos>", False), ("\\boxed{14}<eos>", None)):
+        engine = ScriptedEngine(tokenizer, [CONSULT_TURN, answer])
+        traj = await run_episode(engine, WrongExperts(), TASK, anneal(1.0), RolloutConfig(), 0)
+        assert traj.consults and all(c.accepted for c in traj.consults)  # the wrong answers were shown
+        assert traj.score == 1.0 and traj.work_holds is holds  # judged on the answer's turn alone

@@ -42,13 +42,13 @@ def test_equal_scores_carry_no_outcome_signal_and_at_most_the_penalty():
     # all correct, one sample consulted once, λ = 0.01. The old objective normalised 0.99, 1, 1, 1 by its
     # std (0.0043) into −1.73, +0.58, +0.58, +0.58: a penalty as loud as a right-versus-wrong signal.
     group = consult_group([(1.0, 1), (1.0, 0), (1.0, 0), (1.0, 0)], penalty=0.01)
-    assert not has_signal(group)
+    assert not has_signal(group, check_work=False)
     adv = sample_advantages(group, LearnerConfig(dynamic_sampling=False))
     assert adv == pytest.approx([-0.0075, 0.0025, 0.0025, 0.0025], abs=1e-9)
     assert max(abs(a) for a in adv) <= 0.01 * 1  # λ·Δcalls
     # overlong shaping alone does not make a group informative either (DAPO filters on accuracy)
-    assert not has_signal(consult_group([(0.0, 0), (0.0, 2)], penalty=0.1))
-    assert has_signal(consult_group([(0.0, 0), (1.0, 2)], penalty=0.1))
+    assert not has_signal(consult_group([(0.0, 0), (0.0, 2)], penalty=0.1), check_work=False)
+    assert has_signal(consult_group([(0.0, 0), (1.0, 2)], penalty=0.1), check_work=False)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -90,7 +90,7 @@ def test_check_work_takes_the_credit_from_a_right_answer_below_work_that_does_no
     # the filter reads the same rewarded correctness: two right answers, one unworked, carry signal
     pair = consult_group([(1.0, 0), (1.0, 1)], penalty=0.0)
     pair.samples[1].work_holds = False
-    assert not has_signal(pair) and has_signal(pair, check_work=True)
+    assert not has_signal(pair, check_work=False) and has_signal(pair, check_work=True)
     pair.samples[0].work_holds = None  # an answer that writes no equation keeps its score
     assert has_signal(pair, check_work=True)
     pair.samples[0].score = 0.0  # wrong, and right-but-unworked: both 0 as rewarded

@@ -116,27 +116,10 @@ def test_the_learners_step_metrics_average_f1_over_short_answer_samples_only():
         ("2+3=5.5", None),
         ("010-9=1 \\boxed{1}", True),  # leading zeros, as sampled text may write them
         ("007*2=15", False),
+        ("7*8=55.", False),  # a sentence's full stop ends it
+        ("7*8=50+6", None),  # a right side that goes on is not judged
+        ("6*7=42=42", None),
     ],
 )
 def test_work_holds_judges_every_written_integer_equation(text, holds):
     assert work_holds(text) is holds
-
-
-async def test_an_episode_records_whether_its_written_work_holds(world_dir):
-    tokenizer = load_model(world_dir / "policy")[1]
-    task = PromptTask(prompt_id="m", problem="4-7+5", answer="2")
-    for text, holds in (("4-7=-3 -3+5=2 \\boxed{2}<eos>", True), ("4-7=-4 -4+5=1 \\boxed{2}<eos>", False)):
-        traj = await run_episode(ScriptedEngine(tokenizer, [text]), None, task, anneal(1.0), RolloutConfig(), 0)
-        assert traj.score == 1.0 and traj.work_holds is holds  # the score alone cannot tell them apart
-
-
-def test_the_learners_step_metrics_count_right_answers_below_unworked_work_by_mode():
-    from helpers import consult_group
-
-    # alone: right+holds, right+fails, wrong+fails (not a right answer); consulting: right+fails, right+None
-    g = consult_group([(1.0, 0), (1.0, 0), (0.0, 0), (1.0, 1), (1.0, 2)], penalty=0.0)
-    for sample, holds in zip(g.samples, (True, False, False, False, None), strict=True):
-        sample.work_holds = holds
-    stats = rollout_stats([g], learner_version=0)
-    assert stats["right_unworked_alone"] == 0.5 and stats["right_unworked_consulting"] == 0.5
-    assert rollout_stats([consult_group([(0.0, 0)], penalty=0.0)], 0)["right_unworked_alone"] is None

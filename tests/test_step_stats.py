@@ -10,7 +10,7 @@ from helpers import consult_group, group
 
 from eapo.core.config import EAPOConfig, LearnerConfig
 from learner.loss import sample_advantages
-from learner.step_stats import StepLog, StepTimes, advantage_by_mode, step_record, token_lags
+from learner.step_stats import StepLog, StepTimes, advantage_by_mode, rollout_stats, step_record, token_lags
 from proto import AnnealState, TrajectoryGroup, TurnRecord
 
 
@@ -128,3 +128,18 @@ def test_a_step_lost_between_checkpoint_and_log_line_is_logged_on_resume(tmp_pat
     with open(log.path, "a") as f:
         f.write("\n")
     assert log.last_step() == 4 and not log.recover({"step": 4, "loss": 0.4})
+
+
+def test_right_answers_are_counted_by_their_work_and_mode():
+    # alone: right and worked, right below wrong work, right with none, wrong below wrong work (not right)
+    # consulting: right below wrong work, right and worked
+    g = consult_group([(1.0, 0), (1.0, 0), (1.0, 0), (0.0, 0), (1.0, 1), (1.0, 2)], penalty=0.0)
+    for sample, holds in zip(g.samples, (True, False, None, False, False, True), strict=True):
+        sample.work_holds = holds
+    stats = rollout_stats([g], learner_version=0)
+    assert stats["right_wrong_work_alone"] == pytest.approx(1 / 3) and stats["right_no_work_alone"] == pytest.approx(
+        1 / 3
+    )
+    assert stats["right_wrong_work_consulting"] == 0.5 and stats["right_no_work_consulting"] == 0.0
+    none_right = rollout_stats([consult_group([(0.0, 0)], penalty=0.0)], 0)
+    assert none_right["right_wrong_work_alone"] is None and none_right["right_no_work_consulting"] is None

@@ -330,7 +330,8 @@ class LearnerConfig(Section):
     max_dropped_per_step: int = Field(64, description="zero-signal groups a step may skip")
     dynamic_sampling: bool = Field(
         True,
-        description="drop groups whose correctness scores are all equal (DAPO, on accuracy); off keeps them, "
+        description="drop groups whose correctness scores (as rewarded: learner.check_work) are all equal (DAPO, "
+        "on accuracy); off keeps them, "
         "their advantages then only the consult penalty's λ·(c − mean c) (plumbing tests on an untrained world)",
     )
     prompt_skip_explore: float | None = Field(
@@ -585,7 +586,7 @@ class ArmConfig(Section):
 KeepWeights = Literal["final", "judged"]
 
 
-def final_samples(eval_samples: int, final_eval_samples: int | None) -> int:
+def final_sample_count(eval_samples: int, final_eval_samples: int | None) -> int:
     """Samples per problem for a run's final version; a function of the two values, not of a whole config, so
     the report applies the same rule to an experiment file older than ``ExperimentConfig`` accepts."""
     return final_eval_samples or eval_samples
@@ -621,7 +622,7 @@ class ExperimentConfig(Section):
 
     @property
     def final_samples(self) -> int:
-        return final_samples(self.eval_samples, self.final_eval_samples)
+        return final_sample_count(self.eval_samples, self.final_eval_samples)
 
     @model_validator(mode="after")
     def _one_world(self) -> ExperimentConfig:

@@ -23,7 +23,7 @@ from statistics import fmean, stdev
 import matplotlib
 import yaml
 
-from eapo.core.config import final_samples
+from eapo.core.config import final_sample_count
 from eapo.core.files import write_atomic
 
 matplotlib.use("Agg")  # files only, no display
@@ -36,8 +36,10 @@ OPTIONAL_METRICS = (
     "accuracy_consulting",
     "advantage_alone",
     "advantage_consulting",
-    "right_unworked_alone",
-    "right_unworked_consulting",
+    "right_wrong_work_alone",
+    "right_wrong_work_consulting",
+    "right_no_work_alone",
+    "right_no_work_consulting",
 )
 # What a record keeps of ``metrics.jsonl``: the learner metrics the report reads, and the per-mode ones.
 RECORD_METRICS = (
@@ -384,7 +386,7 @@ def write_report(out: Path) -> dict:
         raise SystemExit(f"{out}: no finished runs (ARM/seed-S/result.json or records/ARM/seed-S.json)")
     order = [arm for arm in exp["arms"] if arm in runs]
     runs = {arm: sorted(runs[arm], key=lambda r: r["seed"]) for arm in order}
-    final = final_samples(exp["eval_samples"], exp.get("final_eval_samples"))
+    final = final_sample_count(exp["eval_samples"], exp.get("final_eval_samples"))
     summary = {
         "eval_samples": exp["eval_samples"],
         "final_eval_samples": final,
