@@ -9,7 +9,8 @@ Prints a table per arm and the Pearson and Spearman correlations over arm means 
 
     python3 docs/experiment-report/ablations/exposure.py [ABLATIONS [REFERENCE]]
 
-defaults: `ablations/final-code` against the headline's records (`docs/experiment-report/records`).
+defaults: `ablations/final-code` against the records of the headline of its code
+(`docs/experiment-report/reruns/9676457/records`).
 """
 
 from __future__ import annotations
@@ -97,5 +98,5 @@ if __name__ == "__main__":
     args = [Path(a).resolve() for a in sys.argv[1:]]
     main(
         args[0] if args else REPORTS / "ablations" / "final-code",
-        args[1] if len(args) > 1 else REPORTS / "records",
+        args[1] if len(args) > 1 else REPORTS / "reruns" / "9676457" / "records",
     )
