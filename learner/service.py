@@ -107,9 +107,8 @@ class Learner:
                     stale.append(group)  # counted and reported: dropping biases against slow (consulting) groups
                     await self._drop(consumer, entry, "stale", streak)
                     continue
-                if lc.dynamic_sampling and not has_signal(
-                    group, check_work=lc.check_work
-                ):  # all right or all wrong as rewarded
+                # all right or all wrong as rewarded: no outcome signal
+                if lc.dynamic_sampling and not has_signal(group, check_work=lc.check_work):
                     dropped_now += 1
                     if not batch and dropped_now % lc.max_dropped_per_step == 0:
                         log.warning(
